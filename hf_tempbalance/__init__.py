@@ -1,0 +1,40 @@
+"""hf_tempbalance: TempBalance layer-wise learning rates (Zhou et al., NeurIPS 2023).
+
+    from hf_tempbalance import TempBalance, TempBalanceConfig, TempBalanceCallback
+
+``TempBalanceCallback`` and ``TempBalanceTrainer`` need ``transformers`` and are imported lazily,
+so the spectral core and the engine work with PyTorch alone.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .config import TempBalanceConfig
+from .engine import TempBalance
+from .snr import SpectralNormRegularizer
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "TempBalanceCallback": "hf_tempbalance.integrations.transformers",
+    "TempBalanceTrainer": "hf_tempbalance.integrations.transformers",
+    "tempbalance_optimizer_cls_and_kwargs": "hf_tempbalance.integrations.transformers",
+}
+
+__all__ = ["TempBalance", "TempBalanceConfig", "SpectralNormRegularizer", *_LAZY]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .integrations.transformers import (
+        TempBalanceCallback,
+        TempBalanceTrainer,
+        tempbalance_optimizer_cls_and_kwargs,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hf_tempbalance' has no attribute {name!r}")

@@ -1,0 +1,131 @@
+"""Every TempBalance knob in one dataclass, with the paper's defaults and validation."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .assign import ASSIGN_FUNCTIONS
+from .spectral.hill import XMIN_METHODS
+from .spectral.metrics import available_metrics
+
+__all__ = ["TempBalanceConfig", "LAYER_TYPES", "NORM_FOLLOW"]
+
+#: Module kinds that layer discovery can balance. ``linear`` includes Transformers' ``Conv1D``.
+LAYER_TYPES = ("linear", "conv", "embedding")
+NORM_FOLLOW = ("previous", "none")
+
+
+@dataclass
+class TempBalanceConfig:
+    """TempBalance settings. Defaults are the paper's CIFAR setting (Section 4, Appendix D).
+
+    Attributes:
+        s1: smallest LR multiplier (paper: 0.5; 0.6 for TinyImageNet/WRN and TB+SNR; LM: 1.0).
+        s2: largest LR multiplier (paper: 1.5; 1.4 for TinyImageNet/WRN and TB+SNR; LM: 2.0).
+        metric: per-layer metric mapped to LRs: ``alpha_hill`` (PL_Alpha_Hill, Eq. 3; paper
+            default), ``spectral_norm``, ``alpha_weighted``, ``stable_rank`` or a registered one.
+        xmin: where the power-law tail starts: ``median`` (paper), ``fix_finger``, ``ks``.
+        assign: metric -> multiplier map: ``linear`` (Eq. 2), ``sqrt``, ``log2``, ``step`` (App. C).
+        interval: recompute multipliers every ``interval`` optimizer steps, or ``"epoch"`` (paper:
+            once per epoch; App. H: more often helps mildly). Between updates they are held.
+        start_step: first optimizer step at which multipliers are computed; before it every
+            layer uses the base LR (App. H: starting after the first epoch loses nothing).
+        layer_types: which module kinds are balanced (``linear``, ``conv``, ``embedding``).
+        include: regexes; if given, only modules whose name matches one (``re.search``) count.
+        exclude: regexes; modules whose name matches one are never balanced.
+        exclude_first_last: drop the first and the last candidate module in registration order,
+            as the authors' code does (the stem and the classifier have few eigenvalues).
+        min_eigs: modules with fewer ESD eigenvalues stay at the base LR (authors' later code: 50).
+        norm_follow: ``previous``: a BatchNorm/LayerNorm/GroupNorm/RMSNorm takes the multiplier
+            of the balanced module registered just before it (authors); ``none``: base LR.
+        dtype: precision of the eigensolver, ``float32`` (default) or ``float64``.
+        eig_rtol: eigenvalues ``<= eig_rtol · λ_max`` are dropped as zeros (None: the
+            default 2e-6, see :data:`hf_tempbalance.spectral.DEFAULT_RTOL`).
+        include_xmin: count λ_min among the Hill tail points (authors; textbook: False).
+        snr_strength: λ_sr of spectral-norm regularisation (Eq. 4) on the balanced layers
+            (0 disables; paper grid 1e-3..1.5e-2), applied whatever the weight decay.
+        snr_iterations: power iterations per step for the SNR gradient (authors: 5).
+        log_layers: also log per-layer alpha and multiplier (summary stats are always logged).
+    """
+
+    s1: float = 0.5
+    s2: float = 1.5
+    metric: str = "alpha_hill"
+    xmin: str = "median"
+    assign: str = "linear"
+    interval: int | Literal["epoch"] = "epoch"
+    start_step: int = 0
+    layer_types: tuple[str, ...] = ("linear", "conv")
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    exclude_first_last: bool = True
+    min_eigs: int = 50
+    norm_follow: str = "previous"
+    dtype: str = "float32"
+    eig_rtol: float | None = None
+    include_xmin: bool = True
+    snr_strength: float = 0.0
+    snr_iterations: int = 5
+    log_layers: bool = True
+
+    def __post_init__(self) -> None:
+        self.layer_types = tuple(self.layer_types)
+        self.include = tuple(self.include)
+        self.exclude = tuple(self.exclude)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad field and how to fix it."""
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"TempBalanceConfig.{name}={getattr(self, name)!r}: {why}")
+
+        if not (isinstance(self.s1, (int, float)) and self.s1 > 0):
+            bad("s1", "must be a positive number (the smallest LR multiplier, paper: 0.5)")
+        if not (isinstance(self.s2, (int, float)) and self.s2 > self.s1):
+            bad("s2", f"must be larger than s1={self.s1} (paper: s1=0.5, s2=1.5)")
+        if self.metric not in available_metrics():
+            bad("metric", f"unknown metric; choose from {available_metrics()} or register_metric() one")
+        if self.xmin not in XMIN_METHODS:
+            bad("xmin", f"choose from {XMIN_METHODS}")
+        if self.assign not in ASSIGN_FUNCTIONS:
+            bad("assign", f"choose from {tuple(ASSIGN_FUNCTIONS)}")
+        if self.interval != "epoch" and not (
+            isinstance(self.interval, int) and not isinstance(self.interval, bool) and self.interval >= 1
+        ):
+            bad("interval", "must be a positive number of optimizer steps or 'epoch'")
+        if not (isinstance(self.start_step, int) and self.start_step >= 0):
+            bad("start_step", "must be a non-negative optimizer step")
+        unknown = [t for t in self.layer_types if t not in LAYER_TYPES]
+        if unknown or not self.layer_types:
+            bad("layer_types", f"must be a non-empty subset of {LAYER_TYPES}")
+        if not (isinstance(self.min_eigs, int) and self.min_eigs >= 0):
+            bad("min_eigs", "must be a non-negative integer")
+        if self.norm_follow not in NORM_FOLLOW:
+            bad("norm_follow", f"choose from {NORM_FOLLOW}")
+        if self.dtype not in ("float32", "float64"):
+            bad("dtype", "choose 'float32' or 'float64'")
+        if self.eig_rtol is not None and not (0 <= self.eig_rtol < 1):
+            bad("eig_rtol", "must be None or in [0, 1)")
+        if not (isinstance(self.snr_strength, (int, float)) and self.snr_strength >= 0):
+            bad("snr_strength", "must be >= 0 (0 disables spectral-norm regularisation)")
+        if not (isinstance(self.snr_iterations, int) and self.snr_iterations >= 1):
+            bad("snr_iterations", "must be a positive integer")
+
+    def replace(self, **overrides: Any) -> TempBalanceConfig:
+        """A copy with some fields changed (validated), with a clear error for unknown names."""
+        names = {f.name for f in dataclasses.fields(self) if f.init}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown TempBalanceConfig field(s) {unknown}; valid: {sorted(names)}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict of every field."""
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self) if f.init}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TempBalanceConfig:
+        return cls(**data)

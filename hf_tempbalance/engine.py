@@ -1,0 +1,297 @@
+r"""The framework-free TempBalance engine.
+
+``TempBalance(model, config)`` finds the layers to balance, builds labelled optimizer groups, and
+every ``interval`` optimizer steps recomputes each layer's metric (PL_Alpha_Hill by default) and
+maps it to a multiplier ``m_i`` (paper Eq. 2). The LR layer ``i`` really uses at step ``t`` is
+
+.. math::  \eta_i(t) = \eta_{\text{sched}}(t) \cdot m_i(t)
+
+where :math:`\eta_{\text{sched}}` is whatever value the LR scheduler (or the user) left in the
+group. The engine applies this with an optimizer *step pre-hook* that multiplies each labelled
+group's ``lr`` by its multiplier and a *step post-hook* that puts the scheduler's value back. So a
+scheduler never sees a scaled LR: multipliers never compound, every scheduler (``LambdaLR``,
+``ReduceLROnPlateau``, Ultralytics' warm-up ramps, a user's own) keeps working unchanged, and
+step 0 is covered::
+
+    tb = TempBalance(model, TempBalanceConfig(interval=100))
+    optimizer = torch.optim.SGD(tb.param_groups(lr=0.1, weight_decay=5e-4), momentum=0.9)
+    tb.attach(optimizer)          # that is all: updates and LR scaling happen inside step()
+
+For ``interval="epoch"`` call :meth:`TempBalance.request_update` at the start of each epoch, or
+pass ``steps_per_epoch``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Collection, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .assign import assign_multipliers, valid_for
+from .config import TempBalanceConfig
+from .distributed import check_unsharded, sharded_metrics
+from .groups import (
+    DEFAULT_NO_DECAY,
+    GROUP_KEY,
+    build_param_groups,
+    reindex_scheduler,
+    split_param_groups,
+    unwrap_optimizer,
+)
+from .layers import LayerPlan, discover_layers
+from .snr import SpectralNormRegularizer
+from .spectral.metrics import layer_metrics
+
+__all__ = ["TempBalance"]
+
+_STATE_VERSION = 1
+
+
+class TempBalance:
+    """Layer-wise LR balancing for any ``nn.Module`` (see the module docstring).
+
+    Args:
+        model: the model (unwrapped or wrapped by DDP/Accelerate/``torch.compile``).
+        config: settings; ``None`` means the paper's defaults.
+        steps_per_epoch: optimizer steps per epoch, needed only for ``interval="epoch"`` when
+            nobody calls :meth:`request_update` at epoch boundaries.
+        **overrides: fields of :class:`TempBalanceConfig` to change.
+
+    Attributes:
+        multipliers: ``{layer name: m_i}`` currently applied (1.0 before the first update).
+        metrics: ``{layer name: metric value}`` of the last update (nan if invalid).
+        history: one dict per (update, layer): ``step, update, layer, metric, value, multiplier,
+            valid``.
+        num_steps: optimizer steps seen by the attached hooks (the engine's clock).
+    """
+
+    def __init__(self, model: nn.Module, config: TempBalanceConfig | None = None, *,
+                 steps_per_epoch: int | None = None, **overrides: Any) -> None:
+        config = config if config is not None else TempBalanceConfig()
+        if not isinstance(config, TempBalanceConfig):
+            raise TypeError(f"config must be a TempBalanceConfig, got {type(config).__name__}")
+        self.config = config.replace(**overrides) if overrides else config
+        if steps_per_epoch is not None and steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+        self.steps_per_epoch = steps_per_epoch
+        self.model = _unwrap_model(model)
+        self.plan: LayerPlan = discover_layers(self.model, self.config)
+        if not self.plan.layers:
+            warnings.warn("TempBalance found no layer to balance (see .plan.skipped); every LR stays "
+                          "at the base schedule.", stacklevel=2)
+        self.multipliers: dict[str, float] = {name: 1.0 for name in self.plan.names}
+        self.metrics: dict[str, float] = {name: math.nan for name in self.plan.names}
+        self.history: list[dict[str, Any]] = []
+        self.num_steps = 0
+        self.num_updates = 0
+        self.last_computed: list[str] = []  # layers this process computed itself in the last update
+        self._update_requested = False
+        self._warned: set[str] = set()
+        self._hooks: list[Any] = []
+        self._saved_lrs: list[tuple[dict, Any]] = []
+        self.snr = (SpectralNormRegularizer([layer.module for layer in self.plan.layers],
+                                            self.config.snr_strength, self.config.snr_iterations)
+                    if self.config.snr_strength > 0 else None)
+
+    # ------------------------------------------------------------------ optimizer groups
+    def param_groups(self, lr: float | None = None, weight_decay: float = 0.0, *,
+                     no_decay: Iterable[str] = DEFAULT_NO_DECAY,
+                     decay_names: Collection[str] | None = None, **group_kwargs: Any) -> list[dict]:
+        """Labelled param groups for a new optimizer (see :func:`groups.build_param_groups`)."""
+        return build_param_groups(self.model, self.plan, lr=lr, weight_decay=weight_decay,
+                                  no_decay=no_decay, decay_names=decay_names, **group_kwargs)
+
+    def split_param_groups(self, optimizer: Any, scheduler: Any = None) -> None:
+        """Split an existing (state-less) optimizer's groups by layer and fix its scheduler."""
+        inner = unwrap_optimizer(optimizer)
+        old = len(inner.param_groups)
+        parent = split_param_groups(inner, self.model, self.plan)
+        reindex_scheduler(scheduler, parent, old)
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self, optimizer: Any) -> TempBalance:
+        """Register the step hooks on ``optimizer`` (Accelerate/other wrappers are unwrapped)."""
+        inner = unwrap_optimizer(optimizer)
+        if self.plan.layers and not any(g.get(GROUP_KEY) for g in inner.param_groups):
+            raise ValueError(
+                "the optimizer has no TempBalance-labelled param groups, so no LR could be balanced. "
+                "Build it from tb.param_groups(...), or call tb.split_param_groups(optimizer, "
+                "scheduler) before the first step."
+            )
+        self.detach()
+        self._hooks = [inner.register_step_pre_hook(self._pre_step),
+                       inner.register_step_post_hook(self._post_step)]
+        return self
+
+    def detach(self) -> None:
+        """Remove the step hooks (LRs are left at the scheduler's values)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.update_due():
+            self.update()
+        if self.snr is not None:
+            self.snr.apply_()
+        self._saved_lrs = []
+        for group in optimizer.param_groups:
+            factor = self.multiplier_of(group)
+            if factor != 1.0:
+                self._saved_lrs.append((group, group["lr"]))
+                group["lr"] = group["lr"] * factor
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for group, lr in self._saved_lrs:
+            group["lr"] = lr
+        self._saved_lrs = []
+        self.num_steps += 1
+
+    def multiplier_of(self, group: dict) -> float:
+        """Multiplier applied to a param group (1.0 for unlabelled or shared groups)."""
+        layer = group.get(GROUP_KEY)
+        return self.multipliers.get(layer, 1.0) if layer is not None else 1.0
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def interval(self) -> int | None:
+        """Optimizer steps between updates (None: epoch-driven, via :meth:`request_update`)."""
+        if self.config.interval == "epoch":
+            return self.steps_per_epoch
+        return self.config.interval
+
+    def request_update(self) -> None:
+        """Ask for an update before the next optimizer step (e.g. at an epoch boundary)."""
+        self._update_requested = True
+
+    def update_due(self, step: int | None = None) -> bool:
+        """Whether the multipliers are recomputed before optimizer step ``step`` (default: next)."""
+        step = self.num_steps if step is None else step
+        if step < self.config.start_step:
+            return False
+        if self._update_requested:
+            return True
+        interval = self.interval
+        return interval is not None and (step - self.config.start_step) % interval == 0
+
+    # ------------------------------------------------------------------ the update
+    @torch.no_grad()
+    def compute_metrics(self) -> list[float]:
+        """Metric of every balanced layer, sharing the work across processes when distributed."""
+        modules = [layer.module for layer in self.plan.layers]
+        if not modules:
+            return []
+        check_unsharded(modules)
+        cfg = self.config
+
+        def compute(subset):
+            values = layer_metrics(subset, (cfg.metric,), xmin=cfg.xmin, dtype=cfg.dtype,
+                                   rtol=cfg.eig_rtol, include_xmin=cfg.include_xmin)[cfg.metric]
+            return [[v] for v in values]
+
+        device = modules[0].weight.device
+        rows, mine = sharded_metrics(modules, compute, 1, device)
+        self.last_computed = [self.plan.names[i] for i in mine]
+        return [row[0] for row in rows]
+
+    def update(self) -> list[dict[str, Any]]:
+        """Recompute metrics and multipliers now; returns this update's rows of :attr:`history`.
+
+        Layers whose metric is not finite (NaN/Inf or all-zero weights, fewer than 2 non-zero
+        eigenvalues, a flat spectrum) keep their previous multiplier and warn once; the others
+        are mapped among themselves, so one broken layer cannot push the rest to the extremes.
+        """
+        cfg = self.config
+        names = self.plan.names
+        values = np.asarray(self.compute_metrics(), dtype=np.float64)
+        ok = valid_for(cfg.assign, values) if len(values) else np.zeros(0, dtype=bool)
+        if ok.any():
+            new = assign_multipliers(values[ok], cfg.assign, cfg.s1, cfg.s2)
+            for name, m in zip([n for n, good in zip(names, ok) if good], new):
+                self.multipliers[name] = float(m)
+        for name, good in zip(names, ok):
+            if not good and name not in self._warned:
+                self._warned.add(name)
+                warnings.warn(
+                    f"TempBalance: layer {name!r} has no valid {cfg.metric} (NaN/Inf or zero weights, "
+                    f"too few non-zero eigenvalues, or a flat spectrum); it keeps multiplier "
+                    f"{self.multipliers[name]:.4g}.", stacklevel=2)
+        rows = []
+        for name, value, good in zip(names, values.tolist(), ok.tolist()):
+            self.metrics[name] = value
+            rows.append({"step": self.num_steps, "update": self.num_updates, "layer": name,
+                         "metric": cfg.metric, "value": value, "multiplier": self.multipliers[name],
+                         "valid": good})
+        self.history.extend(rows)
+        self.num_updates += 1
+        self._update_requested = False
+        return rows
+
+    def summary(self) -> dict[str, float]:
+        """Mean/min/max of the current metric and multipliers over valid layers."""
+        values = [v for v in self.metrics.values() if math.isfinite(v)]
+        mults = list(self.multipliers.values())
+        out: dict[str, float] = {}
+        if values:
+            out.update({f"{self.config.metric}_mean": float(np.mean(values)),
+                        f"{self.config.metric}_min": float(np.min(values)),
+                        f"{self.config.metric}_max": float(np.max(values))})
+        if mults:
+            out.update({"multiplier_min": float(min(mults)), "multiplier_max": float(max(mults))})
+        return out
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume identically; JSON-serialisable."""
+        return {
+            "version": _STATE_VERSION,
+            "config": self.config.to_dict(),
+            "layers": list(self.plan.names),
+            "multipliers": dict(self.multipliers),
+            "metrics": dict(self.metrics),
+            "num_steps": self.num_steps,
+            "num_updates": self.num_updates,
+            "update_requested": self._update_requested,
+            "steps_per_epoch": self.steps_per_epoch,
+            "history": [dict(row) for row in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; the balanced layers must be the same."""
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"unsupported TempBalance state version {state.get('version')!r}")
+        if list(state["layers"]) != self.plan.names:
+            missing = sorted(set(state["layers"]) ^ set(self.plan.names))
+            raise ValueError(
+                "the saved TempBalance state was made for different layers (differing: "
+                f"{missing[:5]}{'...' if len(missing) > 5 else ''}); resume with the same model and "
+                "TempBalanceConfig (layer_types, include/exclude, min_eigs, exclude_first_last).")
+        self.multipliers = {k: float(v) for k, v in state["multipliers"].items()}
+        self.metrics = {k: float(v) for k, v in state["metrics"].items()}
+        self.num_steps = int(state["num_steps"])
+        self.num_updates = int(state["num_updates"])
+        self._update_requested = bool(state["update_requested"])
+        self.steps_per_epoch = state.get("steps_per_epoch", self.steps_per_epoch)
+        self.history = [dict(row) for row in state["history"]]
+
+    def __repr__(self) -> str:
+        return (f"TempBalance({len(self.plan.layers)} layers, metric={self.config.metric}, "
+                f"assign={self.config.assign}, s=({self.config.s1}, {self.config.s2}), "
+                f"interval={self.config.interval}, updates={self.num_updates})")
+
+
+def _unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model behind DDP (``.module``) and ``torch.compile`` (``._orig_mod``)."""
+    for _ in range(8):
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        else:
+            break
+    return model

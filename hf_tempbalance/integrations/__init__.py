@@ -1,0 +1,1 @@
+"""Thin glue between the TempBalance engine and training frameworks."""

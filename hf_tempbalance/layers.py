@@ -1,0 +1,143 @@
+"""Layer discovery: which modules TempBalance balances, and which parameters follow each one.
+
+Walks ``model.named_modules()`` in registration order (the order the authors' code uses):
+
+1. *Candidates* are modules of the configured kinds: ``linear`` (``nn.Linear`` and subclasses,
+   Transformers' ``Conv1D``), ``conv`` (``nn.Conv1d/2d/3d``), ``embedding`` (``nn.Embedding``).
+2. With ``exclude_first_last`` the first and last candidate are dropped (authors' choice: the stem
+   and the classifier have few eigenvalues).
+3. Name filters (``include``/``exclude`` regexes, ``re.search``), then frozen weights, weights tied
+   to an earlier balanced module, and ESDs smaller than ``min_eigs`` are skipped, each with a
+   recorded reason (:attr:`LayerPlan.skipped`).
+4. A norm module (BatchNorm, LayerNorm, GroupNorm, InstanceNorm, any ``*RMSNorm``) follows the
+   candidate registered just before it when ``norm_follow="previous"``: if that candidate is
+   balanced, the norm's parameters take its multiplier; otherwise they stay at the base LR.
+   A balanced module's own bias always follows its weight.
+
+Every trainable parameter is owned by at most one balanced layer; shared parameters are counted
+once (by identity), so no parameter can land in two optimizer groups.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .config import TempBalanceConfig
+from .spectral.matrices import is_transposed_conv1d, num_eigs
+
+__all__ = ["BalancedLayer", "LayerPlan", "discover_layers", "is_norm"]
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+if hasattr(nn, "RMSNorm"):
+    _NORM_TYPES = _NORM_TYPES + (nn.RMSNorm,)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """BatchNorm/InstanceNorm/LayerNorm/GroupNorm/RMSNorm, including framework-specific ones."""
+    name = type(module).__name__
+    return isinstance(module, _NORM_TYPES) or name.endswith(("RMSNorm", "LayerNorm"))
+
+
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear) or is_transposed_conv1d(module):
+        return "linear"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "conv"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return None
+
+
+def _esd_size(module: nn.Module) -> int:
+    weight = module.weight
+    if is_transposed_conv1d(module):
+        return min(weight.shape)
+    return num_eigs(tuple(weight.shape))
+
+
+@dataclass
+class BalancedLayer:
+    """A module whose LR TempBalance sets, with every parameter that follows its multiplier."""
+
+    name: str
+    module: nn.Module
+    num_eigs: int
+    param_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LayerPlan:
+    """Result of discovery: balanced layers in registration order, and why others were skipped."""
+
+    layers: list[BalancedLayer]
+    skipped: dict[str, str]
+
+    @property
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    def owner_of(self) -> dict[str, str]:
+        """Parameter name -> name of the balanced layer that owns it."""
+        return {p: layer.name for layer in self.layers for p in layer.param_names}
+
+
+def discover_layers(model: nn.Module, config: TempBalanceConfig) -> LayerPlan:
+    """Find the balanced layers of ``model`` under ``config`` (see the module docstring)."""
+    # Canonical parameter names, deduplicated by identity (tied weights keep their first name).
+    canonical: dict[int, str] = {}
+    for pname, param in model.named_parameters(remove_duplicate=True):
+        canonical.setdefault(id(param), pname)
+
+    modules = list(model.named_modules())
+    candidates = [(name, m) for name, m in modules if _kind(m) in config.layer_types
+                  and isinstance(getattr(m, "weight", None), nn.Parameter)]
+    dropped_edges: set[str] = set()
+    if config.exclude_first_last and candidates:
+        dropped_edges = {candidates[0][0], candidates[-1][0]}
+
+    include = [re.compile(p) for p in config.include]
+    exclude = [re.compile(p) for p in config.exclude]
+    skipped: dict[str, str] = {}
+    layers: list[BalancedLayer] = []
+    by_name: dict[str, BalancedLayer] = {}
+    claimed: set[int] = set()
+    candidate_names = {name for name, _ in candidates}
+
+    for name, module in candidates:
+        weight = module.weight
+        if name in dropped_edges:
+            skipped[name] = "first/last layer (exclude_first_last=True)"
+        elif include and not any(p.search(name) for p in include):
+            skipped[name] = "not matched by include"
+        elif any(p.search(name) for p in exclude):
+            skipped[name] = "matched by exclude"
+        elif not weight.requires_grad:
+            skipped[name] = "frozen weight"
+        elif id(weight) in claimed:
+            skipped[name] = f"weight tied to already balanced {canonical.get(id(weight), '?')}"
+        elif (n := _esd_size(module)) < config.min_eigs:
+            skipped[name] = f"{n} eigenvalues < min_eigs={config.min_eigs}"
+        else:
+            layer = BalancedLayer(name, module, n)
+            for param in module.parameters(recurse=False):
+                if param.requires_grad and id(param) not in claimed and id(param) in canonical:
+                    claimed.add(id(param))
+                    layer.param_names.append(canonical[id(param)])
+            layers.append(layer)
+            by_name[name] = layer
+
+    if config.norm_follow == "previous":
+        previous: str | None = None
+        for name, module in modules:
+            if name in candidate_names:
+                previous = name
+            elif is_norm(module) and previous in by_name:
+                for param in module.parameters(recurse=False):
+                    if param.requires_grad and id(param) not in claimed and id(param) in canonical:
+                        claimed.add(id(param))
+                        by_name[previous].param_names.append(canonical[id(param)])
+
+    return LayerPlan(layers, skipped)

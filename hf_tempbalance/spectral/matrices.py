@@ -1,0 +1,82 @@
+"""Turn a layer (or a weight tensor) into the stack of matrices whose spectra form its ESD.
+
+Conventions (the TempBalance authors', reference-notes §1):
+
+* ``nn.Linear`` weight ``(out, in)`` is one matrix.
+* ``nn.Conv{1,2,3}d`` weight ``(out, in/groups, *kernel)`` is split into ``prod(kernel)`` slices of
+  shape ``out x in/groups``, one per kernel position; their eigenvalues are pooled into one ESD.
+* Transformers' GPT-2 ``Conv1D`` stores its weight as ``(in, out)``; it is transposed to
+  ``(out, in)`` (this changes nothing in the spectrum but keeps shapes comparable).
+* ``nn.Embedding`` weight ``(num_embeddings, dim)`` is one matrix (opt-in in layer discovery).
+
+Nothing here imports Transformers: ``Conv1D`` is recognised by its class name and ``nf`` attribute.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["weight_of", "weight_matrices", "is_transposed_conv1d", "num_eigs"]
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def is_transposed_conv1d(module: nn.Module) -> bool:
+    """True for Transformers' ``Conv1D`` (GPT-2 family), whose weight is stored ``in x out``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def weight_of(layer: nn.Module) -> torch.Tensor:
+    """The weight parameter of a supported layer, with a clear error for anything else."""
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(
+            f"{type(layer).__name__} has no tensor `weight`; pass a module with a weight matrix "
+            "(nn.Linear, nn.Conv1d/2d/3d, transformers' Conv1D, nn.Embedding) or the tensor itself."
+        )
+    return weight
+
+
+def weight_matrices(layer: nn.Module | torch.Tensor) -> torch.Tensor:
+    """Return the ``(k, m, n)`` stack of matrices whose squared singular values form the ESD.
+
+    Args:
+        layer: a module (see the module docstring for the supported kinds) or a weight tensor.
+            A 2-D tensor is one matrix; a tensor with ``d >= 3`` dims is read as a convolution
+            weight ``(out, in, *kernel)``.
+
+    Returns:
+        A view or copy of the weight, detached, in its own dtype and on its own device.
+    """
+    if isinstance(layer, nn.Module):
+        weight = weight_of(layer).detach()
+        if is_transposed_conv1d(layer):
+            weight = weight.t()
+    elif isinstance(layer, torch.Tensor):
+        weight = layer.detach()
+    else:
+        raise TypeError(f"expected an nn.Module or a torch.Tensor, got {type(layer).__name__}")
+
+    if weight.ndim == 2:
+        return weight.unsqueeze(0)
+    if weight.ndim >= 3:
+        out_ch, in_ch = weight.shape[:2]
+        # (out, in, *k) -> (*k, out, in) -> (prod(k), out, in): one slice per kernel position.
+        perm = tuple(range(2, weight.ndim)) + (0, 1)
+        return weight.permute(perm).reshape(-1, out_ch, in_ch)
+    raise ValueError(
+        f"a weight with {weight.ndim} dimension(s) has no matrix spectrum; "
+        "pass a 2-D matrix or a convolution weight (out, in, *kernel)."
+    )
+
+
+def num_eigs(shape: torch.Size | tuple[int, ...]) -> int:
+    """Number of eigenvalues in the pooled ESD of a weight of this (matrix-stack) shape."""
+    if len(shape) == 2:
+        return min(shape)
+    if len(shape) >= 3:
+        return math.prod(shape[2:]) * min(shape[0], shape[1])
+    return 0
