@@ -47,6 +47,8 @@ class TempBalanceConfig:
         snr_strength: λ_sr of spectral-norm regularisation (Eq. 4) on the balanced layers
             (0 disables; paper grid 1e-3..1.5e-2), applied whatever the weight decay.
         snr_iterations: power iterations per step for the SNR gradient (authors: 5).
+        balance_lr: compute metrics and scale LRs (False: spectral-norm regularisation alone,
+            the paper's SNR baseline, with ``snr_strength > 0``).
         log_layers: also log per-layer alpha and multiplier (summary stats are always logged).
     """
 
@@ -68,6 +70,7 @@ class TempBalanceConfig:
     include_xmin: bool = True
     snr_strength: float = 0.0
     snr_iterations: int = 5
+    balance_lr: bool = True
     log_layers: bool = True
 
     def __post_init__(self) -> None:

@@ -35,14 +35,7 @@ from torch import nn
 from .assign import assign_multipliers, valid_for
 from .config import TempBalanceConfig
 from .distributed import check_unsharded, sharded_metrics
-from .groups import (
-    DEFAULT_NO_DECAY,
-    GROUP_KEY,
-    build_param_groups,
-    reindex_scheduler,
-    split_param_groups,
-    unwrap_optimizer,
-)
+from .groups import DEFAULT_NO_DECAY, GROUP_KEY, StepLayout, build_param_groups, unwrap_optimizer
 from .layers import LayerPlan, discover_layers
 from .snr import SpectralNormRegularizer
 from .spectral.metrics import layer_metrics
@@ -93,7 +86,7 @@ class TempBalance:
         self._update_requested = False
         self._warned: set[str] = set()
         self._hooks: list[Any] = []
-        self._saved_lrs: list[tuple[dict, Any]] = []
+        self._layout: StepLayout | None = None
         self.snr = (SpectralNormRegularizer([layer.module for layer in self.plan.layers],
                                             self.config.snr_strength, self.config.snr_iterations)
                     if self.config.snr_strength > 0 else None)
@@ -106,24 +99,24 @@ class TempBalance:
         return build_param_groups(self.model, self.plan, lr=lr, weight_decay=weight_decay,
                                   no_decay=no_decay, decay_names=decay_names, **group_kwargs)
 
-    def split_param_groups(self, optimizer: Any, scheduler: Any = None) -> None:
-        """Split an existing (state-less) optimizer's groups by layer and fix its scheduler."""
-        inner = unwrap_optimizer(optimizer)
-        old = len(inner.param_groups)
-        parent = split_param_groups(inner, self.model, self.plan)
-        reindex_scheduler(scheduler, parent, old)
-
     # ------------------------------------------------------------------ hooks
     def attach(self, optimizer: Any) -> TempBalance:
-        """Register the step hooks on ``optimizer`` (Accelerate/other wrappers are unwrapped)."""
+        """Register the step hooks on ``optimizer`` (Accelerate/other wrappers are unwrapped).
+
+        Any optimizer works: labelled groups (:meth:`param_groups`) are scaled in place, other
+        groups are split by layer for the duration of each step.
+        """
         inner = unwrap_optimizer(optimizer)
-        if self.plan.layers and not any(g.get(GROUP_KEY) for g in inner.param_groups):
-            raise ValueError(
-                "the optimizer has no TempBalance-labelled param groups, so no LR could be balanced. "
-                "Build it from tb.param_groups(...), or call tb.split_param_groups(optimizer, "
-                "scheduler) before the first step."
-            )
+        named = dict(self.model.named_parameters())
+        owner = {id(named[p]): layer.name for layer in self.plan.layers for p in layer.param_names}
+        labels = {g.get(GROUP_KEY) for g in inner.param_groups} - {None}
+        unknown = sorted(labels - set(self.plan.names))
+        if unknown:
+            warnings.warn(f"optimizer groups are labelled with layers this TempBalance does not balance "
+                          f"({unknown[:3]}...): they stay at the base LR. Build the groups and the "
+                          "engine from the same model and TempBalanceConfig.", stacklevel=2)
         self.detach()
+        self._layout = StepLayout(inner, owner)
         self._hooks = [inner.register_step_pre_hook(self._pre_step),
                        inner.register_step_post_hook(self._post_step)]
         return self
@@ -133,28 +126,35 @@ class TempBalance:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        self._layout = None
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self.update_due():
-            self.update()
+        if self.config.balance_lr and self.update_due():
+            rows = self.update()
+            base = self._base_lrs(optimizer)
+            for row in rows:
+                row["base_lr"] = base.get(row["layer"])
         if self.snr is not None:
             self.snr.apply_()
-        self._saved_lrs = []
-        for group in optimizer.param_groups:
-            factor = self.multiplier_of(group)
-            if factor != 1.0:
-                self._saved_lrs.append((group, group["lr"]))
-                group["lr"] = group["lr"] * factor
+        self._layout.enter(self.multiplier)
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        for group, lr in self._saved_lrs:
-            group["lr"] = lr
-        self._saved_lrs = []
+        self._layout.exit()
         self.num_steps += 1
 
-    def multiplier_of(self, group: dict) -> float:
-        """Multiplier applied to a param group (1.0 for unlabelled or shared groups)."""
-        layer = group.get(GROUP_KEY)
+    def _base_lrs(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """Scheduler LR of the group holding each layer's weight (before any multiplier)."""
+        named = dict(self.model.named_parameters())
+        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        out = {}
+        for layer in self.plan.layers:
+            group = group_of.get(id(named[layer.param_names[0]])) if layer.param_names else None
+            if group is not None:
+                out[layer.name] = float(group["lr"])
+        return out
+
+    def multiplier(self, layer: str | None) -> float:
+        """Multiplier of a balanced layer (1.0 for ``None`` and unknown names)."""
         return self.multipliers.get(layer, 1.0) if layer is not None else 1.0
 
     # ------------------------------------------------------------------ schedule

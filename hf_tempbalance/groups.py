@@ -1,23 +1,27 @@
-"""Optimizer parameter groups labelled by balanced layer.
+"""Optimizer parameter groups labelled by balanced layer, and the step-time layout.
 
-Every group TempBalance touches carries the key :data:`GROUP_KEY` with the name of its balanced
+Every group TempBalance scales carries the key :data:`GROUP_KEY` with the name of its balanced
 layer (``None`` for groups that stay at the base LR). Multipliers are always matched to groups by
-this label, never by position, so adding, reordering or splitting groups cannot misassign LRs.
+this label, never by position, so adding or reordering groups cannot misassign LRs.
 
-Two ways to get such groups:
+Two ways to give an optimizer per-layer LRs:
 
-* :func:`build_param_groups`: from scratch, one group per (balanced layer, decay / no-decay),
-  then the remaining parameters in shared groups (the way ``timm.optim._param_groups`` and the
-  Transformers ``Trainer`` split decay from no-decay).
-* :func:`split_param_groups`: split the groups of an optimizer that already exists (e.g. the one
-  a ``Trainer`` built from ``args.optim``), keeping each group's hyperparameters, and re-index
-  the per-group lists of its LR scheduler so the scheduler keeps driving every new group.
+* :func:`build_param_groups`: labelled groups from the start, one per (balanced layer,
+  decay / no-decay), then the remaining parameters in shared groups (the way
+  ``timm.optim._param_groups`` and the Transformers ``Trainer`` split decay from no-decay).
+* :class:`StepLayout`: any existing optimizer, e.g. the one a ``Trainer`` built from
+  ``args.optim``. Its groups are split by layer only *during* ``optimizer.step()`` (children copy
+  every hyperparameter of their group and get ``lr = group lr × m_i``) and merged back right after.
+  Between steps the optimizer has exactly the groups its owner made, so LR schedulers,
+  ``state_dict()`` and checkpoint resume never see the split. Per-parameter optimizer state is
+  unaffected by grouping; group-level state that an optimizer writes during the step (e.g. a
+  ``step`` counter kept in the group) is copied back to the parent group.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import torch
@@ -25,8 +29,7 @@ from torch import nn
 
 from .layers import LayerPlan
 
-__all__ = ["GROUP_KEY", "DEFAULT_NO_DECAY", "build_param_groups", "split_param_groups",
-           "reindex_scheduler", "unwrap_optimizer"]
+__all__ = ["GROUP_KEY", "DEFAULT_NO_DECAY", "build_param_groups", "StepLayout", "unwrap_optimizer"]
 
 GROUP_KEY = "tempbalance_layer"
 
@@ -95,67 +98,71 @@ def build_param_groups(
     return groups
 
 
-def split_param_groups(optimizer: Any, model: nn.Module, plan: LayerPlan) -> list[int]:
-    """Split each group of an existing optimizer by balanced layer, in place.
+class StepLayout:
+    """Scale (or temporarily split) an optimizer's groups around one ``step()``.
 
-    Each new group copies every hyperparameter of the group it came from. Must run before the
-    optimizer has state (i.e. before the first step). Returns ``parent``: ``parent[j]`` is the index
-    of the original group that new group ``j`` came from (see :func:`reindex_scheduler`).
+    Args:
+        optimizer: the innermost ``torch.optim.Optimizer``.
+        owner: ``id(param) -> balanced layer name`` for every parameter that follows a layer.
     """
-    inner = unwrap_optimizer(optimizer)
-    if any(len(s) for s in inner.state.values()):
-        raise RuntimeError(
-            "the optimizer already has state, so its param groups can no longer be split. Build the "
-            "per-layer groups from the start: use TempBalanceTrainer, or pass "
-            "optimizer_cls_and_kwargs=tempbalance_optimizer_cls_and_kwargs(...) to the Trainer."
-        )
-    owner_by_id = {}
-    named = dict(model.named_parameters())
-    for layer in plan.layers:
-        for pname in layer.param_names:
-            owner_by_id[id(named[pname])] = layer.name
 
-    new_groups, parent = [], []
-    for index, group in enumerate(inner.param_groups):
-        if GROUP_KEY in group:  # already labelled: keep as is
-            new_groups.append(group)
-            parent.append(index)
-            continue
-        buckets: dict[str | None, list] = {}
-        for param in group["params"]:
-            buckets.setdefault(owner_by_id.get(id(param)), []).append(param)
-        for layer, params in buckets.items():
-            new_groups.append({**{k: v for k, v in group.items() if k != "params"},
-                               "params": params, GROUP_KEY: layer})
-            parent.append(index)
-    inner.param_groups[:] = new_groups
-    return parent
+    _SKIP = ("params", "lr", GROUP_KEY)
 
+    def __init__(self, optimizer: torch.optim.Optimizer, owner: dict[int, str]) -> None:
+        self.optimizer = optimizer
+        self.owner = owner
+        self._splits: dict[int, tuple[int, list[tuple[str | None, list]]]] = {}
+        self._original: list[dict] | None = None
+        self._scaled: list[tuple[dict, Any]] = []
+        self._children: list[tuple[dict, dict]] = []
 
-def reindex_scheduler(scheduler: Any, parent: list[int], num_old_groups: int) -> None:
-    """Make a scheduler's per-group lists follow :func:`split_param_groups`.
+    def _split(self, group: dict) -> list[tuple[str | None, list]]:
+        """Params of an unlabelled group bucketed by owning layer (cached per params list)."""
+        params = group["params"]
+        cached = self._splits.get(id(group))
+        if cached is None or cached[0] != len(params):
+            buckets: dict[str | None, list] = {}
+            for param in params:
+                buckets.setdefault(self.owner.get(id(param)), []).append(param)
+            cached = (len(params), list(buckets.items()))
+            self._splits[id(group)] = cached
+        return cached[1]
 
-    ``LambdaLR`` (every Transformers schedule), ``ReduceLROnPlateau`` and most torch schedulers
-    keep one entry per group (``base_lrs``, ``lr_lambdas``, ``min_lrs``, ``_last_lr``, ...); each
-    list of length ``num_old_groups`` is re-indexed so new group ``j`` inherits entry
-    ``parent[j]``. Wrappers (Accelerate's ``AcceleratedScheduler``) and composites
-    (``SequentialLR``, ``ChainedScheduler``) are followed.
-    """
-    if scheduler is None:
-        return
-    seen: set[int] = set()
+    def enter(self, multiplier: Callable[[str | None], float]) -> None:
+        """Apply ``lr × multiplier(layer)`` to every group (splitting unlabelled ones)."""
+        groups = self.optimizer.param_groups
+        self._original, self._scaled, self._children = list(groups), [], []
+        layout = []
+        for group in groups:
+            if GROUP_KEY in group:
+                factor = multiplier(group[GROUP_KEY])
+                if factor != 1.0:
+                    self._scaled.append((group, group["lr"]))
+                    group["lr"] = group["lr"] * factor
+                layout.append(group)
+                continue
+            buckets = self._split(group)
+            if len(buckets) == 1 and buckets[0][0] is None:
+                layout.append(group)
+                continue
+            for layer, params in buckets:
+                child = {**group, "params": params, GROUP_KEY: layer,
+                         "lr": group["lr"] * multiplier(layer)}
+                layout.append(child)
+                self._children.append((group, child))
+        if self._children:
+            groups[:] = layout
 
-    def visit(obj: Any) -> None:
-        if obj is None or id(obj) in seen:
+    def exit(self) -> None:
+        """Undo :meth:`enter`: restore the owner's groups and LRs, keep group-level state."""
+        if self._original is None:
             return
-        seen.add(id(obj))
-        inner = getattr(obj, "scheduler", None)
-        if inner is not None and inner is not obj:
-            visit(inner)
-        for child in getattr(obj, "_schedulers", []) or []:
-            visit(child)
-        for attr, value in list(vars(obj).items()):
-            if isinstance(value, list) and len(value) == num_old_groups and attr != "_schedulers":
-                setattr(obj, attr, [value[p] for p in parent])
-
-    visit(scheduler)
+        for group, lr in self._scaled:
+            group["lr"] = lr
+        for parent, child in self._children:
+            for key, value in child.items():
+                if key not in self._SKIP:
+                    parent[key] = value
+        if self._children:
+            self.optimizer.param_groups[:] = self._original
+        self._original, self._scaled, self._children = None, [], []
