@@ -8,7 +8,16 @@ Framework-free (no Trainer, Accelerate or Ultralytics imports)::
 
 from .esd import batched_esd, esd, resolve_dtype
 from .esd_reference import esd_reference
-from .hill import DEFAULT_RTOL, XMIN_METHODS, HillFit, filter_eigs, hill_alpha, hill_alpha_tensor, hill_fit
+from .hill import (
+    DEFAULT_RTOL,
+    FLAT_LOG_SPREAD,
+    XMIN_METHODS,
+    HillFit,
+    filter_eigs,
+    hill_alpha,
+    hill_alpha_tensor,
+    hill_fit,
+)
 from .matrices import num_eigs, weight_matrices
 from .metrics import available_metrics, compute_metric, layer_metrics, register_metric
 
@@ -23,6 +32,7 @@ __all__ = [
     "HillFit",
     "filter_eigs",
     "DEFAULT_RTOL",
+    "FLAT_LOG_SPREAD",
     "XMIN_METHODS",
     "weight_matrices",
     "num_eigs",

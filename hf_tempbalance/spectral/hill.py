@@ -23,7 +23,9 @@ Choice of :math:`\lambda_{\min}` (``xmin``):
 Zero and near-zero eigenvalues carry no power-law information (and :math:`\ln 0` poisons the
 sum), so every fit first drops eigenvalues :math:`\lambda \le \text{rtol}\cdot\lambda_{\max}`,
 with ``rtol`` defaulting to :data:`DEFAULT_RTOL` (2e-6): a relative threshold keeps the fit
-scale-free, unlike the authors' absolute ``1e-5``.
+scale-free, unlike the authors' absolute ``1e-5``. A tail whose mean log-spread is at most
+:data:`FLAT_LOG_SPREAD` is flat (alpha = inf; e.g. an orthogonal matrix, whose float32 spectrum
+is 1 ± rounding noise).
 
 The loop-based NumPy version these must agree with is :mod:`hill_reference`.
 """
@@ -38,6 +40,7 @@ __all__ = [
     "HillFit",
     "XMIN_METHODS",
     "DEFAULT_RTOL",
+    "FLAT_LOG_SPREAD",
     "filter_eigs",
     "hill_fit",
     "hill_alpha",
@@ -52,6 +55,12 @@ XMIN_METHODS = ("median", "fix_finger", "ks")
 #: the same alpha (a different cut would move the median). The authors drop λ <= 1e-5 (absolute,
 #: which is not scale-free; for typical CIFAR conv slices λ_max ~ 1, so it is a similar cut).
 DEFAULT_RTOL = 2e-6
+
+#: Mean log-spread ``(1/n) Σ ln(λ_j / λ_min)`` of a tail below which it counts as flat (alpha =
+#: inf). A float32 Gram ``eigvalsh`` of an orthogonal matrix leaves a spread of 5e-7 to 2.5e-6
+#: (d = 64..2048, measured), which would otherwise read as alpha ~ 1e6 and, being finite, push
+#: every other layer to s1 or s2. Any alpha above ``1 + 1 / FLAT_LOG_SPREAD`` = 1e4 is noise.
+FLAT_LOG_SPREAD = 1e-4
 
 # Candidates x eigenvalues elements per KS chunk (16 Mi float64 = 128 MiB).
 _KS_CHUNK_ELEMENTS = 1 << 24
@@ -111,7 +120,9 @@ def _alpha_at(log_eigs: torch.Tensor, start: torch.Tensor, include_xmin: bool) -
     n = (n_total - start).to(log_eigs.dtype)
     denom = suffix[start] - n * log_eigs[start]
     k = n if include_xmin else n - 1
-    return 1.0 + k / denom
+    # A tail flatter than the eigensolver can resolve is flat: inf, not 1 + n / rounding noise.
+    flat = denom <= n * FLAT_LOG_SPREAD
+    return torch.where(flat, torch.full_like(denom, float("inf")), 1.0 + k / denom)
 
 
 def _ks_distances(log_eigs: torch.Tensor, starts: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:

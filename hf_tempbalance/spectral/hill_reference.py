@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from .hill import FLAT_LOG_SPREAD
+
 __all__ = ["hill_alpha_reference"]
 
 
@@ -18,7 +20,7 @@ def _alpha(eigs: np.ndarray, i: int, include_xmin: bool) -> float:
     n = len(tail)
     denom = float(np.sum(np.log(tail)) - n * math.log(eigs[i]))
     k = n if include_xmin else n - 1
-    return 1.0 + k / denom if denom > 0 else math.inf
+    return 1.0 + k / denom if denom > n * FLAT_LOG_SPREAD else math.inf
 
 
 def _ks(eigs: np.ndarray, i: int, alpha: float) -> float:
