@@ -10,7 +10,7 @@ schedule gives. With ``L`` layers whose metric values are ``α_1..α_L``:
 * ``log2`` (App. C):  :math:`m_i = \log\alpha_i / \frac1L\sum_j \log\alpha_j`  (mean 1; needs α > 1,
   which Hill alphas always are; other values make the layer invalid).
 * ``step`` (App. C): the layer with the ``k``-th smallest α gets
-  :math:`m_i = s_1 + (k-1)\frac{s_2 - s_1}{L - 1}` (ties broken by layer order).
+  :math:`m_i = s_1 + (k-1)\frac{s_2 - s_1}{L - 1}` (ties broken by layer order; all equal: 1.0).
 
 Larger metric -> larger multiplier in every case (an under-trained layer learns faster).
 All maps are scale-free in α except ``log2``/``sqrt``, which are invariant to scaling of α only
@@ -30,10 +30,15 @@ __all__ = ["ASSIGN_FUNCTIONS", "assign_multipliers"]
 _EQUAL_RTOL = 1e-12
 
 
-def _linear(values: np.ndarray, s1: float, s2: float) -> np.ndarray:
+def _all_equal(values: np.ndarray) -> bool:
     lo, hi = values.min(), values.max()
-    if hi - lo <= _EQUAL_RTOL * max(abs(hi), abs(lo), 1e-300):
+    return bool(hi - lo <= _EQUAL_RTOL * max(abs(hi), abs(lo), 1e-300))
+
+
+def _linear(values: np.ndarray, s1: float, s2: float) -> np.ndarray:
+    if _all_equal(values):
         return np.ones_like(values)
+    lo, hi = values.min(), values.max()
     return s1 + (s2 - s1) * (values - lo) / (hi - lo)
 
 
@@ -46,7 +51,8 @@ def _normalised(transform: Callable[[np.ndarray], np.ndarray]):
 
 
 def _step(values: np.ndarray, s1: float, s2: float) -> np.ndarray:
-    if len(values) == 1:
+    # All equal: no ranking exists (tie-breaking by layer order would invent one).
+    if len(values) == 1 or _all_equal(values):
         return np.ones_like(values)
     ranks = np.empty(len(values))
     ranks[np.argsort(values, kind="stable")] = np.arange(len(values))

@@ -1,0 +1,20 @@
+"""Shared test settings: offline hubs, deterministic torch, few threads (CI boxes are small)."""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "YOLO_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("YOLO_AUTOINSTALL", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    """Every test starts from the same RNG state, whatever ran before it."""
+    torch.manual_seed(0)

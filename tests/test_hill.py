@@ -1,0 +1,161 @@
+"""Hill alpha (paper Eq. 3) against a NumPy computation written here from the formula."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hf_tempbalance.spectral import DEFAULT_RTOL, esd, hill_alpha, hill_fit
+from hf_tempbalance.spectral.hill_reference import hill_alpha_reference
+
+
+def numpy_hill(eigs, include_xmin: bool = True, rtol: float = DEFAULT_RTOL) -> float:
+    """Eq. (3) with k = n/2 on the eigenvalues above rtol·λ_max.
+
+    Sorted ascending λ_1..λ_N (1-based), xmin index i = floor(N/2) (0-based), so
+    λ_min = λ_(i+1) and the tail has N - i points. Paper form:
+    alpha = 1 + k / Σ_{j=1..k} ln(λ_(N-j+1) / λ_min) over the k points above λ_min (textbook),
+    while the authors put the tail size N - i (λ_min included) in the numerator.
+    """
+    lam = np.sort(np.asarray(eigs, dtype=np.float64))
+    lam = lam[lam > rtol * lam[-1]]
+    big_n = len(lam)
+    i = big_n // 2
+    lam_min = lam[i]
+    above = lam[i + 1:]  # k = N - i - 1 points strictly above λ_min
+    log_sum = float(np.sum(np.log(above / lam_min)))
+    numerator = (big_n - i) if include_xmin else len(above)
+    return 1.0 + numerator / log_sum
+
+
+def random_spectra():
+    gen = torch.Generator().manual_seed(7)
+    gauss = torch.randn(300, 120, generator=gen, dtype=torch.float64)
+    heavy = torch.distributions.StudentT(torch.tensor(2.5, dtype=torch.float64)).sample((250, 100))
+    conv = torch.randn(32, 16, 3, 3, generator=gen, dtype=torch.float64)
+    lowrank = torch.randn(80, 10, generator=gen, dtype=torch.float64) @ torch.randn(
+        10, 60, generator=gen, dtype=torch.float64)  # 50 exact zeros in its ESD
+    return {name: esd(w, dtype="float64") for name, w in
+            {"gauss": gauss, "heavy": heavy, "conv": conv, "lowrank": lowrank}.items()}
+
+
+SPECTRA = random_spectra()
+
+
+@pytest.mark.parametrize("name", list(SPECTRA))
+@pytest.mark.parametrize("include_xmin", [True, False], ids=["authors", "textbook"])
+def test_median_matches_numpy_formula(name, include_xmin):
+    eigs = SPECTRA[name]
+    expected = numpy_hill(eigs.numpy(), include_xmin=include_xmin)
+    assert hill_alpha(eigs, include_xmin=include_xmin) == pytest.approx(expected, rel=1e-12)
+    # float32 input, same answer to float32 accuracy
+    assert hill_alpha(eigs.float(), include_xmin=include_xmin) == pytest.approx(expected, rel=1e-4)
+
+
+def test_authors_convention_is_larger_than_textbook():
+    eigs = SPECTRA["gauss"]
+    fit = hill_fit(eigs)
+    n_kept = eigs.numel()
+    assert fit.n_tail == n_kept - n_kept // 2
+    assert fit.xmin == pytest.approx(float(torch.sort(eigs).values[n_kept // 2]))
+    # (alpha_authors - 1) / (alpha_textbook - 1) = n / (n - 1)
+    ratio = (hill_alpha(eigs) - 1) / (hill_alpha(eigs, include_xmin=False) - 1)
+    assert ratio == pytest.approx(fit.n_tail / (fit.n_tail - 1), rel=1e-12)
+
+
+@pytest.mark.parametrize("name", list(SPECTRA))
+@pytest.mark.parametrize("xmin", ["ks", "fix_finger"])
+def test_ks_and_fix_finger_match_loop_reference(name, xmin):
+    eigs = SPECTRA[name]
+    expected = hill_alpha_reference(eigs.numpy(), xmin)
+    assert math.isfinite(expected)
+    assert hill_alpha(eigs, xmin) == pytest.approx(expected, rel=1e-9)
+
+
+def test_ks_fit_minimises_ks_distance():
+    """The chosen xmin is the candidate with the smallest KS distance (checked by brute force)."""
+    eigs = SPECTRA["heavy"].numpy()
+    lam = np.sort(eigs)
+    best = math.inf
+    for i in range(len(lam) - 1):
+        tail = lam[i:]
+        n = len(tail)
+        alpha = 1 + n / np.sum(np.log(tail / lam[i]))
+        cdf_fit = 1 - (tail / lam[i]) ** (1 - alpha)
+        dist = np.max(np.abs(np.arange(n) / n - cdf_fit))
+        best = min(best, dist)
+    fit = hill_fit(torch.from_numpy(eigs), "ks")
+    assert fit.ks_distance == pytest.approx(best, rel=1e-9)
+
+
+@pytest.mark.parametrize("s", [0.5, 1.0, 2.0])
+def test_power_law_decay_gives_one_plus_one_over_s(s):
+    """Appendix A.2: λ_k = k^(-s) has PL_Alpha_Hill ≈ 1 + 1/s, more exactly as n grows."""
+    errors = []
+    for n in (250, 4000):
+        lam = torch.arange(1, n + 1, dtype=torch.float64) ** (-s)
+        alpha = hill_alpha(lam, rtol=0.0)  # keep every eigenvalue (4000^-2 is below the default)
+        errors.append(abs(alpha - (1 + 1 / s)))
+    # the Hill sum over the top half is s·(m - ln m!/...) ~ s·m(1 - O(ln m / m)): 0.5% at n = 4000
+    assert errors[1] <= 0.005 / s
+    assert errors[1] < errors[0]
+
+
+@pytest.mark.parametrize("c", [1e-6, 3.7, 2.0**20])
+def test_scale_invariance(c):
+    w = torch.randn(200, 80)
+    for xmin in ("median", "ks", "fix_finger"):
+        base = hill_alpha(esd(w, dtype="float64"), xmin)
+        scaled = hill_alpha(esd(c * w.double(), dtype="float64"), xmin)
+        assert scaled == pytest.approx(base, rel=1e-9)
+    assert hill_alpha(esd(c * w)) == pytest.approx(hill_alpha(esd(w)), rel=1e-5)
+
+
+def test_zero_and_near_zero_eigenvalues_are_dropped_relative_to_lambda_max():
+    eigs = SPECTRA["gauss"]
+    lam_max = float(eigs.max())
+    base = hill_alpha(eigs)
+    with_zeros = torch.cat([torch.zeros(37, dtype=torch.float64), eigs])
+    with_tiny = torch.cat([torch.full((37,), 1e-9 * lam_max, dtype=torch.float64), eigs])
+    assert hill_alpha(with_zeros) == pytest.approx(base, rel=1e-12)
+    assert hill_alpha(with_tiny) == pytest.approx(base, rel=1e-12)
+    assert hill_fit(with_zeros).num_eigs == eigs.numel()
+    # Values above the threshold are real eigenvalues: they move the median.
+    with_small = torch.cat([torch.full((37,), 1e-3 * lam_max, dtype=torch.float64), eigs])
+    assert hill_alpha(with_small) != pytest.approx(base, rel=1e-3)
+    # Relative, not absolute: a layer whose every eigenvalue is below the authors' 1e-5 still fits.
+    assert hill_alpha(eigs * 1e-9) == pytest.approx(base, rel=1e-9)
+    assert hill_alpha(with_zeros * 1e-9) == pytest.approx(base, rel=1e-9)
+
+
+def test_lowrank_layer_matches_formula_on_nonzero_part():
+    eigs = SPECTRA["lowrank"]
+    nonzero = eigs[eigs > 1e-8 * eigs.max()]
+    assert nonzero.numel() == 10
+    assert hill_alpha(eigs) == pytest.approx(numpy_hill(nonzero.numpy(), rtol=0.0), rel=1e-9)
+
+
+@pytest.mark.parametrize("eigs", [[], [3.0], [0.0, 0.0, 5.0], [float("nan")] * 4],
+                         ids=["empty", "one", "one-nonzero", "all-nan"])
+@pytest.mark.parametrize("xmin", ["median", "ks", "fix_finger"])
+def test_fewer_than_two_eigenvalues_is_nan(eigs, xmin):
+    assert math.isnan(hill_alpha(torch.tensor(eigs, dtype=torch.float64), xmin))
+
+
+def test_flat_spectrum_is_not_finite():
+    assert not math.isfinite(hill_alpha(torch.ones(100)))
+    # An orthogonal layer: flat up to float32 rounding, which must not read as a huge alpha.
+    for shape in ((64, 64), (128, 64), (48, 160)):
+        w = torch.empty(shape)
+        nn.init.orthogonal_(w)
+        assert not math.isfinite(hill_alpha(esd(w)))
+        assert not math.isfinite(hill_alpha(esd(w, dtype="float64")))
+
+
+def test_unknown_xmin_is_rejected():
+    with pytest.raises(ValueError, match="xmin"):
+        hill_alpha(torch.ones(10), xmin="peak")
