@@ -1,0 +1,282 @@
+"""Hugging Face ``Trainer`` integration: ``Trainer(..., callbacks=[TempBalanceCallback()])``.
+
+How the pieces fit the Trainer's loop (``on_pre_optimizer_step -> optimizer.step() ->
+lr_scheduler.step() -> on_step_end``, reference-notes §4):
+
+* At ``on_train_begin`` the callback builds a :class:`~hf_tempbalance.TempBalance` engine for the
+  model and attaches it to the Trainer's optimizer. The engine's step hooks scale each layer's LR
+  by its multiplier *inside* ``optimizer.step()`` and put the scheduler's value back right after,
+  so the LR used for layer ``i`` at step ``t`` (step 0 included) is ``scheduler_lr(t) · m_i(t)``
+  with every scheduler ``get_scheduler`` makes and with a user's own; nothing compounds, and the
+  optimizer's groups, ``state_dict`` and checkpoints stay exactly as the Trainer made them.
+* The engine's clock is ``state.global_step`` (optimizer steps, so gradient accumulation counts
+  correctly); ``interval="epoch"`` means every ``num_update_steps_per_epoch`` steps, computed the
+  way the Trainer does, which keeps resumed runs identical to uninterrupted ones.
+* Resume: the engine state is saved with each checkpoint through ``ExportableState`` and restored
+  from the checkpoint's ``trainer_state.json`` (with or without
+  ``restore_callback_states_from_checkpoint``), so a resumed run applies the same LRs.
+* Logging: ``tempbalance/...`` keys (summary and, with ``log_layers``, per layer) are added to the
+  Trainer's logs. The Trainer calls user callbacks after the reporting integrations, so the
+  callback moves itself in front of them when the Trainer registers it (``on_init_end``).
+  The full history is written to ``<output_dir>/tempbalance_history.jsonl`` (main process only).
+
+:class:`TempBalanceTrainer` and :func:`tempbalance_optimizer_cls_and_kwargs` build the optimizer
+with one labelled group per layer from the start (the ``create_optimizer`` path), for users who want
+the per-layer groups visible in the optimizer (e.g. for their own per-group logging).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import warnings
+from typing import Any
+
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import CallbackHandler, ExportableState
+
+from ..config import TempBalanceConfig
+from ..engine import TempBalance
+from ..history import HISTORY_FILE, append_history
+
+__all__ = ["TempBalanceCallback", "TempBalanceTrainer", "tempbalance_optimizer_cls_and_kwargs"]
+
+LOG_PREFIX = "tempbalance/"
+
+
+def _as_config(config: TempBalanceConfig | dict | None, overrides: dict[str, Any]) -> TempBalanceConfig:
+    if config is None:
+        config = TempBalanceConfig()
+    elif isinstance(config, dict):
+        config = TempBalanceConfig.from_dict(config)
+    elif not isinstance(config, TempBalanceConfig):
+        raise TypeError(f"config must be a TempBalanceConfig or a dict, got {type(config).__name__}")
+    return config.replace(**overrides) if overrides else config
+
+
+def _steps_per_epoch(args: TrainingArguments, train_dataloader: Any) -> int | None:
+    """Optimizer steps per epoch, as ``Trainer.set_initial_training_values`` computes them."""
+    try:
+        batches = len(train_dataloader)
+    except TypeError:
+        return None
+    accum = args.gradient_accumulation_steps
+    return max(batches // accum + int(batches % accum > 0), 1)
+
+
+class TempBalanceCallback(TrainerCallback, ExportableState):
+    """Turn on TempBalance for any ``Trainer``: ``Trainer(..., callbacks=[TempBalanceCallback()])``.
+
+    Args:
+        config: a :class:`TempBalanceConfig` (or its ``to_dict()``); ``None`` = paper defaults.
+        history_file: file name of the JSONL history in ``args.output_dir`` (``None``: none).
+        **overrides: fields of :class:`TempBalanceConfig` to change, e.g. ``interval=100``.
+
+    Attributes:
+        engine: the :class:`TempBalance` engine (built at ``on_train_begin``).
+    """
+
+    def __init__(self, config: TempBalanceConfig | dict | None = None, *,
+                 history_file: str | None = HISTORY_FILE, **overrides: Any) -> None:
+        self.config = _as_config(config, overrides)
+        self.history_file = history_file
+        self.engine: TempBalance | None = None
+        self.engine_state: dict | None = None  # set by the Trainer when it restores callback states
+        self._written = 0
+        self._epoch = 0.0
+
+    # ------------------------------------------------------------------ ExportableState
+    def state(self) -> dict:
+        return {
+            "args": {"config": self.config.to_dict(), "history_file": self.history_file},
+            "attributes": {"engine_state": self.engine.state_dict() if self.engine is not None
+                           else self.engine_state},
+        }
+
+    # ------------------------------------------------------------------ set-up
+    def on_init_end(self, args, state, control, **kwargs):
+        # The handler that calls this event is our direct caller (CallbackHandler.call_event).
+        handler = sys._getframe(1).f_locals.get("self")
+        if isinstance(handler, CallbackHandler):
+            place_before_reporters(handler, self)
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: nn.Module | None = None, optimizer: Any = None,
+                       train_dataloader: Any = None, **kwargs):
+        if optimizer is None:
+            raise RuntimeError(
+                "TempBalanceCallback found no optimizer at on_train_begin; DeepSpeed builds its optimizer "
+                "inside its engine, which TempBalance cannot reach. Train with DDP (accelerate launch / "
+                "torchrun) or on one device.")
+        self.engine = engine = TempBalance(model, self.config)
+        if self.config.interval == "epoch":
+            engine.steps_per_epoch = _steps_per_epoch(args, train_dataloader)
+        saved = self._saved_engine_state(state)
+        if saved is not None:
+            engine.load_state_dict(saved)
+            engine.steps_per_epoch = engine.steps_per_epoch or _steps_per_epoch(args, train_dataloader)
+        engine.num_steps = state.global_step
+        engine.attach(optimizer)
+        self._warn_if_too_few_updates(state)
+        if self.history_file and state.is_world_process_zero:
+            path = os.path.join(args.output_dir, self.history_file)
+            # Rewrite on every start: a resumed run continues from the checkpoint's history.
+            if os.path.exists(path):
+                os.remove(path)
+            append_history(engine.history, path)
+        self._written = len(engine.history)
+
+    def _saved_engine_state(self, state: TrainerState) -> dict | None:
+        """Engine state to resume from: restored attribute, else the checkpoint's trainer state."""
+        if self.engine_state is not None:
+            saved, self.engine_state = self.engine_state, None
+            return saved
+        if state.global_step > 0:
+            stored = (state.stateful_callbacks or {}).get(type(self).__name__)
+            if isinstance(stored, list):
+                stored = stored[0] if stored else None
+            if isinstance(stored, dict):
+                return stored.get("attributes", {}).get("engine_state")
+        return None
+
+    def _warn_if_too_few_updates(self, state: TrainerState) -> None:
+        engine, cfg = self.engine, self.config
+        interval = engine.interval
+        if interval is None or not state.max_steps or not cfg.balance_lr:
+            return
+        remaining = state.max_steps - max(cfg.start_step, state.global_step)
+        updates = max(0, math.ceil(remaining / interval))
+        if updates < 2:
+            suggestion = max(1, (state.max_steps - cfg.start_step) // 10)
+            warnings.warn(
+                f"TempBalance will update its multipliers only {updates} time(s) in this run "
+                f"(interval={cfg.interval!r} = {interval} steps, max_steps={state.max_steps}); "
+                f"pass interval={suggestion} (every {suggestion} optimizer steps) for a short run.",
+                stacklevel=2)
+
+    # ------------------------------------------------------------------ training loop
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # Only when the epoch length is unknown (an IterableDataset): otherwise the step clock
+        # decides, which keeps a resumed run (that re-enters its epoch mid-way) identical.
+        if self.engine is not None and self.engine.interval is None:
+            self.engine.request_update()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.engine is not None:
+            self.engine.num_steps = state.global_step
+            self._epoch = state.epoch or 0.0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        engine = self.engine
+        if engine is None or len(engine.history) == self._written:
+            return
+        rows = engine.history[self._written:]
+        for row in rows:
+            row.setdefault("epoch", self._epoch)
+        if self.history_file and state.is_world_process_zero:
+            append_history(rows, os.path.join(args.output_dir, self.history_file))
+        self._written = len(engine.history)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.engine is not None:
+            self.engine.detach()
+
+    # ------------------------------------------------------------------ logging
+    def log_values(self) -> dict[str, float]:
+        """The ``tempbalance/...`` values for the Trainer's logs (empty before the first update)."""
+        engine = self.engine
+        if engine is None or engine.num_updates == 0:
+            return {}
+        values = {LOG_PREFIX + key: value for key, value in engine.summary().items()}
+        if self.config.log_layers:
+            metric = self.config.metric
+            for name in engine.plan.names:
+                value = engine.metrics[name]
+                if math.isfinite(value):
+                    values[f"{LOG_PREFIX}{metric}/{name}"] = value
+                values[f"{LOG_PREFIX}multiplier/{name}"] = engine.multipliers[name]
+        return values
+
+    def on_log(self, args, state, control, logs: dict | None = None, **kwargs):
+        if logs is not None and "loss" in logs:  # training logs only, not eval/final summaries
+            logs.update(self.log_values())
+
+
+def place_before_reporters(handler: CallbackHandler, callback: TrainerCallback) -> None:
+    """Move ``callback`` in front of the reporting integrations (TensorBoard, W&B, ...).
+
+    The Trainer appends user callbacks after its reporting integrations, and keys a callback adds
+    to ``logs`` in ``on_log`` only reach callbacks that run after it (reference-notes §4). Moving a
+    callback to an earlier slot while an event iterates the list neither skips nor repeats any
+    callback of that event (only already-called entries shift).
+    """
+    callbacks = handler.callbacks
+    if callback not in callbacks:
+        return
+    callbacks.remove(callback)
+    first = next((i for i, cb in enumerate(callbacks)
+                  if type(cb).__module__.startswith("transformers.integrations")), len(callbacks))
+    callbacks.insert(first, callback)
+
+
+def _labelled_groups(model: nn.Module, args: TrainingArguments, config: TempBalanceConfig) -> list[dict]:
+    """One group per (balanced layer, decay/no-decay) with the Trainer's own decay split."""
+    # get_decay_parameter_names does not use the Trainer instance; calling it unbound keeps the
+    # Trainer's exact rule (bias, LayerNorm, *norm names) without copying it.
+    decay = Trainer.get_decay_parameter_names(None, model)
+    return TempBalance(model, config).param_groups(weight_decay=args.weight_decay, decay_names=decay)
+
+
+def tempbalance_optimizer_cls_and_kwargs(
+    model: nn.Module, args: TrainingArguments, config: TempBalanceConfig | None = None
+) -> tuple[type, dict[str, Any]]:
+    """``optimizer_cls_and_kwargs`` for ``Trainer`` with one labelled group per balanced layer.
+
+    Keeps the optimizer chosen by ``args.optim`` and the Trainer's weight-decay split::
+
+        trainer = Trainer(model, args, ..., callbacks=[TempBalanceCallback(cfg)],
+                          optimizer_cls_and_kwargs=tempbalance_optimizer_cls_and_kwargs(model, args, cfg))
+
+    Use the same ``config`` for the callback so both see the same layers.
+    """
+    config = config if config is not None else TempBalanceConfig()
+    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    return optimizer_cls, {**optimizer_kwargs, "params": _labelled_groups(model, args, config)}
+
+
+class TempBalanceTrainer(Trainer):
+    """A ``Trainer`` whose ``create_optimizer`` builds one labelled group per balanced layer.
+
+    Same optimizer (``args.optim``, or ``optimizer_cls_and_kwargs``) and weight-decay split as the
+    Trainer. Adds a :class:`TempBalanceCallback` if none was passed.
+
+    Args:
+        tempbalance_config: config for the callback it adds (ignored if one was passed).
+    """
+
+    def __init__(self, *args: Any, tempbalance_config: TempBalanceConfig | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.tempbalance is None:
+            callback = TempBalanceCallback(tempbalance_config)
+            self.add_callback(callback)
+            place_before_reporters(self.callback_handler, callback)
+
+    @property
+    def tempbalance(self) -> TempBalanceCallback | None:
+        """The TempBalance callback (looked up each time: resuming may replace it)."""
+        return next((cb for cb in self.callback_handler.callbacks
+                     if isinstance(cb, TempBalanceCallback)), None)
+
+    def create_optimizer(self, model: nn.Module | None = None):
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            if self.optimizer_cls_and_kwargs is not None:
+                optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+            else:
+                optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k not in ("params", "model")}
+            groups = _labelled_groups(opt_model, self.args, self.tempbalance.config)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
