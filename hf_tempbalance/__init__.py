@@ -22,7 +22,14 @@ _LAZY = {
     "tempbalance_optimizer_cls_and_kwargs": "hf_tempbalance.integrations.transformers",
 }
 
-__all__ = ["TempBalance", "TempBalanceConfig", "SpectralNormRegularizer", *_LAZY]
+__all__ = [
+    "TempBalance",
+    "TempBalanceConfig",
+    "SpectralNormRegularizer",
+    "TempBalanceCallback",
+    "TempBalanceTrainer",
+    "tempbalance_optimizer_cls_and_kwargs",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .integrations.transformers import (
