@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -74,9 +75,10 @@ class TempBalanceConfig:
     log_layers: bool = True
 
     def __post_init__(self) -> None:
-        self.layer_types = tuple(self.layer_types)
-        self.include = tuple(self.include)
-        self.exclude = tuple(self.exclude)
+        # A lone string means one item (tuple("conv") would be four one-letter regexes).
+        for name in ("layer_types", "include", "exclude"):
+            value = getattr(self, name)
+            setattr(self, name, (value,) if isinstance(value, str) else tuple(value))
         self.validate()
 
     def validate(self) -> None:
@@ -86,8 +88,8 @@ class TempBalanceConfig:
 
         if not (isinstance(self.s1, (int, float)) and self.s1 > 0):
             bad("s1", "must be a positive number (the smallest LR multiplier, paper: 0.5)")
-        if not (isinstance(self.s2, (int, float)) and self.s2 > self.s1):
-            bad("s2", f"must be larger than s1={self.s1} (paper: s1=0.5, s2=1.5)")
+        if not (isinstance(self.s2, (int, float)) and self.s1 < self.s2 < float("inf")):
+            bad("s2", f"must be a finite number larger than s1={self.s1} (paper: s1=0.5, s2=1.5)")
         if self.metric not in available_metrics():
             bad("metric", f"unknown metric; choose from {available_metrics()} or register_metric() one")
         if self.xmin not in XMIN_METHODS:
@@ -103,6 +105,12 @@ class TempBalanceConfig:
         unknown = [t for t in self.layer_types if t not in LAYER_TYPES]
         if unknown or not self.layer_types:
             bad("layer_types", f"must be a non-empty subset of {LAYER_TYPES}")
+        for name in ("include", "exclude"):
+            for pattern in getattr(self, name):
+                try:
+                    re.compile(pattern)
+                except (re.error, TypeError) as err:
+                    bad(name, f"{pattern!r} is not a valid regular expression ({err})")
         if not (isinstance(self.min_eigs, int) and self.min_eigs >= 0):
             bad("min_eigs", "must be a non-negative integer")
         if self.norm_follow not in NORM_FOLLOW:
