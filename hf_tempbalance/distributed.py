@@ -1,26 +1,55 @@
-"""Sharing the ESD work across processes (DDP under ``accelerate launch`` or ``torchrun``).
+"""Sharing the ESD work across processes (DDP, FSDP2 under ``accelerate launch`` or ``torchrun``).
 
-Each rank computes the metrics of its share of the layers, balanced by estimated cost (not by
-count), then one ``all_reduce`` of a float64 vector, where every rank wrote only its own entries
-and zeros elsewhere, gives every rank the same, bit-identical values (``x + 0 == x`` exactly).
+Every rank holds the same balanced layers in the same order. An update then:
+
+1. splits the layers into ``world_size`` bins of about equal estimated cost (:func:`layer_cost`,
+   greedy longest-processing-time, :func:`partition_by_cost`); the split depends only on the
+   layer shapes, so every rank computes the same one without talking to the others;
+2. computes the metrics of its own bin only;
+3. runs ONE ``all_reduce`` (sum) of a ``(layers, values)`` float64 buffer in which each rank wrote
+   its own rows and zeros elsewhere. Each entry is then ``x + 0 + ... + 0``, which is exactly
+   ``x`` in IEEE arithmetic (NaN and ±inf included) whatever the reduction order, so every rank
+   ends up with bit-identical values and hence bit-identical multipliers.
 
 A single process never touches ``torch.distributed`` beyond asking whether it is initialised.
-Sharded weights (FSDP, DeepSpeed ZeRO-3) are refused: their local tensors are shards, and the
-spectrum of a shard is not the spectrum of the layer.
+
+Sharded weights. The spectrum of a shard is not the spectrum of the layer, so a local shard is
+never analysed:
+
+* FSDP2 (``fully_shard``; Accelerate ``fsdp_version: 2``) and other DTensor parameters: each
+  layer is gathered with ``DTensor.full_tensor()`` (a collective every rank joins, one layer at a
+  time, in the same order); the owner keeps the full weight for its computation, the others drop
+  it at once. Extra memory on a rank: the full weights of its own bin (about 1/world of the
+  balanced weights) plus one layer.
+* FSDP1 (``FullyShardedDataParallel``) replaces the weights by views into flattened, sharded
+  ``FlatParameter`` s, and DeepSpeed ZeRO-3 by empty placeholders (``ds_id``/``ds_numel``): both
+  are refused by :func:`check_unsharded` with an error naming what is supported.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.utils import parametrize
 
-from .spectral.matrices import weight_matrices
+from .spectral.matrices import is_transposed_conv1d
 
-__all__ = ["world", "layer_cost", "partition_by_cost", "sharded_metrics", "check_unsharded"]
+__all__ = ["world", "is_main_process", "declared_shape", "layer_cost", "partition_by_cost",
+           "check_unsharded", "sharded_metrics", "collective_device", "UNSUPPORTED_SHARDING"]
+
+#: What is and is not supported, quoted by every refusal.
+UNSUPPORTED_SHARDING = (
+    "Supported: one device; DDP (accelerate launch / torchrun); FSDP2 (torch fully_shard; "
+    "Accelerate `fsdp_version: 2`, Trainer `fsdp_config={'version': 2}`); DeepSpeed ZeRO-1/2 "
+    "(weights stay whole on every rank). Not supported: FSDP1 (FullyShardedDataParallel: weights "
+    "become views into flattened shards mixing layers) and DeepSpeed ZeRO-3 (weights become empty "
+    "placeholders); switch to FSDP2 or ZeRO-2."
+)
 
 
 def world() -> tuple[int, int]:
@@ -30,60 +59,190 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def is_main_process() -> bool:
+    """True on rank 0 and in a single process (where printing and file writing happen)."""
+    return world()[0] == 0
+
+
+def declared_shape(module: nn.Module) -> tuple[int, ...] | None:
+    """Full weight shape implied by the module's own attributes (None for unknown kinds).
+
+    Independent of the weight tensor, so it tells a whole weight from a local shard.
+    """
+    if is_transposed_conv1d(module):
+        nx = getattr(module, "nx", None)
+        return (nx, module.nf) if nx is not None else None
+    if isinstance(module, nn.Linear):
+        return (module.out_features, module.in_features)
+    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        return (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
+    if isinstance(module, nn.Embedding):
+        return (module.num_embeddings, module.embedding_dim)
+    return None
+
+
+def _full_shape(module: nn.Module) -> tuple[int, ...]:
+    shape = declared_shape(module)
+    return shape if shape is not None else tuple(module.weight.shape)
+
+
 def layer_cost(module: nn.Module | torch.Tensor) -> float:
-    """Flops of the Gram + eigvalsh path for one layer: k · (2·r·d² + 4/3·d³), d = min side."""
-    mats = weight_matrices(module)
-    k, m, n = mats.shape
-    d, r = min(m, n), max(m, n)
+    """Estimated flops of one layer's ESD: ``k · (2·r·d² + 4/3·d³)``.
+
+    ``k`` matrices (kernel positions) of ``r x d`` with ``d = min side``: the Gram product costs
+    ``2·r·d²``, the symmetric eigensolver about ``4/3·d³``. Computed from the full (declared) shape,
+    so sharded weights cost the same on every rank.
+    """
+    shape = tuple(module.shape) if isinstance(module, torch.Tensor) else _full_shape(module)
+    if len(shape) < 2:
+        return 0.0
+    k = math.prod(shape[2:])
+    d, r = min(shape[0], shape[1]), max(shape[0], shape[1])
     return k * (2.0 * r * d * d + 4.0 / 3.0 * d ** 3)
 
 
 def partition_by_cost(costs: Sequence[float], parts: int) -> list[list[int]]:
-    """Greedy longest-processing-time split of item indices into ``parts`` balanced bins.
+    """Greedy longest-processing-time split of item indices into ``parts`` bins of similar cost.
 
-    Deterministic (ties broken by index), so every rank computes the same partition.
+    Items go, most expensive first, to the bin with the least cost so far; the largest bin is at
+    most ``4/3 - 1/(3·parts)`` times the best possible (Graham 1969). Deterministic (ties broken
+    by index, then by bin number), so every rank computes the same partition. Returns each bin's
+    indices, ascending.
     """
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1, got {parts}")
     bins: list[list[int]] = [[] for _ in range(parts)]
     heap = [(0.0, b) for b in range(parts)]
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         load, b = heapq.heappop(heap)
         bins[b].append(i)
-        heapq.heappush(heap, (load + costs[i], b))
+        heapq.heappush(heap, (load + float(costs[i]), b))
     return [sorted(b) for b in bins]
 
 
-def check_unsharded(modules: Sequence[nn.Module]) -> None:
-    """Refuse weights that are shards (FSDP / ZeRO-3) with an error naming what is supported."""
-    for module in modules:
-        weight = module.weight
-        cls = type(weight).__name__
-        if cls in ("DTensor", "FlatParameter") or hasattr(weight, "ds_id") or hasattr(weight, "_sharded_size") \
-                or (weight.numel() == 0 and hasattr(module, "weight")):
-            raise RuntimeError(
-                f"{type(module).__name__} weights are sharded ({cls}); TempBalance needs whole weight "
-                "matrices. Supported: single device, DDP (accelerate launch / torchrun, multi-GPU), "
-                "DeepSpeed ZeRO-1/2. Not supported: FSDP and DeepSpeed ZeRO-3 (use ZeRO-2 or DDP)."
-            )
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without DTensor
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def _refuse(what: str, module_name: str) -> RuntimeError:
+    return RuntimeError(f"TempBalance cannot analyse {module_name}: {what}. {UNSUPPORTED_SHARDING}")
+
+
+def check_unsharded(modules: Sequence[nn.Module] | Mapping[str, nn.Module],
+                    model: nn.Module | None = None, *, allow_dtensor: bool = True) -> None:
+    """Refuse weights whose local tensor is a shard that cannot be gathered here.
+
+    Raises ``RuntimeError`` (naming what is supported) for DeepSpeed ZeRO-3 parameters
+    (``ds_id``/``ds_numel``), FSDP1 ``FlatParameter`` s and the views FSDP1 leaves in their place,
+    and any weight whose shape differs from the shape its module declares. DTensor (FSDP2)
+    weights pass when ``allow_dtensor`` (they are gathered by :func:`sharded_metrics`).
+    ``modules`` may map layer names to modules (the names then appear in the error). ``model``, if
+    given, is scanned too, so a model wrapped before discovery (where every layer looks too small)
+    is refused instead of silently balancing nothing.
+    """
+    named = (list(modules.items()) if isinstance(modules, Mapping)
+             else [(type(m).__name__, m) for m in modules])
+    if model is not None:
+        for pname, param in model.named_parameters():
+            if hasattr(param, "ds_id") or hasattr(param, "ds_numel"):
+                raise _refuse("its parameters are partitioned by DeepSpeed ZeRO-3", pname)
+            if type(param).__name__ == "FlatParameter":
+                raise _refuse("its parameters are flattened and sharded by FSDP1", pname)
+    for label, module in named:
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            continue
+        if hasattr(weight, "ds_id") or hasattr(weight, "ds_numel"):
+            raise _refuse("its weight is partitioned by DeepSpeed ZeRO-3", label)
+        registered = module._parameters.get("weight") is weight
+        parametrized = parametrize.is_parametrized(module, "weight")
+        if type(weight).__name__ == "FlatParameter" or getattr(weight, "_fsdp_flattened", False) \
+                or not (registered or parametrized):
+            raise _refuse("its weight is a view into an FSDP1 FlatParameter shard", label)
+        if _is_dtensor(weight):
+            if not allow_dtensor:
+                raise RuntimeError(
+                    f"{label} has a DTensor (FSDP2/tensor-parallel) weight, which spectral-norm "
+                    "regularisation (snr_strength > 0) does not support; run SNR under DDP.")
+            continue
+        expected = declared_shape(module)
+        if expected is not None and tuple(weight.shape) != expected:
+            raise _refuse(f"its weight has local shape {tuple(weight.shape)} but the layer is "
+                          f"{expected}, so it is a shard", label)
+
+
+def collective_device(hint: torch.device) -> torch.device:
+    """Device for a tensor handed to a collective of the default process group.
+
+    gloo/mpi reduce CPU tensors; nccl (and the other accelerator backends) only device tensors;
+    a multi-device backend such as ``cpu:gloo,cuda:nccl`` takes either, so ``hint`` (where the
+    weights live) is kept.
+    """
+    backend = str(dist.get_backend()).lower()
+    if backend in ("gloo", "mpi"):
+        return torch.device("cpu")
+    if ":" in backend:
+        return hint
+    if hint.type != "cpu":
+        return hint
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and accelerator.current_accelerator() is not None:
+        return torch.device(accelerator.current_accelerator().type, accelerator.current_device_index())
+    return hint
+
+
+def _gathered(module: nn.Module, keep: bool) -> nn.Module | torch.Tensor | None:
+    """The whole weight of a DTensor layer (collective: every rank calls it), else the module."""
+    weight = module.weight
+    if not _is_dtensor(weight):
+        return module if keep else None
+    full = weight.detach().full_tensor()
+    if not keep:
+        return None
+    # As weight_matrices(module) would see it: GPT-2 Conv1D stores (in, out).
+    return full.t() if is_transposed_conv1d(module) else full
 
 
 def sharded_metrics(
     modules: Sequence[nn.Module],
-    compute: Callable[[Sequence[nn.Module]], list[list[float]]],
+    compute: Callable[[Sequence[nn.Module | torch.Tensor]], list[list[float]]],
     num_values: int,
-    device: torch.device,
+    device: torch.device | None = None,
 ) -> tuple[list[list[float]], list[int]]:
-    """Compute ``compute(subset)`` on this rank's share and gather all rows on every rank.
+    """Compute ``compute(subset)`` on this rank's share and give every rank all rows.
 
-    Returns ``(rows, mine)``: ``rows[i]`` the ``num_values`` floats of layer ``i``, and the
-    indices this rank computed itself.
+    Args:
+        modules: the balanced layers, identical (and in the same order) on every rank.
+        compute: maps a list of layers (modules, or whole weight tensors for DTensor layers)
+            to one row of ``num_values`` floats per layer.
+        num_values: floats per layer.
+        device: where the weights live (a hint for the collective's device; default: the first
+            layer's weight device).
+
+    Returns:
+        ``(rows, mine)``: ``rows[i]`` the floats of layer ``i`` (bit-identical on every rank)
+        and the indices this rank computed itself (all of them in a single process).
     """
     rank, size = world()
     if size == 1:
-        return compute(modules), list(range(len(modules)))
-    mine = partition_by_cost([layer_cost(m) for m in modules], size)[rank]
-    buffer = torch.zeros(len(modules), num_values, dtype=torch.float64, device=device)
+        mine = list(range(len(modules)))
+    else:
+        mine = partition_by_cost([layer_cost(m) for m in modules], size)[rank]
+    owned = set(mine)
+    inputs = [_gathered(m, i in owned) for i, m in enumerate(modules)]
+    local = compute([inputs[i] for i in mine]) if mine else []
+    if size == 1:
+        return [list(map(float, row)) for row in local], mine
+    hint = device if device is not None else (modules[0].weight.device if modules else torch.device("cpu"))
+    buffer = torch.zeros(len(modules), num_values, dtype=torch.float64)
     if mine:
-        local = compute([modules[i] for i in mine])
-        buffer[mine] = torch.tensor(local, dtype=torch.float64, device=device)
+        buffer[mine] = torch.tensor(local, dtype=torch.float64).reshape(len(mine), num_values)
+    buffer = buffer.to(collective_device(hint))
     dist.all_reduce(buffer)
     return buffer.cpu().tolist(), mine

@@ -34,7 +34,7 @@ from torch import nn
 
 from .assign import assign_multipliers, valid_for
 from .config import TempBalanceConfig
-from .distributed import check_unsharded, sharded_metrics
+from .distributed import check_unsharded, is_main_process, sharded_metrics
 from .groups import DEFAULT_NO_DECAY, GROUP_KEY, StepLayout, build_param_groups, unwrap_optimizer
 from .layers import LayerPlan, discover_layers
 from .snr import SpectralNormRegularizer
@@ -74,7 +74,7 @@ class TempBalance:
         self.steps_per_epoch = steps_per_epoch
         self.model = _unwrap_model(model)
         self.plan: LayerPlan = discover_layers(self.model, self.config)
-        if not self.plan.layers:
+        if not self.plan.layers and is_main_process():
             warnings.warn("TempBalance found no layer to balance (see .plan.skipped); every LR stays "
                           "at the base schedule.", stacklevel=2)
         self.multipliers: dict[str, float] = {name: 1.0 for name in self.plan.names}
@@ -107,6 +107,9 @@ class TempBalance:
         groups are split by layer for the duration of each step.
         """
         inner = unwrap_optimizer(optimizer)
+        # Refuse FSDP1 / ZeRO-3 shards here, at the start of training, not at the first update.
+        check_unsharded({layer.name: layer.module for layer in self.plan.layers}, self.model,
+                        allow_dtensor=self.snr is None)
         named = dict(self.model.named_parameters())
         owner = {id(named[p]): layer.name for layer in self.plan.layers for p in layer.param_names}
         labels = {g.get(GROUP_KEY) for g in inner.param_groups} - {None}
@@ -186,7 +189,8 @@ class TempBalance:
         modules = [layer.module for layer in self.plan.layers]
         if not modules:
             return []
-        check_unsharded(modules)
+        check_unsharded({layer.name: layer.module for layer in self.plan.layers},
+                        allow_dtensor=self.snr is None)
         cfg = self.config
 
         def compute(subset):
@@ -215,7 +219,7 @@ class TempBalance:
             for name, m in zip([n for n, good in zip(names, ok) if good], new):
                 self.multipliers[name] = float(m)
         for name, good in zip(names, ok):
-            if not good and name not in self._warned:
+            if not good and name not in self._warned and is_main_process():
                 self._warned.add(name)
                 warnings.warn(
                     f"TempBalance: layer {name!r} has no valid {cfg.metric} (NaN/Inf or zero weights, "

@@ -38,14 +38,20 @@ DEFAULT_NO_DECAY = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", 
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The innermost ``torch.optim.Optimizer`` behind wrappers such as Accelerate's."""
-    seen = 0
-    while not type(optimizer).__module__.startswith("torch.optim") and isinstance(
-        getattr(optimizer, "optimizer", None), torch.optim.Optimizer
-    ) and seen < 8:
-        optimizer = optimizer.optimizer
-        seen += 1
-    return optimizer
+    """The innermost ``torch.optim.Optimizer`` behind wrappers such as Accelerate's.
+
+    The ``.optimizer`` chain is followed through wrappers that are no torch optimizer themselves
+    (DeepSpeed's ZeRO-1/2 optimizer sits between Accelerate's wrapper and the torch optimizer
+    whose ``step()`` it calls).
+    """
+    found, current = optimizer, optimizer
+    for _ in range(8):
+        current = getattr(current, "optimizer", None)
+        if current is None:
+            break
+        if isinstance(current, torch.optim.Optimizer):
+            found = current
+    return found
 
 
 def _decay_rule(no_decay: Iterable[str], decay_names: Collection[str] | None):
