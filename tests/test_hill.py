@@ -7,29 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from expected import numpy_hill
 from torch import nn
 
-from hf_tempbalance.spectral import DEFAULT_RTOL, esd, hill_alpha, hill_fit
+from hf_tempbalance.spectral import esd, hill_alpha, hill_fit
 from hf_tempbalance.spectral.hill_reference import hill_alpha_reference
-
-
-def numpy_hill(eigs, include_xmin: bool = True, rtol: float = DEFAULT_RTOL) -> float:
-    """Eq. (3) with k = n/2 on the eigenvalues above rtol·λ_max.
-
-    Sorted ascending λ_1..λ_N (1-based), xmin index i = floor(N/2) (0-based), so
-    λ_min = λ_(i+1) and the tail has N - i points. Paper form:
-    alpha = 1 + k / Σ_{j=1..k} ln(λ_(N-j+1) / λ_min) over the k points above λ_min (textbook),
-    while the authors put the tail size N - i (λ_min included) in the numerator.
-    """
-    lam = np.sort(np.asarray(eigs, dtype=np.float64))
-    lam = lam[lam > rtol * lam[-1]]
-    big_n = len(lam)
-    i = big_n // 2
-    lam_min = lam[i]
-    above = lam[i + 1:]  # k = N - i - 1 points strictly above λ_min
-    log_sum = float(np.sum(np.log(above / lam_min)))
-    numerator = (big_n - i) if include_xmin else len(above)
-    return 1.0 + numerator / log_sum
 
 
 def random_spectra():

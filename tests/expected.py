@@ -1,0 +1,31 @@
+"""Independent expectations shared by the tests (plain NumPy, written from the paper's formulas)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hf_tempbalance.spectral import DEFAULT_RTOL
+
+
+def numpy_hill(eigs, include_xmin: bool = True, rtol: float = DEFAULT_RTOL) -> float:
+    """PL_Alpha_Hill, Eq. (3) with k = n/2, on the eigenvalues above ``rtol·λ_max``.
+
+    Sorted ascending λ_1..λ_N (1-based), xmin index i = floor(N/2) (0-based), so
+    λ_min = λ_(i+1) and the tail has N - i points. Paper form:
+    alpha = 1 + k / Σ_{j=1..k} ln(λ_(N-j+1) / λ_min) over the k points above λ_min (textbook),
+    while the authors put the tail size N - i (λ_min included) in the numerator.
+    Returns nan with fewer than 2 eigenvalues left.
+    """
+    lam = np.sort(np.asarray(eigs, dtype=np.float64).ravel())
+    if lam.size == 0:
+        return float("nan")
+    lam = lam[lam > rtol * lam[-1]]
+    big_n = len(lam)
+    if big_n < 2:
+        return float("nan")
+    i = big_n // 2
+    lam_min = lam[i]
+    above = lam[i + 1:]  # k = N - i - 1 points strictly above λ_min
+    log_sum = float(np.sum(np.log(above / lam_min)))
+    numerator = (big_n - i) if include_xmin else len(above)
+    return 1.0 + numerator / log_sum
