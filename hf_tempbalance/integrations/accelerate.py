@@ -1,0 +1,112 @@
+"""Accelerate glue for custom training loops (DDP, FSDP2, one device)::
+
+    accelerator = Accelerator()
+    tb = TempBalance(model, TempBalanceConfig(interval=100))
+    optimizer = torch.optim.SGD(tb.param_groups(lr=0.1, weight_decay=5e-4), momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    tempbalance = AcceleratedTempBalance(tb, accelerator, output_dir="run")
+    tempbalance.attach(optimizer, loader)       # checks the launch, then tb.attach(optimizer)
+    for batch in loader:
+        ...; accelerator.backward(loss); optimizer.step(); scheduler.step(); optimizer.zero_grad()
+        accelerator.log(tempbalance.log())      # new history rows -> file, on the main process
+
+What the prepared objects do to the LRs. ``AcceleratedOptimizer.step()`` calls the wrapped torch
+optimizer only on real optimizer steps (gradient accumulation, skipped fp16 steps), and the
+engine's hooks sit on that torch optimizer, so its clock counts real steps. ``AcceleratedScheduler``
+steps the wrapped scheduler ``num_processes`` times per optimizer step unless
+``Accelerator(split_batches=True)`` (each step consumed ``num_processes`` batches). The engine
+multiplies whatever the scheduler left in a group, so the LR layer ``i`` uses at optimizer step
+``t`` is ``scheduler_lr(k) · m_i(t)`` with ``k = num_processes · t`` scheduler steps
+(``k = t`` with ``split_batches=True``): size the schedule in single-process steps, as Accelerate
+expects, while ``TempBalanceConfig.interval`` always counts optimizer steps.
+
+Every rank must run the same optimizer steps (so every rank joins each update's collective);
+every rank then applies bit-identical multipliers (see :mod:`hf_tempbalance.distributed`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from ..distributed import UNSUPPORTED_SHARDING, world
+from ..engine import TempBalance
+from ..history import HISTORY_FILE, append_history
+
+__all__ = ["AcceleratedTempBalance", "check_accelerator"]
+
+LOG_PREFIX = "tempbalance/"
+
+
+def check_accelerator(accelerator: Any) -> None:
+    """Refuse set-ups where TempBalance would be silently wrong, naming the fix.
+
+    * Several processes launched but the ``Accelerator`` is not distributed (e.g. ``accelerate
+      launch --multi_gpu`` on a machine without GPUs and without ``ACCELERATE_USE_CPU=true``):
+      every process trains its own model, and one update would mix their layers.
+    * FSDP1 and DeepSpeed ZeRO-3, whose local weights are shards (see
+      :data:`hf_tempbalance.distributed.UNSUPPORTED_SHARDING`).
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    processes = max(launched, world()[1])
+    if processes > 1 and accelerator.num_processes == 1:
+        raise RuntimeError(
+            f"{processes} processes were launched but the Accelerator runs undistributed "
+            f"(num_processes=1, distributed_type={accelerator.distributed_type}), so every process "
+            "trains its own copy of the model. On CPU launch with ACCELERATE_USE_CPU=true (or "
+            "Accelerator(cpu=True)); on GPUs check that `accelerate launch` sees them.")
+    state = accelerator.state
+    fsdp = getattr(state, "fsdp_plugin", None)
+    if fsdp is not None and getattr(fsdp, "fsdp_version", 1) != 2:
+        raise RuntimeError(f"TempBalance does not support FSDP1. {UNSUPPORTED_SHARDING}")
+    deepspeed = getattr(state, "deepspeed_plugin", None)
+    if deepspeed is not None and getattr(deepspeed, "zero_stage", None) == 3:
+        raise RuntimeError(f"TempBalance does not support DeepSpeed ZeRO-3. {UNSUPPORTED_SHARDING}")
+
+
+class AcceleratedTempBalance:
+    """A :class:`TempBalance` engine in a custom Accelerate loop (see the module docstring).
+
+    Args:
+        tb: the engine, built on the model before ``accelerator.prepare``.
+        accelerator: the ``Accelerator``.
+        output_dir: where the main process appends ``tempbalance_history.jsonl`` (None: no file).
+        history_file: the history file's name.
+    """
+
+    def __init__(self, tb: TempBalance, accelerator: Any, output_dir: str | os.PathLike | None = None,
+                 *, history_file: str = HISTORY_FILE) -> None:
+        self.tb = tb
+        self.accelerator = accelerator
+        self.path = os.path.join(output_dir, history_file) if output_dir is not None else None
+        self._written = len(tb.history)
+
+    def attach(self, optimizer: Any, train_dataloader: Any = None) -> TempBalance:
+        """Check the set-up, then attach the engine to the prepared optimizer.
+
+        ``train_dataloader`` (the prepared one) gives ``steps_per_epoch`` for ``interval="epoch"``:
+        ``ceil(len(loader) / gradient_accumulation_steps)`` optimizer steps per epoch. Without it,
+        call ``tb.request_update()`` at the start of every epoch, on every process.
+        """
+        check_accelerator(self.accelerator)
+        tb = self.tb
+        if tb.config.interval == "epoch" and tb.steps_per_epoch is None and train_dataloader is not None:
+            accumulation = max(1, int(getattr(self.accelerator, "gradient_accumulation_steps", 1)))
+            tb.steps_per_epoch = max(1, math.ceil(len(train_dataloader) / accumulation))
+        return tb.attach(optimizer)
+
+    def log(self) -> dict[str, float]:
+        """Append the history rows of updates since the last call (main process only).
+
+        Returns the ``tempbalance/...`` summary values (empty before the first update), ready for
+        ``accelerator.log`` (which itself logs on the main process only).
+        """
+        rows = self.tb.history[self._written:]
+        self._written = len(self.tb.history)
+        if rows and self.path is not None and self.accelerator.is_main_process:
+            append_history(rows, self.path)
+        if self.tb.num_updates == 0:
+            return {}
+        return {LOG_PREFIX + key: value for key, value in self.tb.summary().items()}
