@@ -1,0 +1,433 @@
+#!/usr/bin/env python
+"""Word-level language modelling on Penn Treebank with a tensorized transformer and TempBalance.
+
+The TempBalance paper's Appendix G experiment (a 3-layer "tensorized transformer core-1" trained
+with Adam, cosine annealing (``--method cal``) vs TempBalance (``--method tb``)), as a plain
+Accelerate training loop around the framework-free engine::
+
+    tb = TempBalance(model, TempBalanceConfig(s1=1.0, s2=2.0, interval=10, ...))
+    optimizer = torch.optim.Adam(tb.param_groups(lr=...), eps=1e-8)
+    tb.attach(optimizer)
+
+Runs single-process (``python recipes/ptb_lm.py ...``) or multi-process
+(``accelerate launch recipes/ptb_lm.py ...``); every ``TrainingArguments`` flag is accepted, with
+the paper's settings as defaults. Data: ``--data_dir`` with ``ptb.train.txt``, ``ptb.valid.txt``
+and ``ptb.test.txt`` (Mikolov's files, or ``recipes/data/make_shakespeare_ptb.py``'s offline
+corpus), else PTB from the Hugging Face Hub.
+
+Protocol: the training text is cut into ``per_device_train_batch_size x processes`` contiguous
+streams (paper: 120) read in BPTT windows of 32 tokens, each token predicting the next one; no
+memory between windows. Valid/test use ``--eval_streams`` streams (authors: 10), every token is
+scored once, and the score is the per-token negative log-likelihood (nats), PPL = exp(NLL). The
+checkpoint with the best valid PPL (evaluated every ``--eval_steps``) is scored on test.
+Outputs in ``--output_dir``: ``results.json``, ``tempbalance_history.jsonl`` (``--method tb``),
+``vocab.txt``, ``best/`` (the best model, ``from_pretrained``-loadable) and ``checkpoint-N/``
+(resume with ``--resume_from_checkpoint``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, SchedulerType, TrainingArguments, get_scheduler
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # recipes/ (models/) when imported
+
+from models.tensorized_transformer import (  # noqa: E402
+    TensorizedTransformerConfig,
+    TensorizedTransformerForCausalLM,
+)
+
+from hf_tempbalance import TempBalance, TempBalanceConfig  # noqa: E402
+from hf_tempbalance.history import HISTORY_FILE, append_history  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+EOS = "<eos>"
+UNK = "<unk>"
+#: Layers the authors keep at the base LR: the position projection (40 eigenvalues) and the output
+#: layer tied to the embedding. Everything else TempBalance sees is the 4 Linears of each block.
+AUTHORS_EXCLUDE = (r"\.r_net$", r"^lm_head$")
+
+
+# ------------------------------------------------------------------------------------ arguments
+@dataclass
+class ModelArguments:
+    d_model: int = field(default=256, metadata={"help": "Embedding and block width."})
+    num_layers: int = field(default=3, metadata={"help": "Number of blocks."})
+    num_cores: int = field(default=1, metadata={"help": "Cores per attention (1 = core-1, 2 = core-2)."})
+    d_head: int = field(default=40, metadata={"help": "Rank R of each core."})
+    d_inner: int = field(default=2100, metadata={"help": "FFN hidden width."})
+    dropout: float = field(default=0.3, metadata={"help": "Dropout everywhere (paper: 0.3)."})
+    causal: bool = field(default=True, metadata={
+        "help": "Causal model (default). --no_causal builds the published model that reads later "
+                "tokens of its window; only for comparing with published numbers."})
+    contraction: str = field(default="auto", metadata={"help": "auto | dense | factored."})
+
+
+@dataclass
+class DataArguments:
+    data_dir: str | None = field(default=None, metadata={
+        "help": "Directory with ptb.train.txt, ptb.valid.txt, ptb.test.txt (one sentence a line)."})
+    dataset_name: str = field(default="ptb-text-only/ptb_text_only",
+                              metadata={"help": "Hub dataset used when --data_dir is not given."})
+    dataset_config_name: str | None = field(default="penn_treebank")
+    text_column: str = field(default="sentence")
+    bptt: int = field(default=32, metadata={"help": "Window length (BPTT); also the model's max_len."})
+    eval_streams: int = field(default=10, metadata={"help": "Streams of valid/test (authors: 10)."})
+    max_eval_windows: int | None = field(default=None, metadata={
+        "help": "Score only the first N windows of valid/test (quick runs; not the protocol)."})
+
+
+@dataclass
+class TempBalanceArguments:
+    method: str = field(default="tb", metadata={"help": "cal (cosine annealing only) or tb (TempBalance)."})
+    tb_interval: int = field(default=10, metadata={"help": "Optimizer steps between TempBalance updates."})
+    tb_s1: float = field(default=1.0, metadata={"help": "Smallest LR multiplier (LM: 1.0)."})
+    tb_s2: float = field(default=2.0, metadata={"help": "Largest LR multiplier (LM: 2.0)."})
+    tb_start_step: int = field(default=0)
+    tb_exclude: list[str] = field(default_factory=lambda: list(AUTHORS_EXCLUDE), metadata={
+        "help": "Regexes of layers kept at the base LR (default: position projection, tied output)."})
+    tb_metric: str = field(default="alpha_hill")
+    tb_xmin: str = field(default="median")
+
+
+@dataclass
+class PTBTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with the paper's PTB settings as defaults."""
+
+    output_dir: str | None = field(default="runs/ptb_lm")
+    learning_rate: float = field(default=1.25e-4)
+    max_steps: int = field(default=40000)
+    per_device_train_batch_size: int = field(default=120)
+    max_grad_norm: float = field(default=0.25)
+    lr_scheduler_type: SchedulerType | str = field(default="cosine")
+    adam_epsilon: float = field(default=1e-8)
+    weight_decay: float = field(default=0.0)
+    eval_steps: float | None = field(default=200)
+    logging_steps: float = field(default=200)
+    save_steps: float = field(default=1000)
+
+
+# ------------------------------------------------------------------------------------ data
+def tokenize_lines(lines: Sequence[str]) -> list[str]:
+    """Whitespace tokens of each non-empty line followed by ``<eos>`` (Mikolov's PTB convention)."""
+    tokens: list[str] = []
+    for line in lines:
+        words = line.split()
+        if words:
+            tokens.extend(words)
+            tokens.append(EOS)
+    return tokens
+
+
+def read_splits(data: DataArguments) -> dict[str, list[str]]:
+    """Token lists of train/valid/test from ``--data_dir`` or the Hub."""
+    if data.data_dir:
+        root = Path(data.data_dir)
+        paths = {s: root / f"ptb.{s}.txt" for s in SPLITS}
+        missing = [str(p) for p in paths.values() if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"--data_dir {root} lacks {missing}. It needs ptb.train.txt, ptb.valid.txt and "
+                "ptb.test.txt, one sentence a line (Mikolov's PTB files); make an offline corpus "
+                "in that format with `python recipes/data/make_shakespeare_ptb.py --out DIR`.")
+        return {s: tokenize_lines(p.read_text(encoding="utf-8").splitlines()) for s, p in paths.items()}
+    try:
+        from datasets import load_dataset
+
+        raw = load_dataset(data.dataset_name, data.dataset_config_name)
+    except Exception as err:  # offline, renamed dataset, missing `datasets`
+        raise RuntimeError(
+            f"could not load {data.dataset_name!r} from the Hub ({type(err).__name__}: {err}). "
+            "Pass --data_dir with ptb.train.txt/ptb.valid.txt/ptb.test.txt instead; offline, "
+            "`python recipes/data/make_shakespeare_ptb.py --out DIR` makes such a corpus.") from err
+    names = {"train": "train", "valid": "validation", "test": "test"}
+    return {s: tokenize_lines(raw[names[s]][data.text_column]) for s in SPLITS}
+
+
+def build_vocab(train_tokens: Sequence[str]) -> dict[str, int]:
+    """Word -> id in order of first appearance in the training text."""
+    return {word: i for i, word in enumerate(dict.fromkeys(train_tokens))}
+
+
+def encode(tokens: Sequence[str], vocab: dict[str, int], split: str = "") -> torch.Tensor:
+    """Ids of ``tokens``; words outside ``vocab`` become ``<unk>`` (error if there is none)."""
+    unk = vocab.get(UNK)
+    ids = [vocab.get(t, unk) for t in tokens]
+    if unk is None and None in ids:
+        unknown = sorted({t for t in tokens if t not in vocab})
+        raise ValueError(f"{split} split has {len(unknown)} words not in the training text "
+                         f"(e.g. {unknown[:5]}) and the vocabulary has no {UNK}; map rare words "
+                         f"to {UNK} as in PTB.")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def batchify(ids: torch.Tensor, num_streams: int) -> torch.Tensor:
+    """Cut ``ids`` into ``num_streams`` contiguous rows ``(num_streams, len // num_streams)``.
+
+    Row ``s`` is ``ids[s·T : (s+1)·T]``; the last ``len mod num_streams`` tokens are dropped.
+    """
+    length = ids.numel() // num_streams
+    if length < 2:
+        raise ValueError(f"{ids.numel()} tokens cannot fill {num_streams} streams of >= 2 tokens; "
+                         "use fewer streams (batch size) or more text.")
+    return ids[: num_streams * length].view(num_streams, length)
+
+
+def windows(streams: torch.Tensor, bptt: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(inputs, targets)`` BPTT windows: ``streams[:, i:i+L]`` and ``streams[:, i+1:i+1+L]``.
+
+    ``i = 0, bptt, 2·bptt, ...``; the last window is shorter, so every token but the first of
+    each stream is a target exactly once.
+    """
+    total = streams.shape[1]
+    for start in range(0, total - 1, bptt):
+        length = min(bptt, total - 1 - start)
+        yield streams[:, start:start + length], streams[:, start + 1:start + 1 + length]
+
+
+def num_windows(total: int, bptt: int) -> int:
+    return math.ceil((total - 1) / bptt)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, streams: torch.Tensor, bptt: int, accelerator: Accelerator,
+             max_windows: int | None = None) -> tuple[float, int]:
+    """``(per-token NLL in nats, tokens scored)``; windows are shared round-robin by processes,
+    so the result does not depend on the number of processes. Pass the unwrapped model: ranks
+    run different numbers of forward passes."""
+    was_training = model.training
+    model.eval()
+    nll = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    rank, size = accelerator.process_index, accelerator.num_processes
+    for index, (inputs, targets) in enumerate(windows(streams, bptt)):
+        if max_windows is not None and index >= max_windows:
+            break
+        if index % size != rank:
+            continue
+        logits = model(input_ids=inputs.to(accelerator.device)).logits
+        nll += torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), targets.to(accelerator.device).flatten(),
+            reduction="sum").double()
+        count += targets.numel()
+    nll, count = accelerator.reduce(nll, "sum"), accelerator.reduce(count, "sum")
+    model.train(was_training)
+    return float(nll / count), int(count)
+
+
+# ------------------------------------------------------------------------------------ training
+class TrainState:
+    """Loop state saved with every checkpoint (step, best valid, evaluation log)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.best_valid_nll = math.inf
+        self.best_step = -1
+        self.evals: list[dict[str, float]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "best_valid_nll": self.best_valid_nll,
+                "best_step": self.best_step, "evals": self.evals}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.best_valid_nll = float(state["best_valid_nll"])
+        self.best_step = int(state["best_step"])
+        self.evals = list(state["evals"])
+
+
+def tempbalance_config(args: TempBalanceArguments) -> TempBalanceConfig:
+    """The authors' LM setting: every Linear but the excluded ones, no first/last rule."""
+    return TempBalanceConfig(s1=args.tb_s1, s2=args.tb_s2, interval=args.tb_interval,
+                             start_step=args.tb_start_step, metric=args.tb_metric,
+                             xmin=args.tb_xmin, layer_types=("linear",),
+                             exclude=tuple(args.tb_exclude), exclude_first_last=False)
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, TempBalanceArguments, PTBTrainingArguments))
+    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    model_args, data_args, tb_args, args = parse_args(argv)
+    if tb_args.method not in ("cal", "tb"):
+        raise ValueError(f"--method {tb_args.method!r}: choose cal (baseline) or tb (TempBalance)")
+    if args.gradient_accumulation_steps != 1:
+        raise ValueError("--gradient_accumulation_steps must be 1: a batch is a set of contiguous "
+                         "streams; raise --per_device_train_batch_size or add processes instead.")
+    if args.max_steps < 1:
+        raise ValueError("--max_steps must be >= 1 (paper: 40000)")
+    accelerator = Accelerator(cpu=args.use_cpu, mixed_precision=None if not (args.bf16 or args.fp16)
+                              else ("bf16" if args.bf16 else "fp16"))
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
+                        if accelerator.is_main_process else logging.WARNING)
+    set_seed(args.seed)
+    out_dir = Path(args.output_dir)
+
+    # ---- data
+    splits = read_splits(data_args)
+    vocab = build_vocab(splits["train"])
+    ids = {s: encode(tokens, vocab, s) for s, tokens in splits.items()}
+    rank, size = accelerator.process_index, accelerator.num_processes
+    per_rank = args.per_device_train_batch_size
+    train = batchify(ids["train"], per_rank * size)[rank * per_rank:(rank + 1) * per_rank]
+    valid = batchify(ids["valid"], data_args.eval_streams)
+    test = batchify(ids["test"], data_args.eval_streams)
+    train_windows = list(windows(train, data_args.bptt))
+    logger.info("vocab %d | tokens train %d valid %d test %d | %d streams x %d tokens "
+                "(%d per process), %d windows of %d per epoch", len(vocab), ids["train"].numel(),
+                ids["valid"].numel(), ids["test"].numel(), per_rank * size, train.shape[1],
+                per_rank, len(train_windows), data_args.bptt)
+
+    # ---- model, TempBalance, optimizer
+    config = TensorizedTransformerConfig(
+        vocab_size=len(vocab), d_model=model_args.d_model, num_layers=model_args.num_layers,
+        num_cores=model_args.num_cores, d_head=model_args.d_head, d_inner=model_args.d_inner,
+        dropout=model_args.dropout, max_len=data_args.bptt, causal=model_args.causal,
+        contraction=model_args.contraction, eos_token_id=vocab[EOS])
+    model = TensorizedTransformerForCausalLM(config)
+    tb = None
+    adam = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
+            "eps": args.adam_epsilon}
+    if tb_args.method == "tb":
+        tb = TempBalance(model, tempbalance_config(tb_args))
+        optimizer = torch.optim.Adam(tb.param_groups(lr=args.learning_rate,
+                                                     weight_decay=args.weight_decay), **adam)
+        logger.info("TempBalance balances %d layers: %s", len(tb.plan.layers), tb.plan.names)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), weight_decay=args.weight_decay, **adam)
+    # Stepped by hand once per optimizer step: a prepared scheduler would advance once per process.
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
+                              num_warmup_steps=args.get_warmup_steps(args.max_steps),
+                              num_training_steps=args.max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainState()
+    accelerator.register_for_checkpointing(scheduler, state)
+    if tb is not None:
+        tb.attach(optimizer)
+        accelerator.register_for_checkpointing(tb)
+    if args.resume_from_checkpoint:
+        accelerator.load_state(args.resume_from_checkpoint)
+        logger.info("resumed from %s at step %d", args.resume_from_checkpoint, state.step)
+    history_path = out_dir / HISTORY_FILE
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+        if tb is not None:  # the file holds exactly the engine's history (also after a resume)
+            history_path.unlink(missing_ok=True)
+            append_history(tb.history, history_path)
+    written = len(tb.history) if tb is not None else 0
+
+    def save_best() -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(out_dir / "best")
+
+    # ---- training loop
+    start_time = time.time()
+    running, running_n = 0.0, 0
+    bar = tqdm(total=args.max_steps, initial=state.step, desc=f"ptb {tb_args.method}",
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    model.train()
+    while state.step < args.max_steps:
+        inputs, targets = train_windows[state.step % len(train_windows)]
+        inputs, targets = inputs.to(accelerator.device), targets.to(accelerator.device)
+        logits = model(input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        accelerator.backward(loss)
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        base_lr = scheduler.get_last_lr()[0]
+        optimizer.step()  # TempBalance's hooks update and apply the multipliers here
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        running += loss.item()
+        running_n += 1
+        if tb is not None and len(tb.history) > written:
+            if accelerator.is_main_process:
+                append_history([{**row, "base_lr": base_lr} for row in tb.history[written:]],
+                               history_path)
+            written = len(tb.history)
+        bar.update(1)
+        if state.step % max(1, int(args.logging_steps)) == 0:
+            bar.set_postfix(loss=f"{running / running_n:.3f}", lr=f"{base_lr:.3g}")
+        if state.step % max(1, int(args.eval_steps or args.max_steps)) == 0 or state.step == args.max_steps:
+            valid_nll, _ = evaluate(accelerator.unwrap_model(model), valid, data_args.bptt, accelerator, data_args.max_eval_windows)
+            train_loss = running / max(running_n, 1)
+            running, running_n = 0.0, 0
+            record = {"step": state.step, "train_loss": train_loss, "valid_nll": valid_nll,
+                      "valid_ppl": math.exp(valid_nll), "lr": base_lr}
+            if tb is not None:
+                record.update({f"tempbalance/{k}": v for k, v in tb.summary().items()})
+            state.evals.append(record)
+            if valid_nll < state.best_valid_nll:
+                state.best_valid_nll, state.best_step = valid_nll, state.step
+                save_best()
+            accelerator.print(f"step {state.step}: train loss {train_loss:.3f} | valid ppl "
+                              f"{math.exp(valid_nll):.2f} (best {math.exp(state.best_valid_nll):.2f} "
+                              f"at {state.best_step})")
+        if args.save_steps and state.step % max(1, int(args.save_steps)) == 0 and state.step < args.max_steps:
+            accelerator.save_state(str(out_dir / f"checkpoint-{state.step}"))
+    bar.close()
+    runtime = time.time() - start_time
+
+    # ---- best checkpoint on test
+    accelerator.wait_for_everyone()
+    best = TensorizedTransformerForCausalLM.from_pretrained(out_dir / "best")
+    accelerator.unwrap_model(model).load_state_dict(best.state_dict())
+    valid_nll, valid_tokens = evaluate(accelerator.unwrap_model(model), valid, data_args.bptt, accelerator, data_args.max_eval_windows)
+    test_nll, test_tokens = evaluate(accelerator.unwrap_model(model), test, data_args.bptt, accelerator, data_args.max_eval_windows)
+    unwrapped = accelerator.unwrap_model(model)
+    results = {
+        "method": tb_args.method, "seed": args.seed, "steps": state.step,
+        "best_step": state.best_step, "valid_nll": valid_nll, "valid_ppl": math.exp(valid_nll),
+        "test_nll": test_nll, "test_ppl": math.exp(test_nll), "valid_tokens": valid_tokens,
+        "test_tokens": test_tokens, "train_tokens": int(ids["train"].numel()),
+        "vocab_size": len(vocab), "num_parameters": unwrapped.num_parameters(),
+        "num_processes": size, "train_streams": per_rank * size, "runtime_s": runtime,
+        "evals": state.evals,
+        "tempbalance": None if tb is None else {"layers": tb.plan.names, "skipped": tb.plan.skipped,
+                                                "multipliers": tb.multipliers, "metrics": tb.metrics},
+        "config": {"model": unwrapped.config.to_dict(),
+                   "model_args": asdict(model_args), "data": asdict(data_args),
+                   "tempbalance": None if tb is None else tb.config.to_dict(),
+                   "training": {"learning_rate": args.learning_rate, "max_steps": args.max_steps,
+                                "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value",
+                                                                 args.lr_scheduler_type)),
+                                "warmup_steps": args.get_warmup_steps(args.max_steps),
+                                "max_grad_norm": args.max_grad_norm, "adam_epsilon": args.adam_epsilon,
+                                "adam_betas": [args.adam_beta1, args.adam_beta2],
+                                "weight_decay": args.weight_decay,
+                                "per_device_train_batch_size": per_rank}},
+    }
+    if accelerator.is_main_process:
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        accelerator.print(f"{tb_args.method}: best valid ppl {results['valid_ppl']:.2f} at step "
+                          f"{state.best_step}, test ppl {results['test_ppl']:.2f} -> {out_dir / 'results.json'}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+if __name__ == "__main__":
+    main()
