@@ -1,0 +1,383 @@
+"""The TempBalance engine: multipliers, the LR each group really steps with, schedule, degenerate
+layers, resume. Expected multipliers come from float64 SVD spectra and the NumPy Hill formula."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from expected import numpy_hill
+from torch import nn
+
+from hf_tempbalance import TempBalance, TempBalanceConfig
+from hf_tempbalance.assign import assign_multipliers
+from hf_tempbalance.spectral import esd_reference
+
+BALANCED = ["2", "5", "7", "9"]
+BASE_LR = 0.1
+
+
+def make_model() -> nn.Sequential:
+    """Four balanced Linears (2, 5, 7, 9) with clearly different spectra; 0 and 11 excluded."""
+    model = nn.Sequential(
+        nn.Linear(16, 64), nn.ReLU(),
+        nn.Linear(64, 64), nn.LayerNorm(64), nn.ReLU(),
+        nn.Linear(64, 96), nn.ReLU(),
+        nn.Linear(96, 64), nn.ReLU(),
+        nn.Linear(64, 64), nn.ReLU(),
+        nn.Linear(64, 4),
+    )
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, dof in zip(BALANCED, (None, 5.0, 2.5, 1.5)):
+            w = getattr(model, name).weight
+            if dof is None:
+                w.copy_(torch.randn(w.shape, generator=gen) * 0.1)
+            else:
+                t = torch.distributions.StudentT(torch.tensor(dof)).sample(w.shape)
+                w.copy_(t.clamp(-50, 50) * 0.05)
+    return model
+
+
+def independent_multipliers(model: nn.Module, names, s1=0.5, s2=1.5, assign="linear"):
+    """Alphas from float64 per-slice SVD + the NumPy formula, mapped with the paper's maps."""
+    alphas = {n: numpy_hill(esd_reference(model.get_submodule(n)).numpy()) for n in names}
+    valid = [n for n in names if math.isfinite(alphas[n])]
+    mults = assign_multipliers([alphas[n] for n in valid], assign, s1, s2)
+    return alphas, dict(zip(valid, mults))
+
+
+def batch(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(32, 16, generator=gen), torch.randint(0, 4, (32,), generator=gen)
+
+
+def train_step(model, optimizer, seed: int) -> None:
+    x, y = batch(seed)
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
+# ----------------------------------------------------------------------------- update()
+def test_update_matches_independent_alphas_and_maps_to_range():
+    model = make_model()
+    tb = TempBalance(model, dtype="float64")
+    assert tb.plan.names == BALANCED
+    assert tb.multipliers == {n: 1.0 for n in BALANCED}  # before the first update
+    rows = tb.update()
+    alphas, expected = independent_multipliers(model, BALANCED)
+    assert [r["layer"] for r in rows] == BALANCED
+    for row in rows:
+        assert row["valid"] and row["metric"] == "alpha_hill" and row["update"] == 0
+        assert row["value"] == pytest.approx(alphas[row["layer"]], rel=1e-9)
+        assert row["multiplier"] == pytest.approx(expected[row["layer"]], rel=1e-9)
+    assert tb.multipliers == pytest.approx(expected, rel=1e-9)
+    assert min(tb.multipliers.values()) == pytest.approx(0.5)
+    assert max(tb.multipliers.values()) == pytest.approx(1.5)
+    assert tb.history == rows
+    summary = tb.summary()
+    assert summary["multiplier_min"] == pytest.approx(0.5)
+    assert summary["alpha_hill_max"] == pytest.approx(max(alphas.values()))
+
+    # The default float32 path gives the same multipliers to float32 accuracy.
+    tb32 = TempBalance(model)
+    tb32.update()
+    assert tb32.multipliers == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("assign", ["sqrt", "log2", "step"])
+def test_update_with_other_assign_functions(assign):
+    model = make_model()
+    tb = TempBalance(model, dtype="float64", assign=assign, s1=0.6, s2=1.4)
+    tb.update()
+    _, expected = independent_multipliers(model, BALANCED, 0.6, 1.4, assign)
+    assert tb.multipliers == pytest.approx(expected, rel=1e-9)
+
+
+def test_scaling_every_weight_changes_nothing():
+    model = make_model()
+    tb = TempBalance(model)
+    tb.update()
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in scaled.parameters():
+            p.mul_(123.0)
+    tb_scaled = TempBalance(scaled)
+    tb_scaled.update()
+    assert tb_scaled.multipliers == pytest.approx(tb.multipliers, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- attach + step
+class Spy:
+    """Step pre-hook registered AFTER attach: sees the LRs the optimizer is about to use."""
+
+    def __init__(self, model: nn.Module, optimizer, tb: TempBalance):
+        self.model, self.tb = model, tb
+        self.name_of = {id(p): n for n, p in model.named_parameters()}
+        self.lrs: list[dict[str, float]] = []  # per step: param name -> lr used
+        self.mults: list[dict[str, float]] = []
+        self.before: dict[str, torch.Tensor] = {}
+        optimizer.register_step_pre_hook(self)
+
+    def __call__(self, optimizer, args, kwargs):
+        self.lrs.append({self.name_of[id(p)]: g["lr"] for g in optimizer.param_groups
+                         for p in g["params"]})
+        self.mults.append(dict(self.tb.multipliers))
+        self.before = {n: (p.detach().clone(), p.grad.detach().clone())
+                       for n, p in self.model.named_parameters()}
+
+
+@pytest.mark.parametrize("groups", ["labelled", "owner"])
+def test_step_uses_scheduler_lr_times_multiplier(groups):
+    """LambdaLR; groups from tb.param_groups, or the owner's own two groups with two schedules."""
+    model = make_model()
+    tb = TempBalance(model, interval=3)
+    owner = tb.plan.owner_of()
+    if groups == "labelled":
+        optimizer = torch.optim.SGD(tb.param_groups(lr=BASE_LR))
+        lambdas = [lambda t: 0.9**t] * len(optimizer.param_groups)
+        base_of = dict.fromkeys(dict(model.named_parameters()), BASE_LR)
+        lambda_of = dict.fromkeys(base_of, 0)
+    else:  # matrices in one group, vectors (bias/norm) in another, each with its own schedule
+        mats = [p for p in model.parameters() if p.ndim > 1]
+        vecs = [p for p in model.parameters() if p.ndim == 1]
+        optimizer = torch.optim.SGD([{"params": mats}, {"params": vecs, "lr": 0.03}], lr=BASE_LR)
+        lambdas = [lambda t: 0.9**t, lambda t: 1.0 / (1 + t)]
+        base_of = {n: BASE_LR if p.ndim > 1 else 0.03 for n, p in model.named_parameters()}
+        lambda_of = {n: 0 if p.ndim > 1 else 1 for n, p in model.named_parameters()}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+    n_groups = len(optimizer.param_groups)
+    tb.attach(optimizer)
+    spy = Spy(model, optimizer, tb)
+
+    for t in range(8):
+        x, y = batch(t)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if t % 3 == 0:  # an update is due: it sees the weights as they are now
+            _, expected_mults = independent_multipliers(model, BALANCED)
+        optimizer.step()
+        assert tb.multipliers == pytest.approx(expected_mults, abs=1e-4)
+        assert spy.mults[t] == tb.multipliers
+        for name, lr in spy.lrs[t].items():
+            sched_lr = base_of[name] * lambdas[lambda_of[name]](t)
+            expected = sched_lr * tb.multipliers.get(owner.get(name), 1.0)
+            assert lr == pytest.approx(expected, rel=1e-12), (t, name)
+            # ... and that LR is really the one SGD used: w_new = w - lr * grad
+            before, grad = spy.before[name]
+            torch.testing.assert_close(dict(model.named_parameters())[name].detach(),
+                                       before - lr * grad, rtol=1e-6, atol=1e-7)
+        # After the step the owner's groups are back, at the scheduler's LR: nothing compounds.
+        assert len(optimizer.param_groups) == n_groups
+        for i, group in enumerate(optimizer.param_groups):
+            first = next(n for n, p in model.named_parameters() if p is group["params"][0])
+            assert group["lr"] == pytest.approx(base_of[first] * lambdas[i if groups == "owner" else 0](t),
+                                                rel=1e-12)
+        scheduler.step()
+
+    assert sorted({r["step"] for r in tb.history}) == [0, 3, 6]
+    assert len(optimizer.state_dict()["param_groups"]) == n_groups
+    multiplied = [m for m in tb.multipliers.values() if m != 1.0]
+    assert len(multiplied) >= 3  # the check above was not vacuous
+
+
+def test_reduce_lr_on_plateau_is_not_compounded():
+    model = make_model()
+    tb = TempBalance(model, interval=1)
+    optimizer = torch.optim.SGD(tb.param_groups(lr=BASE_LR), momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=0)
+    tb.attach(optimizer)
+    spy = Spy(model, optimizer, tb)
+    owner = tb.plan.owner_of()
+    reductions = 0
+    for t in range(10):
+        train_step(model, optimizer, t)
+        sched_lr = BASE_LR * 0.5**reductions
+        for name, lr in spy.lrs[t].items():
+            assert lr == pytest.approx(sched_lr * spy.mults[t].get(owner.get(name), 1.0), rel=1e-12)
+        for group in optimizer.param_groups:
+            assert group["lr"] == pytest.approx(sched_lr, rel=1e-12)
+        scheduler.step(1.0 + t)  # always worse: one reduction per step after the first
+        reductions += t > 0
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(BASE_LR * 0.5**9, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- schedule
+def run_steps(tb: TempBalance, model: nn.Module, optimizer, steps: int, request_at=()) -> None:
+    for t in range(steps):
+        if t in request_at:
+            tb.request_update()
+        train_step(model, optimizer, t)
+
+
+def update_steps(tb: TempBalance) -> list[int]:
+    return sorted({row["step"] for row in tb.history})
+
+
+def test_interval_and_start_step():
+    model = make_model()
+    tb = TempBalance(model, interval=4, start_step=2)
+    optimizer = torch.optim.SGD(tb.param_groups(lr=BASE_LR))
+    tb.attach(optimizer)
+    spy = Spy(model, optimizer, tb)
+    run_steps(tb, model, optimizer, 13)
+    assert update_steps(tb) == [2, 6, 10]
+    assert tb.num_steps == 13 and tb.num_updates == 3
+    for t in (0, 1):  # before start_step: base LR everywhere
+        assert set(spy.lrs[t].values()) == {BASE_LR}
+    assert len(set(spy.lrs[2].values())) > 1
+    assert [tb.update_due(s) for s in range(8)] == [False, False, True, False, False, False, True,
+                                                     False]
+
+
+def test_epoch_interval_and_request_update():
+    model = make_model()
+    tb = TempBalance(model)  # interval="epoch", no steps_per_epoch: only on request
+    optimizer = torch.optim.SGD(tb.param_groups(lr=BASE_LR))
+    tb.attach(optimizer)
+    run_steps(tb, model, optimizer, 9, request_at=(5,))
+    assert update_steps(tb) == [5]
+
+    tb_epochs = TempBalance(make_model(), steps_per_epoch=4)
+    optimizer = torch.optim.SGD(tb_epochs.param_groups(lr=BASE_LR))
+    tb_epochs.attach(optimizer)
+    run_steps(tb_epochs, tb_epochs.model, optimizer, 10)
+    assert update_steps(tb_epochs) == [0, 4, 8]
+
+    # A request adds one update without shifting the regular ones.
+    tb_int = TempBalance(make_model(), interval=5)
+    optimizer = torch.optim.SGD(tb_int.param_groups(lr=BASE_LR))
+    tb_int.attach(optimizer)
+    run_steps(tb_int, tb_int.model, optimizer, 11, request_at=(3,))
+    assert update_steps(tb_int) == [0, 3, 5, 10]
+
+
+# ----------------------------------------------------------------------------- degenerate layers
+def layer_warnings(record, name: str) -> int:
+    return sum(f"layer {name!r}" in str(w.message) for w in record)
+
+
+def test_nan_layer_keeps_its_multiplier_and_does_not_poison_others():
+    model = make_model()
+    tb = TempBalance(model, dtype="float64")
+    tb.update()
+    before = dict(tb.multipliers)
+    with torch.no_grad():
+        model.get_submodule("7").weight[0, 0] = float("nan")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        rows = tb.update()
+        tb.update()  # warned once per layer, not once per update
+    assert layer_warnings(record, "7") == 1
+    assert sum("TempBalance" in str(w.message) for w in record) == 1
+    assert tb.multipliers["7"] == before["7"]
+    bad = next(r for r in rows if r["layer"] == "7")
+    assert not bad["valid"] and math.isnan(bad["value"])
+
+    # The others are mapped exactly as if the broken layer were not there.
+    without = TempBalance(model, dtype="float64", exclude=(r"^7$",))
+    without.update()
+    for name in ("2", "5", "9"):
+        assert tb.multipliers[name] == pytest.approx(without.multipliers[name], rel=1e-12)
+    others = sorted(tb.multipliers[n] for n in ("2", "5", "9"))
+    assert (others[0], others[-1]) == pytest.approx((0.5, 1.5))
+
+
+@pytest.mark.parametrize("kind", ["zero", "rank1", "inf"])
+def test_dead_or_rank1_layer_stays_at_one(kind):
+    model = make_model()
+    with torch.no_grad():
+        w = model.get_submodule("5").weight
+        if kind == "zero":
+            w.zero_()
+        elif kind == "rank1":
+            w.copy_(torch.outer(torch.randn(w.shape[0]), torch.randn(w.shape[1])))
+        else:
+            w[3, 3] = float("inf")
+    tb = TempBalance(model, dtype="float64")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        tb.update()
+    assert layer_warnings(record, "5") == 1
+    assert tb.multipliers["5"] == 1.0
+    _, expected = independent_multipliers(model, ["2", "7", "9"])
+    for name in ("2", "7", "9"):
+        assert tb.multipliers[name] == pytest.approx(expected[name], rel=1e-9)
+
+    if kind != "inf":  # training with a dead layer runs (inf weights would make the loss nan)
+        optimizer = torch.optim.SGD(tb.param_groups(lr=BASE_LR))
+        tb.attach(optimizer)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run_steps(tb, model, optimizer, 2)
+        assert tb.num_steps == 2
+
+
+def test_orthogonal_init_gives_one_everywhere():
+    model = make_model()
+    for name in BALANCED:
+        nn.init.orthogonal_(model.get_submodule(name).weight)
+    tb = TempBalance(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows = tb.update()
+    assert all(not math.isfinite(r["value"]) for r in rows)
+    assert tb.multipliers == {n: 1.0 for n in BALANCED}
+
+
+def test_single_balanced_layer_gets_one():
+    model = nn.Sequential(nn.Linear(8, 64), nn.Linear(64, 64), nn.Linear(64, 3))
+    tb = TempBalance(model)
+    assert tb.plan.names == ["1"]
+    rows = tb.update()
+    assert rows[0]["valid"] and math.isfinite(rows[0]["value"])
+    assert tb.multipliers == {"1": 1.0}
+
+
+# ----------------------------------------------------------------------------- resume
+def test_state_dict_json_round_trip_resumes_identically():
+    model = make_model()
+    cfg = TempBalanceConfig(interval=2, s1=0.6, s2=1.4)
+    tb = TempBalance(model, cfg)
+    optimizer = torch.optim.SGD(tb.param_groups(lr=BASE_LR, weight_decay=5e-4), momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.95**t)
+    tb.attach(optimizer)
+    for t in range(5):
+        train_step(model, optimizer, t)
+        scheduler.step()
+
+    state = json.loads(json.dumps(tb.state_dict()))
+    model_b = copy.deepcopy(model)
+    tb_b = TempBalance(model_b, cfg)
+    tb_b.load_state_dict(state)
+    assert tb_b.multipliers == tb.multipliers
+    assert tb_b.num_steps == tb.num_steps == 5 and tb_b.num_updates == tb.num_updates == 3
+    assert tb_b.history == json.loads(json.dumps(tb.history))
+    optimizer_b = torch.optim.SGD(tb_b.param_groups(lr=BASE_LR, weight_decay=5e-4), momentum=0.9)
+    scheduler_b = torch.optim.lr_scheduler.LambdaLR(optimizer_b, lambda t: 0.95**t)
+    # deepcopy as a checkpoint file would: load_state_dict keeps references to the buffers
+    optimizer_b.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    scheduler_b.load_state_dict(copy.deepcopy(scheduler.state_dict()))
+    tb_b.attach(optimizer_b)
+
+    spy, spy_b = Spy(model, optimizer, tb), Spy(model_b, optimizer_b, tb_b)
+    for t in range(5, 11):
+        for m, opt, sch in ((model, optimizer, scheduler), (model_b, optimizer_b, scheduler_b)):
+            train_step(m, opt, t)
+            sch.step()
+    assert spy.lrs == spy_b.lrs and spy.mults == spy_b.mults
+    assert update_steps(tb_b) == update_steps(tb) == [0, 2, 4, 6, 8, 10]
+    for p, q in zip(model.parameters(), model_b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_load_state_dict_for_other_layers_is_refused():
+    state = TempBalance(make_model()).state_dict()
+    other = TempBalance(make_model(), exclude=(r"^9$",))
+    with pytest.raises(ValueError, match="different layers"):
+        other.load_state_dict(state)
