@@ -1,0 +1,300 @@
+"""The ``hf-tempbalance`` console script: ``analyze`` a model, ``plot`` training runs.
+
+::
+
+    hf-tempbalance analyze gpt2 --csv layers.csv --plots esd/
+    hf-tempbalance analyze ckpt.safetensors --arch timm:resnet18
+    hf-tempbalance plot runs/tb runs/baseline --out figures/
+
+Exit status: 0 on success, 2 for a bad argument, path or model name (with a message on stderr
+that says what to do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .analysis import ModelAnalysis, analyze_model, analyze_state_dict, read_analysis_csv
+from .config import LAYER_TYPES, TempBalanceConfig
+from .history import HISTORY_FILE, read_history
+from .loading import ModelLoadError, find_saved_model, load_model
+from .spectral.hill import XMIN_METHODS
+
+__all__ = ["main", "build_parser", "run_analyze", "run_plot", "CliError"]
+
+
+class CliError(Exception):
+    """A user error: printed without a traceback, exit status 2."""
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-tempbalance",
+        description="TempBalance diagnostics: HT-SR metrics of a model, plots of a training run.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    an = sub.add_parser(
+        "analyze", help="per-layer alpha, spectral norm, stable rank of a model",
+        description="Print one row of spectral metrics per weight matrix of MODEL and a summary.")
+    an.add_argument("model", metavar="MODEL",
+                    help="a local Transformers or timm model directory, a .safetensors/.pt state "
+                         "dict (with --arch), a timm model name (resnet18 or timm:NAME) or a "
+                         "Hugging Face Hub id (gpt2 or hf:ID; needs a connection)")
+    _add_loading_args(an)
+    an.add_argument("--pretrained", action="store_true",
+                    help="for a timm model name: download its pretrained weights (default: random init)")
+    an.add_argument("--revision", help="Hub revision (branch, tag or commit) of a Hub model")
+    an.add_argument("--csv", metavar="PATH", help="write the table as CSV")
+    an.add_argument("--plots", metavar="DIR", help="write one ESD plot (PNG) per layer into DIR")
+    an.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                    help="eigensolver precision (default float32, as in training)")
+    an.add_argument("--xmin", choices=XMIN_METHODS, default="median",
+                    help="start of the power-law tail (default median, the paper's)")
+    an.add_argument("--layer-types", nargs="+", choices=LAYER_TYPES, default=["linear", "conv"],
+                    help="module kinds to analyse (default: linear conv)")
+    an.add_argument("--include", action="append", default=[], metavar="REGEX",
+                    help="only layers whose name matches (repeatable)")
+    an.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+                    help="skip layers whose name matches (repeatable)")
+    an.add_argument("--balanced-only", action="store_true",
+                    help="only the layers TempBalance would balance (default: all layers)")
+    an.add_argument("--top", type=int, default=3, help="extremes named in the summary (default 3)")
+    an.add_argument("--no-progress", action="store_true", help="no progress bar")
+    an.set_defaults(func=run_analyze)
+
+    pl = sub.add_parser(
+        "plot", help="LR/alpha heatmaps and curves of runs; alpha distributions of runs side by side",
+        description=f"Read {HISTORY_FILE} from each run directory and draw the per-layer LR and "
+                    "alpha heatmaps (paper Fig. 13) and curves (Fig. 14). With two or more runs "
+                    "(e.g. TempBalance and a baseline), also their final alpha distributions "
+                    "side by side (Fig. 11): from each run's saved model when there is one (its "
+                    "directory or latest checkpoint-N), else from the last TempBalance update in "
+                    "its history. A run without history counts as a baseline.")
+    pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training output directories")
+    pl.add_argument("--out", metavar="DIR",
+                    help="where the PNGs go (default: RUN_DIR/tempbalance_plots of the first run)")
+    pl.add_argument("--layers", nargs="+", metavar="NAME",
+                    help="layers whose curves to draw (default: four spread over depth)")
+    pl.add_argument("--baseline-alphas", metavar="CSV", action="append", default=[],
+                    help="a CSV from `hf-tempbalance analyze --csv` to add as a distribution "
+                         "(repeatable), e.g. for a baseline whose model is not in a run dir")
+    _add_loading_args(pl)
+    pl.set_defaults(func=run_plot)
+    return parser
+
+
+def _add_loading_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", metavar="ARCH",
+                        help="architecture of a bare state dict: timm:NAME, hf:ID, a Transformers "
+                             "config directory, or `tensors` (the weight tensors as they are)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a Hub model to run code from its repository (off by default)")
+    parser.add_argument("--device", default="auto",
+                        help="where the spectra are computed: auto (CUDA if available), cpu, cuda:0 ...")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``hf-tempbalance``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (CliError, ModelLoadError, FileNotFoundError) as err:
+        print(f"hf-tempbalance {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ---------------------------------------------------------------------------- analyze
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise CliError(f"--device {name!r} is not a device (try cpu, cuda, cuda:1)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"--device {name} asked for CUDA, but no GPU is available; use --device cpu")
+    return device
+
+
+def _analyze_loaded(model, config: TempBalanceConfig, device: torch.device, *, layers: str = "all",
+                    keep_esds: bool = False, progress: bool | None = None) -> ModelAnalysis:
+    if isinstance(model, dict):
+        return analyze_state_dict({k: v.to(device) for k, v in model.items()}, config,
+                                  keep_esds=keep_esds, progress=progress)
+    return analyze_model(model.to(device), config, layers=layers, keep_esds=keep_esds,
+                         progress=progress)
+
+
+def run_analyze(args: argparse.Namespace) -> ModelAnalysis:
+    """``analyze``: load, compute, print, and write the CSV and plots asked for."""
+    if args.top < 0:
+        raise CliError("--top must be >= 0")
+    device = _device(args.device)
+    try:
+        config = TempBalanceConfig(dtype=args.dtype, xmin=args.xmin,
+                                   layer_types=tuple(args.layer_types),
+                                   include=tuple(args.include), exclude=tuple(args.exclude))
+    except ValueError as err:
+        raise CliError(str(err)) from err
+    model = load_model(args.model, arch=args.arch, pretrained=args.pretrained,
+                       trust_remote_code=args.trust_remote_code, revision=args.revision)
+    progress = False if args.no_progress else None
+    report = _analyze_loaded(model, config, device,
+                             layers="balanced" if args.balanced_only else "all",
+                             keep_esds=bool(args.plots), progress=progress)
+    if not report.layers:
+        raise CliError(f"{args.model} has no layer of kinds {args.layer_types} matching the "
+                       "filters; check --layer-types/--include/--exclude")
+    print(report.format_table())
+    print()
+    print(report.summary(top=args.top).format())
+    if args.csv:
+        report.to_csv(args.csv)
+        print(f"\ntable written to {args.csv}")
+    if args.plots:
+        written = write_esd_plots(report, args.plots, progress=not args.no_progress)
+        print(f"{written} ESD plot(s) written to {args.plots}")
+    return report
+
+
+def esd_plot_name(layer_name: str) -> str:
+    """File name of a layer's ESD plot: the layer name with anything odd replaced by ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", layer_name) + ".png"
+
+
+def write_esd_plots(report: ModelAnalysis, out_dir: str | os.PathLike, *,
+                    progress: bool = True) -> int:
+    """One Figure-1 ESD plot per layer with at least two non-zero eigenvalues; returns the count."""
+    from .plotting import plot_esd
+
+    os.makedirs(out_dir, exist_ok=True)
+    cfg = report.config
+    written = 0
+    for layer in tqdm(report.layers, desc="ESD plots", unit="plot",
+                      disable=not progress or len(report.layers) < 24):
+        try:
+            plot = plot_esd(layer, xmin_method=cfg.xmin, rtol=cfg.eig_rtol,
+                            include_xmin=cfg.include_xmin)
+        except ValueError as err:  # fewer than 2 non-zero eigenvalues: nothing to draw
+            print(f"skipped {layer.name}: {err}", file=sys.stderr)
+            continue
+        plot.save(os.path.join(out_dir, esd_plot_name(layer.name)))
+        written += 1
+    return written
+
+
+# ---------------------------------------------------------------------------- plot
+def _labels(runs: Sequence[str]) -> list[str]:
+    labels: list[str] = []
+    for run in runs:
+        base = Path(run).resolve().name or "run"
+        label, k = base, 2
+        while label in labels:
+            label, k = f"{base}-{k}", k + 1
+        labels.append(label)
+    return labels
+
+
+def _alphas_from_rows(rows: Sequence[dict], names: Sequence[str] | None) -> list[float]:
+    """Alphas of the rows named in ``names`` (when they overlap), else of the balanced rows."""
+    if names:
+        chosen = [r for r in rows if r["name"] in set(names)]
+        if chosen:
+            return [r["alpha"] for r in chosen]
+    balanced = [r for r in rows if r.get("balanced")]
+    return [r["alpha"] for r in (balanced or rows)]
+
+
+def run_plot(args: argparse.Namespace) -> dict[str, object]:
+    """``plot``: returns ``{file name: Plot}`` of everything written."""
+    from .plotting import (
+        history_grid,
+        plot_alpha_distributions,
+        plot_heatmaps,
+        plot_layer_curves,
+    )
+
+    for run in args.runs:
+        if not os.path.isdir(run):
+            raise CliError(f"no such run directory: {run}")
+    out = args.out or os.path.join(args.runs[0], "tempbalance_plots")
+    labels = _labels(args.runs)
+    grids = {}
+    for run, label in zip(args.runs, labels):
+        if os.path.exists(os.path.join(run, HISTORY_FILE)):
+            try:
+                grids[label] = history_grid(read_history(run))
+            except (ValueError, KeyError) as err:
+                raise CliError(f"cannot read the history of {run}: {err}") from err
+    if not grids and len(args.runs) + len(args.baseline_alphas) < 2:
+        raise CliError(f"{args.runs[0]} has no {HISTORY_FILE}: it was not trained with "
+                       "TempBalance (or not yet updated). Give a TempBalance run, or two runs to "
+                       "compare their alpha distributions.")
+
+    plots: dict[str, object] = {}
+    for label, grid in grids.items():
+        try:
+            plots[f"{label}_heatmaps.png"] = plot_heatmaps(grid, title=label)
+            plots[f"{label}_layer_curves.png"] = plot_layer_curves(grid, args.layers, title=label)
+        except ValueError as err:
+            raise CliError(f"{label}: {err}") from err
+
+    distributions: dict[str, list[float]] = {}
+    if len(args.runs) + len(args.baseline_alphas) >= 2:
+        names = next(iter(grids.values())).layers if grids else None
+        device = _device(args.device)
+        for run, label in zip(args.runs, labels):
+            distributions[label] = _run_alphas(run, label, grids.get(label), names, args, device)
+        for csv_path in args.baseline_alphas:
+            try:
+                rows = read_analysis_csv(csv_path)
+            except (OSError, ValueError) as err:
+                raise CliError(f"cannot read --baseline-alphas {csv_path}: {err}") from err
+            label = Path(csv_path).stem
+            distributions[label if label not in distributions else f"{label}-csv"] = \
+                _alphas_from_rows(rows, names)
+        try:
+            plots["alpha_distributions.png"] = plot_alpha_distributions(
+                distributions, title="final per-layer alpha")
+        except ValueError as err:
+            raise CliError(str(err)) from err
+
+    for name, plot in plots.items():
+        plot.save(os.path.join(out, name))
+        print(f"wrote {plot.path}")
+    return plots
+
+
+def _run_alphas(run: str, label: str, grid, names: Sequence[str] | None,
+                args: argparse.Namespace, device: torch.device) -> list[float]:
+    """Final alphas of a run: its saved model if any, else its last TempBalance update."""
+    saved = find_saved_model(run)
+    if saved is not None:
+        model = load_model(saved, arch=args.arch, trust_remote_code=args.trust_remote_code)
+        report = _analyze_loaded(model, TempBalanceConfig(), device)
+        return _alphas_from_rows(report.to_rows(), names)
+    if grid is not None:
+        if grid.metric != "alpha_hill":
+            raise CliError(f"{run}: its history holds {grid.metric}, not alpha, and no saved model "
+                           "was found to compute alphas from")
+        last = grid.value[:, -1]
+        return [float(v) for v in last if math.isfinite(v)]
+    raise CliError(
+        f"{run} has neither a {HISTORY_FILE} nor a saved model (config.json, model.safetensors "
+        "or a checkpoint-N directory), so its alphas are unknown. Save the final model there, or "
+        "run `hf-tempbalance analyze MODEL --csv alphas.csv` and pass --baseline-alphas alphas.csv.")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

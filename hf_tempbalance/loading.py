@@ -1,0 +1,323 @@
+"""Load a model for diagnostics from a path, a Hub id or a timm name, safely.
+
+Accepted sources (:func:`load_model`):
+
+* a local Transformers model directory (``config.json`` with ``model_type``, weights saved by
+  ``save_pretrained``) or ``hf:ID`` / a Hub id such as ``gpt2`` (downloads when online);
+* a local timm directory (``config.json`` with ``architecture``, as ``timm`` pushes to the Hub),
+  a timm model name such as ``resnet18`` or ``timm:NAME`` (random init, or the pretrained weights
+  with ``pretrained=True`` when online);
+* a state dict in ``.safetensors`` or ``.pt``/``.pth``/``.bin``/``.ckpt`` with an architecture
+  hint ``arch``: ``timm:NAME``, ``hf:ID``, a Transformers config directory, or ``tensors`` to read
+  the bare weight tensors (see :func:`hf_tempbalance.analysis.analyze_state_dict`).
+
+Safety: pickled files are only read with ``torch.load(..., weights_only=True)``, which cannot run
+code (a file that needs more is refused, never retried unsafely), and Transformers models never
+run code from their repository unless ``trust_remote_code=True``.
+
+Every failure raises :class:`ModelLoadError` with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["ModelLoadError", "load_model", "load_state_dict", "find_saved_model", "WEIGHT_SUFFIXES"]
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+# Files `save_pretrained`/`Trainer.save_model`/timm write, in the order they are tried.
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+# Keys under which training scripts commonly nest the state dict in a checkpoint.
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "ema")
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded; the message names the problem and the fix."""
+
+
+# ---------------------------------------------------------------------------- state dicts
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file, or of a pickle read with ``weights_only=True``.
+
+    Checkpoints that nest the weights (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped
+    and a DDP ``module.`` prefix is removed.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"no such file: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device="cpu")
+        except Exception as err:  # safetensors raises its own error types
+            raise ModelLoadError(f"could not read safetensors file {path}: {err}") from err
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ModelLoadError(
+            f"refusing to load {path}: it holds pickled Python objects beyond tensors, and "
+            "unpickling them could run arbitrary code, so only torch.load(weights_only=True) is "
+            "used. Re-save just the weights (torch.save(model.state_dict(), path) or "
+            "safetensors.torch.save_file) and try again."
+        ) from err
+    except Exception as err:
+        raise ModelLoadError(f"could not read {path} with torch.load(weights_only=True): {err}") from err
+    return _unwrap_state_dict(obj, path)
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _unwrap_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and not _is_tensor_dict(obj):
+        for key in _NESTED_KEYS:
+            if _is_tensor_dict(obj.get(key)):
+                obj = obj[key]
+                break
+        else:
+            # Keep the tensors of a mixed dict (e.g. weights next to a step counter).
+            obj = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not _is_tensor_dict(obj):
+        raise ModelLoadError(f"{path} holds no state dict (a mapping of names to tensors)")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+# ---------------------------------------------------------------------------- builders
+def _timm_model(name: str, *, pretrained: bool = False, num_classes: int | None = None) -> nn.Module:
+    try:
+        import timm
+    except ImportError as err:
+        raise ModelLoadError("timm models need timm: pip install 'hf_tempbalance[vision]'") from err
+    base = name.split(".")[0]  # "resnet18.a1_in1k" -> "resnet18" (pretrained tag)
+    if not timm.is_model(base):
+        close = timm.list_models(f"*{base[:6]}*")[:6]
+        hint = f"; similar timm names: {', '.join(close)}" if close else ""
+        raise ModelLoadError(f"unknown timm model {name!r}{hint}")
+    kwargs = {"num_classes": num_classes} if num_classes is not None else {}
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as err:
+        raise ModelLoadError(
+            f"could not create timm model {name!r} (pretrained={pretrained}): {err}. Pretrained "
+            "weights come from the Hugging Face Hub: go online, or drop --pretrained for random init."
+        ) from err
+
+
+def _hf_config(source: str, *, trust_remote_code: bool, revision: str | None):
+    try:
+        from transformers import AutoConfig
+    except ImportError as err:
+        raise ModelLoadError("Transformers models need transformers: "
+                             "pip install 'hf_tempbalance[transformers]'") from err
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
+    except Exception as err:
+        raise _hf_error(source, err, trust_remote_code) from err
+
+
+def _hf_error(source: str, err: Exception, trust_remote_code: bool) -> ModelLoadError:
+    text = str(err)
+    if "trust_remote_code" in text and not trust_remote_code:
+        return ModelLoadError(
+            f"{source} needs custom code from its repository; read it first, then pass "
+            "--trust-remote-code (trust_remote_code=True) if you trust it.")
+    where = "the local directory" if os.path.isdir(source) else "the Hugging Face Hub (are you online?)"
+    return ModelLoadError(f"could not load Transformers model {source!r} from {where}: "
+                          f"{text.splitlines()[0] if text else type(err).__name__}")
+
+
+def _hf_class(config: Any):
+    """The class named in ``config.architectures`` (keeps the task head), else ``AutoModel``."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def _hf_pretrained(source: str, *, trust_remote_code: bool, revision: str | None) -> nn.Module:
+    config = _hf_config(source, trust_remote_code=trust_remote_code, revision=revision)
+    cls = _hf_class(config)
+    try:
+        return cls.from_pretrained(source, config=config, trust_remote_code=trust_remote_code,
+                                   revision=revision)
+    except Exception as err:
+        raise _hf_error(source, err, trust_remote_code) from err
+
+
+def _hf_from_state_dict(arch: str, state: dict[str, torch.Tensor], *, trust_remote_code: bool,
+                        revision: str | None) -> nn.Module:
+    config = _hf_config(arch, trust_remote_code=trust_remote_code, revision=revision)
+    cls = _hf_class(config)
+    if cls.__name__ == "AutoModel":
+        model = cls.from_config(config, trust_remote_code=trust_remote_code)
+    else:
+        model = cls(config)
+    _load_into(model, state, arch, strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model
+
+
+def _timm_from_state_dict(name: str, state: dict[str, torch.Tensor]) -> nn.Module:
+    probe = _timm_model(name)
+    num_classes = None
+    classifier = (getattr(probe, "pretrained_cfg", None) or {}).get("classifier")
+    if isinstance(classifier, str) and f"{classifier}.weight" in state:
+        # A fine-tuned checkpoint carries its own head size; build the model to match it.
+        num_classes = state[f"{classifier}.weight"].shape[0]
+    model = _timm_model(name, num_classes=num_classes) if num_classes != probe.num_classes else probe
+    _load_into(model, state, f"timm:{name}", strict=True)
+    return model
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], arch: str, strict: bool) -> None:
+    if not set(model.state_dict()) & set(state):
+        raise ModelLoadError(f"none of the checkpoint's {len(state)} tensors belong to architecture "
+                             f"{arch}; check --arch.")
+    try:
+        result = model.load_state_dict(state, strict=strict)
+    except RuntimeError as err:
+        raise ModelLoadError(
+            f"the weights do not fit architecture {arch}: {str(err).splitlines()[0]} ... "
+            "check --arch (the checkpoint's model name and configuration).") from err
+    # A missing weight keeps its random init unless it is tied to one that was loaded.
+    loaded = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in state}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    missing = [k for k in result.missing_keys if k in params and id(params[k]) not in loaded]
+    if missing:
+        warnings.warn(f"{len(missing)} parameter(s) of {arch} are not in the checkpoint and keep "
+                      f"their random init: {missing[:5]}{' ...' if len(missing) > 5 else ''}",
+                      stacklevel=3)
+
+
+# ---------------------------------------------------------------------------- entry point
+def _looks_like_path(spec: str) -> bool:
+    """Absolute/relative paths and weight files; ``org/name`` is left to the Hub."""
+    return (spec.startswith(("/", ".", "~")) or spec.endswith(WEIGHT_SUFFIXES)
+            or (any(sep in spec for sep in ("/", "\\")) and not _HUB_ID.match(spec)))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not read {path}: {err}") from err
+
+
+def find_saved_model(run_dir: str | os.PathLike) -> str | None:
+    """The model a training run saved: ``run_dir`` itself or its latest ``checkpoint-N``.
+
+    A directory counts when it holds a ``config.json`` (Transformers/timm) or one of
+    ``model.safetensors``, ``pytorch_model.bin``, ``model.pt``, ``model.pth``.
+    """
+    def has_model(d: Path) -> bool:
+        return (d / "config.json").is_file() or any((d / f).is_file() for f in _WEIGHT_FILES)
+
+    run = Path(run_dir)
+    if has_model(run):
+        return str(run)
+    ckpts = sorted((int(m.group(1)), p) for p in run.glob("checkpoint-*")
+                   if p.is_dir() and (m := _CHECKPOINT_DIR.match(p.name)) and has_model(p))
+    return str(ckpts[-1][1]) if ckpts else None
+
+
+def load_model(
+    spec: str,
+    *,
+    arch: str | None = None,
+    pretrained: bool = False,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> nn.Module | dict[str, torch.Tensor]:
+    """Load ``spec`` (see the module docstring) in eval mode on the CPU.
+
+    Returns the ``nn.Module``, or the bare state dict when ``arch == "tensors"``.
+    """
+    path = Path(os.path.expanduser(spec))
+    if spec.startswith("timm:"):
+        return _timm_model(spec[5:], pretrained=pretrained).eval()
+    if spec.startswith("hf:"):
+        return _hf_pretrained(spec[3:], trust_remote_code=trust_remote_code, revision=revision).eval()
+    if path.is_dir():
+        return _load_dir(path, arch=arch, trust_remote_code=trust_remote_code, revision=revision)
+    if path.is_file():
+        if not spec.endswith(WEIGHT_SUFFIXES):
+            raise ModelLoadError(f"{spec} is not a weights file (expected one of {', '.join(WEIGHT_SUFFIXES)})"
+                                 " or a model directory")
+        return _from_weights(path, arch, trust_remote_code=trust_remote_code, revision=revision)
+    if _looks_like_path(spec):
+        raise ModelLoadError(f"no such file or directory: {spec}")
+    try:
+        import timm
+
+        if timm.is_model(spec.split(".")[0]):
+            return _timm_model(spec, pretrained=pretrained).eval()
+    except ImportError:
+        pass
+    if not _HUB_ID.match(spec):
+        raise ModelLoadError(f"unknown model {spec!r}: not a path, a timm model name or a Hub id")
+    try:
+        return _hf_pretrained(spec, trust_remote_code=trust_remote_code, revision=revision).eval()
+    except ModelLoadError as err:
+        raise ModelLoadError(
+            f"unknown model {spec!r}: no such file or directory, not a timm model name, and not "
+            f"loadable as a Hugging Face Hub id ({err}). Pass a local model directory, a "
+            "weights file with --arch, timm:NAME or hf:ID.") from err
+
+
+def _load_dir(path: Path, *, arch: str | None, trust_remote_code: bool,
+              revision: str | None) -> nn.Module | dict[str, torch.Tensor]:
+    config_file = path / "config.json"
+    if config_file.is_file():
+        cfg = _read_json(config_file)
+        if "model_type" in cfg or "auto_map" in cfg:
+            return _hf_pretrained(str(path), trust_remote_code=trust_remote_code,
+                                  revision=revision).eval()
+        if "architecture" in cfg:  # timm's save format
+            weights = next((path / f for f in _WEIGHT_FILES if (path / f).is_file()), None)
+            if weights is None:
+                raise ModelLoadError(f"{path} has a timm config.json but no weights "
+                                     f"({' or '.join(_WEIGHT_FILES)})")
+            return _timm_from_state_dict(cfg["architecture"], load_state_dict(weights)).eval()
+    weights = next((path / f for f in _WEIGHT_FILES if (path / f).is_file()), None)
+    if weights is not None:
+        return _from_weights(weights, arch, trust_remote_code=trust_remote_code, revision=revision)
+    raise ModelLoadError(
+        f"found no model in {path}: expected a config.json (a Transformers save_pretrained or timm "
+        f"directory) or a weights file ({', '.join(_WEIGHT_FILES)}) with --arch")
+
+
+def _from_weights(path: Path, arch: str | None, *, trust_remote_code: bool,
+                  revision: str | None) -> nn.Module | dict[str, torch.Tensor]:
+    if arch is None:
+        raise ModelLoadError(
+            f"{path} is a bare state dict; say which architecture it belongs to with --arch "
+            "timm:NAME, --arch hf:ID, --arch CONFIG_DIR (a Transformers config directory), or "
+            "--arch tensors to analyse the weight tensors as they are")
+    state = load_state_dict(path)
+    if arch == "tensors":
+        return state
+    if arch.startswith("timm:"):
+        return _timm_from_state_dict(arch[5:], state).eval()
+    source = arch[3:] if arch.startswith("hf:") else arch
+    return _hf_from_state_dict(source, state, trust_remote_code=trust_remote_code,
+                               revision=revision).eval()

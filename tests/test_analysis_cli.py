@@ -1,0 +1,361 @@
+"""`hf-tempbalance analyze` / `plot` and the analysis/plotting API behind them.
+
+Expected numbers are computed here independently: eigenvalues by per-slice SVD
+(``esd_reference``) and the metric formulas written out in NumPy.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from hf_tempbalance import TempBalance
+from hf_tempbalance.analysis import analyze_model
+from hf_tempbalance.cli import build_parser, esd_plot_name, main, run_analyze, run_plot
+from hf_tempbalance.history import HISTORY_FILE, append_history, read_history
+from hf_tempbalance.plotting import plot_esd
+from hf_tempbalance.spectral import esd_reference
+
+timm = pytest.importorskip("timm")
+pytest.importorskip("matplotlib")
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+RTOL = 2e-6  # the core's default relative zero threshold
+
+
+# ---------------------------------------------------------------------------- references
+def reference_metrics(weight: torch.Tensor) -> dict[str, float]:
+    """Median-xmin Hill alpha (authors' n, xmin counted), λ_max, α·log10 λ_max, Σλ/λ_max."""
+    eigs = esd_reference(weight.detach().double()).numpy()
+    top = eigs[-1]
+    kept = eigs[eigs > RTOL * top]
+    i = len(kept) // 2
+    tail = kept[i:]
+    n = len(tail)
+    alpha = 1.0 + n / (np.log(tail).sum() - n * math.log(kept[i]))
+    return {"alpha": alpha, "xmin": kept[i], "n_tail": n, "spectral_norm": top,
+            "alpha_weighted": alpha * math.log10(top), "stable_rank": eigs.sum() / top,
+            "num_eigs": len(eigs)}
+
+
+def read_csv(path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def assert_row_matches(row: dict[str, str], ref: dict[str, float], rtol: float) -> None:
+    assert int(row["num_eigs"]) == ref["num_eigs"]
+    assert int(row["n_tail"]) == ref["n_tail"]
+    for key in ("alpha", "xmin", "spectral_norm", "alpha_weighted", "stable_rank"):
+        assert float(row[key]) == pytest.approx(ref[key], rel=rtol), (row["name"], key)
+
+
+def is_png(path: pathlib.Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
+
+
+# ---------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory) -> pathlib.Path:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(1)
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=120,
+                                     n_positions=32, bos_token_id=0, eos_token_id=0)
+    path = tmp_path_factory.mktemp("gpt2")
+    transformers.GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
+def small_resnet(num_classes: int = 10) -> nn.Module:
+    torch.manual_seed(2)
+    return timm.create_model("test_resnet", num_classes=num_classes)
+
+
+def conv_linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+# ---------------------------------------------------------------------------- analyze
+def test_analyze_transformers_dir_matches_reference(gpt2_dir, tmp_path, capsys):
+    out_csv = tmp_path / "layers.csv"
+    code = main(["analyze", str(gpt2_dir), "--csv", str(out_csv), "--dtype", "float64",
+                 "--device", "cpu", "--no-progress"])
+    assert code == 0
+    rows = read_csv(out_csv)
+
+    weights = load_file(gpt2_dir / "model.safetensors")
+    # GPT-2's Conv1D stores (in, out); lm_head is tied to the token embedding (out = vocab).
+    expected = []
+    for block in range(2):
+        for part in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            name = f"transformer.h.{block}.{part}"
+            expected.append((name, weights[f"{name}.weight"].t()))
+    expected.append(("lm_head", weights["transformer.wte.weight"]))
+
+    assert [r["name"] for r in rows] == [name for name, _ in expected]
+    for row, (name, weight) in zip(rows, expected):
+        assert row["shape"] == "x".join(map(str, weight.shape))
+        assert_row_matches(row, reference_metrics(weight), rtol=1e-7)
+        # TempBalance's defaults leave the first and the last layer alone.
+        assert row["balanced"] == str(name not in (expected[0][0], expected[-1][0]))
+
+    printed = capsys.readouterr().out
+    alphas = np.array([float(r["alpha"]) for r in rows])
+    assert f"alpha mean {alphas.mean():.3f}, median {np.median(alphas):.3f}" in printed
+    in_range = int(((alphas >= 2) & (alphas <= 4)).sum())
+    assert f"alpha in [2, 4]: {in_range} of {len(rows)}" in printed
+    largest = rows[int(np.argmax(alphas))]["name"]
+    assert f"most under-trained (largest alpha): {largest} (" in printed
+
+
+def test_analyze_safetensors_with_timm_arch_and_esd_plots(tmp_path):
+    model = small_resnet(num_classes=10)  # not timm's default 1000: the head size is inferred
+    weights = tmp_path / "ckpt.safetensors"
+    save_file(model.state_dict(), weights)
+    out_csv, plots = tmp_path / "t.csv", tmp_path / "esd"
+    assert main(["analyze", str(weights), "--arch", "timm:test_resnet", "--csv", str(out_csv),
+                 "--device", "cpu", "--no-progress"]) == 0
+    rows = read_csv(out_csv)
+
+    layers = conv_linear_layers(model)
+    assert [r["name"] for r in rows] == [n for n, _ in layers]
+    assert rows[-1]["shape"] == "10x96"
+    for row, (_, module) in zip(rows, layers):
+        assert_row_matches(row, reference_metrics(module.weight), rtol=1e-4)  # fp32 Gram path
+
+    # One Figure-1 plot per analysed layer (here the layers --include picks).
+    args = build_parser().parse_args(["analyze", str(weights), "--arch", "timm:test_resnet",
+                                      "--include", r"^layer4\.|^fc$", "--plots", str(plots),
+                                      "--device", "cpu", "--no-progress"])
+    report = run_analyze(args)
+    picked = [n for n, _ in layers if n.startswith("layer4.") or n == "fc"]
+    assert [layer.name for layer in report.layers] == picked
+    assert sorted(p.name for p in plots.iterdir()) == sorted(esd_plot_name(n) for n in picked)
+    assert all(is_png(p) for p in plots.iterdir())
+    # Each draws the layer's ESD, its xmin and the fitted power law.
+    name, module = layers[12]
+    ref = reference_metrics(module.weight)
+    plot = plot_esd(report[name])
+    ax = plot.figure.axes[0]
+    stairs = ax.patches[0].get_data()
+    density, edges = stairs.values, stairs.edges
+    ref_eigs = esd_reference(module.weight.detach().double()).numpy()
+    np.testing.assert_allclose(plot.data["eigs"], ref_eigs, rtol=1e-4)
+    np.testing.assert_allclose(edges, np.geomspace(ref_eigs[0], ref_eigs[-1], len(edges)), rtol=1e-4)
+    ref_density, _ = np.histogram(plot.data["eigs"], bins=edges, density=True)
+    np.testing.assert_array_equal(density, ref_density)
+    xmin_line = [ln for ln in ax.lines if ln.get_linestyle() == "--"][0]
+    assert xmin_line.get_xdata()[0] == pytest.approx(ref["xmin"], rel=1e-4)
+    fit_line = [ln for ln in ax.lines if ln.get_linestyle() == "-"][0]
+    x, y = fit_line.get_xdata(), fit_line.get_ydata()
+    a, n, total = ref["alpha"], ref["n_tail"], ref["num_eigs"]
+    np.testing.assert_allclose(y, n / total * (a - 1) / ref["xmin"] * (x / ref["xmin"]) ** -a, rtol=1e-3)
+    assert x[0] == pytest.approx(ref["xmin"], rel=1e-4) and x[-1] == pytest.approx(ref_eigs[-1], rel=1e-4)
+
+
+def test_pt_checkpoint_and_bare_tensors(tmp_path):
+    model = small_resnet()
+    expected = analyze_model(model, layers="all").alphas
+    # A DDP-style checkpoint: weights nested under "state_dict" with a "module." prefix.
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+                "epoch": 3}, ckpt)
+    args = build_parser().parse_args(["analyze", str(ckpt), "--arch", "timm:test_resnet",
+                                      "--device", "cpu", "--no-progress"])
+    assert run_analyze(args).alphas == pytest.approx(expected, rel=1e-6)
+
+    # No architecture at all: every >=2-D weight tensor, same spectra.
+    args = build_parser().parse_args(["analyze", str(ckpt), "--arch", "tensors",
+                                      "--device", "cpu", "--no-progress"])
+    report = run_analyze(args)
+    assert report.alphas == pytest.approx(expected, rel=1e-6)
+    assert {layer.type for layer in report.layers} == {"tensor"}
+
+
+class _Marker:
+    """Unpickling this would create a file: proof that no code ran."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+def test_pickle_with_code_is_refused(tmp_path, capsys):
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"fc.weight": torch.randn(64, 64), "payload": _Marker(marker)}, evil)
+    assert main(["analyze", str(evil), "--arch", "tensors", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to load" in err and "weights_only" in err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda p: ["analyze", str(p / "missing" / "model.safetensors")], "no such file or directory"),
+    (lambda p: ["analyze", str(p / "no-dir")], "no such file or directory"),
+    (lambda p: ["analyze", "surely-not-a-model-xyz"], "unknown model"),
+    (lambda p: ["analyze", "timm:resnet_does_not_exist"], "unknown timm model"),
+    (lambda p: ["analyze", str(p)], "found no model"),
+    (lambda p: ["analyze", str(p / "w.safetensors")], "--arch"),
+    (lambda p: ["analyze", str(p / "w.safetensors"), "--arch", "timm:test_vit"], "check --arch"),
+    (lambda p: ["analyze", str(p / "w.safetensors"), "--arch", "timm:test_resnet",
+                "--include", "("], "not a valid regular expression"),
+    (lambda p: ["plot", str(p / "no-run")], "no such run directory"),
+    (lambda p: ["plot", str(p)], HISTORY_FILE),
+])
+def test_errors_exit_2_with_message(tmp_path, capsys, make_args, message):
+    save_file(small_resnet().state_dict(), tmp_path / "w.safetensors")
+    assert main(make_args(tmp_path)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_usage_error_exits_2():
+    with pytest.raises(SystemExit) as info:
+        main(["analyze"])
+    assert info.value.code == 2
+
+
+# ---------------------------------------------------------------------------- plot
+def run_tempbalance(run_dir: pathlib.Path, steps: int = 12) -> TempBalance:
+    """A short real TempBalance run on test_resnet (noise gradients: only the history matters).
+
+    The engine records each update's ``base_lr``; ``epoch`` is added as the Trainer callback does.
+    """
+    model = small_resnet()
+    tb = TempBalance(model, interval=3)
+    opt = torch.optim.SGD(tb.param_groups(lr=0.05), momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    tb.attach(opt)
+    gen = torch.Generator().manual_seed(0)
+    written = 0
+    for step in range(steps):
+        for param in model.parameters():
+            param.grad = torch.randn(param.shape, generator=gen)
+        opt.step()
+        sched.step()
+        rows = tb.history[written:]
+        for row in rows:
+            row["epoch"] = step / 4  # 4 steps per "epoch"
+        append_history(rows, run_dir / HISTORY_FILE)
+        written = len(tb.history)
+    save_file(model.state_dict(), run_dir / "model.safetensors")
+    return tb
+
+
+@pytest.fixture(scope="module")
+def tb_run(tmp_path_factory) -> tuple[pathlib.Path, list[str]]:
+    """(run dir, balanced layer names) of one TempBalance run; copy it before changing it."""
+    run = tmp_path_factory.mktemp("runs") / "tb"
+    run.mkdir()
+    return run, run_tempbalance(run).plan.names
+
+
+def expected_grid(rows: list[dict], field: str) -> tuple[list[str], np.ndarray]:
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    updates = sorted({r["update"] for r in rows})
+    grid = np.full((len(layers), len(updates)), np.nan)
+    for r in rows:
+        if field == "lr":
+            value = r["base_lr"] * r["multiplier"]
+        else:
+            value = r[field]
+        grid[layers.index(r["layer"]), updates.index(r["update"])] = value
+    return layers, grid
+
+
+def test_plot_draws_the_history(tb_run, tmp_path):
+    run, names = tb_run
+    out = tmp_path / "figs"
+    rows = read_history(run)
+    assert len({r["update"] for r in rows}) == 4 and len(rows) == 4 * len(names)
+
+    chosen = [names[0], names[-1]]
+    args = build_parser().parse_args(["plot", str(run), "--out", str(out), "--layers", *chosen])
+    plots = run_plot(args)  # one run: no distribution figure
+    assert sorted(plots) == ["tb_heatmaps.png", "tb_layer_curves.png"]
+    assert all(is_png(out / name) for name in plots)
+
+    layers, lr = expected_grid(rows, "lr")
+    _, alpha = expected_grid(rows, "value")
+    epochs = np.array(sorted({r["epoch"] for r in rows}))
+
+    heat = plots["tb_heatmaps.png"]
+    lr_mesh = heat.figure.axes[0].collections[0]
+    alpha_mesh = heat.figure.axes[1].collections[0]  # axes: lr, alpha, then the two colorbars
+    np.testing.assert_allclose(np.ma.filled(lr_mesh.get_array(), np.nan), lr)
+    np.testing.assert_allclose(np.ma.filled(alpha_mesh.get_array(), np.nan), alpha)
+    centres = lr_mesh.get_coordinates()[0, :, 0]
+    np.testing.assert_allclose((centres[1:] + centres[:-1]) / 2, epochs)
+    labels = [t.get_text() for t in heat.figure.axes[0].get_yticklabels()]
+    assert labels == layers
+
+    curves = plots["tb_layer_curves.png"].figure.axes
+    for ax, grid in ((curves[0], lr), (curves[1], alpha)):
+        assert [ln.get_label() for ln in ax.lines] == chosen
+        for line, name in zip(ax.lines, chosen):
+            np.testing.assert_allclose(line.get_xdata(), epochs)
+            np.testing.assert_allclose(line.get_ydata(), grid[layers.index(name)])
+
+    # Without base_lr the LR panels show the multipliers.
+    plain = tmp_path / "plain"
+    append_history([{k: v for k, v in r.items() if k != "base_lr"} for r in rows],
+                   plain / HISTORY_FILE)
+    heat = run_plot(build_parser().parse_args(["plot", str(plain), "--out", str(out)]))
+    heat = heat["plain_heatmaps.png"]
+    _, mult = expected_grid(rows, "multiplier")
+    np.testing.assert_allclose(np.ma.filled(heat.figure.axes[0].collections[0].get_array(), np.nan), mult)
+    assert heat.data["lr_label"] == "LR multiplier"
+
+
+def test_plot_alpha_distributions_tb_vs_baseline(tb_run, tmp_path):
+    tb_run, names = tb_run[0], tb_run[1]
+    tb_run = pathlib.Path(shutil.copytree(tb_run, tmp_path / "tb"))
+    base_run, out = tmp_path / "baseline", tmp_path / "figs"
+    base_run.mkdir()
+    baseline = small_resnet()
+    save_file(baseline.state_dict(), base_run / "model.safetensors")
+
+    args = build_parser().parse_args(["plot", str(tb_run), str(base_run), "--out", str(out),
+                                      "--arch", "timm:test_resnet", "--device", "cpu"])
+    plot = run_plot(args)["alpha_distributions.png"]
+    assert is_png(out / "alpha_distributions.png") and is_png(out / "tb_heatmaps.png")
+    # Both runs measured from their saved final models, on the layers TempBalance balanced.
+    trained = small_resnet()
+    trained.load_state_dict(load_file(tb_run / "model.safetensors"))
+    expect = {
+        "tb": [reference_metrics(dict(trained.named_modules())[n].weight)["alpha"] for n in names],
+        "baseline": [reference_metrics(dict(baseline.named_modules())[n].weight)["alpha"]
+                     for n in names],
+    }
+    edges = plot.data["edges"]
+    for ax, label in zip(plot.figure.axes, ("tb", "baseline")):
+        alphas = np.asarray(expect[label])
+        np.testing.assert_allclose(plot.data[label]["alphas"], alphas, rtol=1e-4)
+        stairs = ax.patches[0].get_data()
+        counts, drawn_edges = stairs.values, stairs.edges
+        np.testing.assert_array_equal(drawn_edges, edges)
+        np.testing.assert_array_equal(counts, np.histogram(plot.data[label]["alphas"], bins=edges)[0])
+        marks = [ln.get_xdata()[0] for ln in ax.lines]  # mean, median, alpha = 2
+        np.testing.assert_allclose(marks, [alphas.mean(), np.median(alphas), 2.0], rtol=1e-4)
+
+    # A run without a saved model falls back to its last update; a baseline CSV from `analyze`.
+    (tb_run / "model.safetensors").unlink()
+    base_csv = tmp_path / "base.csv"
+    assert main(["analyze", str(base_run / "model.safetensors"), "--arch", "timm:test_resnet",
+                 "--csv", str(base_csv), "--device", "cpu", "--no-progress"]) == 0
+    args = build_parser().parse_args(["plot", str(tb_run), "--baseline-alphas", str(base_csv),
+                                      "--out", str(out), "--device", "cpu"])
+    plot = run_plot(args)["alpha_distributions.png"]
+    last = [r["value"] for r in read_history(tb_run) if r["update"] == 3]
+    np.testing.assert_allclose(plot.data["tb"]["alphas"], last)
+    np.testing.assert_allclose(plot.data["base"]["alphas"], expect["baseline"], rtol=1e-4)
