@@ -32,7 +32,7 @@ class TempBalanceConfig:
         interval: recompute multipliers every ``interval`` optimizer steps, or ``"epoch"`` (paper:
             once per epoch; App. H: more often helps mildly). Between updates they are held.
         start_step: first optimizer step at which multipliers are computed; before it every
-            layer uses the base LR (App. H: starting after the first epoch loses nothing).
+            layer uses the base LR (App. F, Fig. 21: starting after the first epoch loses nothing).
         layer_types: which module kinds are balanced (``linear``, ``conv``, ``embedding``).
         include: regexes; if given, only modules whose name matches one (``re.search``) count.
         exclude: regexes; modules whose name matches one are never balanced.
