@@ -1,0 +1,345 @@
+#!/usr/bin/env python
+"""Image classification with timm CNNs and TempBalance, on the Hugging Face ``Trainer``.
+
+The paper's main experiments (Zhou et al., NeurIPS 2023, Section 4 and Appendix D) as one script:
+CIFAR-10/100, SVHN, TinyImageNet (Hub) and Fashion-MNIST (offline, Debian package); ResNet18/34,
+VGG16/19 (small-image versions), WRN-16-8/28-6 or any timm model; the methods of
+``image_methods.py`` (``cal``, ``tb``, ``snr``, ``tb+snr``, ``sgdr``, ``lars``, ``lamb``, ``sgdp``,
+``lookahead``, ``adam``, ``adamw``, ``tb+sgdp``) with the paper's defaults (batch 128, 200
+epochs, weight decay 5e-4, cosine LR, the tuned initial LR of each method). TempBalance is one
+line: ``Trainer(..., callbacks=[TempBalanceCallback(config)])``.
+
+Every ``TrainingArguments`` flag works too (``--bf16``, ``--dataloader_num_workers``...);
+``--lr`` and ``--epochs`` are short for ``--learning_rate`` and ``--num_train_epochs``.
+
+Examples::
+
+    # CIFAR-100 ResNet18, CAL vs TempBalance, the paper's five seeds (a GPU job)
+    python recipes/image_classification.py --dataset cifar100 --model resnet18 \\
+        --method cal tb --seeds 43 37 13 51 71 --output-dir runs/c100_r18
+
+    # a quick offline run (Fashion-MNIST is fetched into data/ through apt-get download)
+    python recipes/image_classification.py --dataset fashion_mnist --model resnet18 --width 0.25 \\
+        --method tb --epochs 2 --max-train-samples 2000 --output-dir runs/quick
+
+Each run writes ``results.json`` (config, final and per-epoch test accuracy, TempBalance layers
+and history) and ``tempbalance_history.jsonl`` to its output dir. Several methods, ``--lrs`` or
+``--seeds`` make a grid: runs go to ``OUTPUT_DIR/METHOD/lrLR/seedSEED/`` and the paper-style
+table (mean ± std per method and LR, best LR in bold) and bar plot to ``OUTPUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from image_data import get_spec, load_image_dataset, with_image_transforms
+from image_methods import (
+    PAPER_SEEDS,
+    build_optimizer,
+    get_method,
+    paper_lr,
+    paper_snr_strength,
+    paper_tb_range,
+    tempbalance_config,
+)
+from image_sweep import aggregate, format_table, write_sweep_outputs
+from models.cifar_timm import PAPER_MODELS
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers.modeling_outputs import ImageClassifierOutput
+
+from hf_tempbalance import TempBalanceCallback
+from hf_tempbalance.history import HISTORY_FILE, read_history
+from hf_tempbalance.metrics import load_metric
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class ModelArguments:
+    model: str = field(default="resnet18", metadata={
+        "help": "resnet18, resnet34, vgg16, vgg19 (small-image versions, registered in timm as "
+                "cifar_*), wrn16_8, wrn28_6, or any timm model name (e.g. resnet18.a1_in1k for "
+                "timm's ImageNet ResNet18)"})
+    width: float = field(default=1.0, metadata={
+        "help": "channel multiplier of the paper's models (paper: 0.5, 1, 1.5)"})
+    drop_rate: float = field(default=0.0, metadata={"help": "dropout before the classifier"})
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(default="cifar100", metadata={
+        "help": "cifar100, cifar10, svhn, tiny_imagenet (Hub) or fashion_mnist (offline)"})
+    data_dir: str = field(default="data", metadata={
+        "help": "cache folder for locally obtained data (Fashion-MNIST)"})
+    max_train_samples: int | None = field(default=None, metadata={
+        "help": "use only the first N training images (quick runs)"})
+    max_eval_samples: int | None = field(default=None, metadata={
+        "help": "use only the first N test images"})
+
+
+@dataclass
+class MethodArguments:
+    method: list[str] = field(default_factory=lambda: ["tb"], metadata={
+        "help": "one or more of cal, tb, snr, tb+snr, sgdr, lars, lamb, sgdp, lookahead, adam, "
+                "adamw, tb+sgdp"})
+    lrs: list[float] = field(default_factory=list, metadata={
+        "help": "grid of initial LRs (default: --lr, else the paper's LR of each method)"})
+    seeds: list[int] = field(default_factory=list, metadata={
+        "help": f"grid of seeds (default: --seed; the paper's: {' '.join(map(str, PAPER_SEEDS))})"})
+    s1: float | None = field(default=None, metadata={
+        "help": "smallest TempBalance LR multiplier (default: paper's, 0.5 or 0.6)"})
+    s2: float | None = field(default=None, metadata={
+        "help": "largest TempBalance LR multiplier (default: paper's, 1.5 or 1.4)"})
+    snr_strength: float | None = field(default=None, metadata={
+        "help": "λ_sr of snr / tb+snr (default: the paper's value for the dataset and model)"})
+    tb_interval: str = field(default="epoch", metadata={
+        "help": "TempBalance update interval: 'epoch' (paper) or a number of optimizer steps"})
+    sgdr_t0: int = field(default=10, metadata={"help": "SGDR: epochs of the first cycle"})
+    sgdr_t_mult: int = field(default=2, metadata={"help": "SGDR: cycle length multiplier"})
+    lookahead_k: int = field(default=5, metadata={"help": "Lookahead: fast steps per sync"})
+    lookahead_alpha: float = field(default=0.5, metadata={"help": "Lookahead: slow step size"})
+    rerun: bool = field(default=False, metadata={
+        "help": "in a grid, rerun runs whose results.json already exists (default: reuse them)"})
+
+
+#: The paper's training setting (Appendix D) as parser defaults; any flag overrides them.
+#: learning_rate=None means "the paper's LR for this method, dataset and model".
+TRAINING_DEFAULTS = {
+    "output_dir": "runs/image", "learning_rate": None, "num_train_epochs": 200,
+    "per_device_train_batch_size": 128, "per_device_eval_batch_size": 256,
+    "weight_decay": 5e-4, "optim": "sgd", "optim_args": "momentum=0.9",
+    "lr_scheduler_type": "cosine", "max_grad_norm": 0.0, "eval_strategy": "epoch",
+    "logging_strategy": "epoch", "save_strategy": "no", "report_to": "none",
+    "remove_unused_columns": False, "seed": PAPER_SEEDS[0],
+}
+_ALIASES = {"--lr": "--learning_rate", "--epochs": "--num_train_epochs"}
+
+
+def _expand_aliases(argv: list[str]) -> list[str]:
+    out = []
+    for arg in argv:
+        flag, sep, value = arg.partition("=")
+        out.append(_ALIASES.get(flag, flag) + sep + value if flag in _ALIASES else arg)
+    return out
+
+
+def parse_args(argv: list[str] | None = None):
+    """``(ModelArguments, DataArguments, MethodArguments, TrainingArguments)`` from the CLI."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, MethodArguments, TrainingArguments))
+    parser.set_defaults(**TRAINING_DEFAULTS)
+    argv = _expand_aliases(sys.argv[1:] if argv is None else list(argv))
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        return parser.parse_yaml_file(argv[0]) if argv[0].endswith(("yaml", "yml")) \
+            else parser.parse_json_file(argv[0])
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+class ImageClassifier(nn.Module):
+    """A timm model as the Trainer expects it: ``forward(pixel_values, labels)`` -> loss, logits."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None):
+        logits = self.net(pixel_values)
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return ImageClassifierOutput(loss=loss, logits=logits)
+
+
+def create_model(name: str, num_classes: int, in_chans: int, width: float = 1.0,
+                 drop_rate: float = 0.0) -> nn.Module:
+    """A timm model: the paper's names map to their small-image versions (``PAPER_MODELS``)."""
+    timm_name = PAPER_MODELS.get(name.lower(), name)
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans,
+                              "drop_rate": drop_rate}
+    if timm_name in PAPER_MODELS.values():
+        kwargs["width"] = width
+    elif width != 1.0:
+        raise ValueError(f"--width applies to the paper's models {sorted(PAPER_MODELS)}, not to "
+                         f"the timm model {name!r}")
+    if not timm.is_model(timm_name.split(".")[0]):
+        raise ValueError(f"unknown model {name!r}: use one of {sorted(PAPER_MODELS)} or a timm "
+                         "model name (timm.list_models())")
+    return timm.create_model(timm_name, pretrained=False, **kwargs)
+
+
+def accuracy_metrics(metric: Any):
+    """``compute_metrics`` for the Trainer from an ``evaluate`` accuracy metric."""
+    def compute(eval_pred) -> dict[str, float]:
+        return metric.compute(predictions=eval_pred.predictions, references=eval_pred.label_ids)
+    return compute
+
+
+def _predicted_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    # Keep argmax, not (N, classes) logits, across the evaluation loop.
+    return logits.argmax(dim=-1)
+
+
+def epoch_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-epoch rows from ``trainer.state.log_history``: train loss, LR, test loss and accuracy."""
+    rows: dict[int, dict[str, Any]] = {}
+    keys = {"loss": "train_loss", "learning_rate": "learning_rate", "eval_loss": "test_loss",
+            "eval_accuracy": "test_accuracy"}
+    for entry in log_history:
+        if "epoch" not in entry:
+            continue
+        epoch = int(round(entry["epoch"]))
+        for key, name in keys.items():
+            if key in entry:
+                rows.setdefault(epoch, {"epoch": epoch})[name] = entry[key]
+    return [rows[e] for e in sorted(rows)]
+
+
+def prepare_data(data_args: DataArguments):
+    """``(spec, train, test)``: transformed datasets, cut to ``max_*_samples``."""
+    spec = get_spec(data_args.dataset)
+    raw = load_image_dataset(spec, data_args.data_dir)
+    train, test = raw[spec.train_split], raw[spec.test_split]
+    if data_args.max_train_samples is not None:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    if data_args.max_eval_samples is not None:
+        test = test.select(range(min(data_args.max_eval_samples, len(test))))
+    return spec, with_image_transforms(train, spec, True), with_image_transforms(test, spec, False)
+
+
+def train_one(method: str, model_args: ModelArguments, data_args: DataArguments,
+              method_args: MethodArguments, args: TrainingArguments, data=None) -> dict[str, Any]:
+    """Train and evaluate one (method, lr, seed); write and return its ``results.json`` content.
+
+    ``args.learning_rate`` must be set (``None`` is resolved to the paper's LR by :func:`run`).
+    """
+    spec, train, test = data if data is not None else prepare_data(data_args)
+    set_seed(args.seed)  # before the model is built: same init for every method at a seed
+    net = create_model(model_args.model, spec.num_classes, spec.channels, model_args.width,
+                       model_args.drop_rate)
+    model = ImageClassifier(net)
+
+    optimizer, scheduler = build_optimizer(
+        method, model, args, num_examples=len(train), sgdr_t0=method_args.sgdr_t0,
+        sgdr_t_mult=method_args.sgdr_t_mult, lookahead_k=method_args.lookahead_k,
+        lookahead_alpha=method_args.lookahead_alpha)
+    s1, s2 = paper_tb_range(method, spec.name, model_args.model)
+    interval = method_args.tb_interval
+    tb_config = tempbalance_config(
+        method, s1=method_args.s1 or s1, s2=method_args.s2 or s2,
+        snr_strength=(method_args.snr_strength if method_args.snr_strength is not None
+                      else paper_snr_strength(method, spec.name, model_args.model)),
+        interval=int(interval) if interval.isdigit() else interval)
+    if tb_config is not None:
+        # Per-layer values go to the history file; the console logs keep the summary only.
+        tb_config = tb_config.replace(log_layers=False)
+    callbacks = [TempBalanceCallback(tb_config)] if tb_config else []
+
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train, eval_dataset=test,
+        compute_metrics=accuracy_metrics(load_metric("accuracy")),
+        preprocess_logits_for_metrics=_predicted_labels,
+        optimizers=(optimizer, scheduler), callbacks=callbacks,
+    )
+    train_result = trainer.train()
+    history = epoch_history(trainer.state.log_history)
+    if not history or "test_accuracy" not in history[-1]:
+        final = trainer.evaluate()
+        history.append({"epoch": int(round(trainer.state.epoch or 0)),
+                        "test_loss": final["eval_loss"], "test_accuracy": final["eval_accuracy"]})
+
+    accuracies = [row["test_accuracy"] for row in history if "test_accuracy" in row]
+    results: dict[str, Any] = {
+        "dataset": spec.name, "model": model_args.model, "timm_model": net.pretrained_cfg.get(
+            "architecture", model_args.model), "width": model_args.width, "method": method,
+        "seed": args.seed, "lr": args.learning_rate, "epochs": args.num_train_epochs,
+        "batch_size": args.per_device_train_batch_size, "weight_decay": args.weight_decay,
+        "train_samples": len(train), "test_samples": len(test), "steps": trainer.state.global_step,
+        "test_accuracy": accuracies[-1], "best_test_accuracy": max(accuracies),
+        "train_runtime_s": train_result.metrics.get("train_runtime"),
+        "output_dir": args.output_dir, "history": history,
+    }
+    if tb_config is not None:
+        engine = callbacks[0].engine
+        history_path = os.path.join(args.output_dir, HISTORY_FILE)
+        results["tempbalance"] = {
+            "config": tb_config.to_dict(), "layers": engine.plan.names,
+            "skipped": engine.plan.skipped, "updates": engine.num_updates,
+            "history": read_history(history_path) if os.path.exists(history_path) else engine.history,
+        }
+    if trainer.is_world_process_zero():
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, RESULTS_FILE), "w", encoding="utf-8") as fh:
+            json.dump(results, fh, indent=1, default=_json_default)
+    return results
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def grid(method_args: MethodArguments, args: TrainingArguments, dataset: str,
+         model: str) -> list[tuple[str, float, int]]:
+    """The (method, lr, seed) runs: ``--lrs`` x ``--seeds``; LR default: ``--lr``, else paper's."""
+    seeds = method_args.seeds or [args.seed]
+    runs = []
+    for method in method_args.method:
+        get_method(method)  # fail before any training on a typo
+        lrs = method_args.lrs or [args.learning_rate if args.learning_rate is not None
+                                  else paper_lr(method, dataset, model)]
+        runs += [(method.lower(), float(lr), int(seed)) for lr in lrs for seed in seeds]
+    return runs
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, method_args: MethodArguments,
+        args: TrainingArguments) -> list[dict[str, Any]]:
+    """Run the grid (one run: straight into ``args.output_dir``); return every run's results."""
+    spec = get_spec(data_args.dataset)
+    runs = grid(method_args, args, spec.name, model_args.model)
+    data = prepare_data(data_args)
+    single = len(runs) == 1
+    results = []
+    for method, lr, seed in tqdm(runs, desc="runs", disable=single or not args.should_log):
+        out = args.output_dir if single else os.path.join(args.output_dir, method, f"lr{lr:g}",
+                                                          f"seed{seed}")
+        done = os.path.join(out, RESULTS_FILE)
+        if not single and not method_args.rerun and os.path.exists(done):
+            with open(done, encoding="utf-8") as fh:
+                results.append(json.load(fh))
+            logger.info("reusing %s (--rerun to train it again)", done)
+            continue
+        run_args = dataclasses.replace(args, learning_rate=lr, seed=seed, output_dir=out)
+        results.append(train_one(method, model_args, data_args, method_args, run_args, data))
+    if args.should_save and not single:
+        title = (f"{spec.name} / {model_args.model} (width {model_args.width:g}), "
+                 f"{args.num_train_epochs:g} epochs, test accuracy (%) mean ± std over seeds")
+        paths = write_sweep_outputs(results, args.output_dir, title)
+        logger.info("wrote %s", ", ".join(paths.values()))
+    return results
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    model_args, data_args, method_args, args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if args.should_log else logging.WARNING)
+    results = run(model_args, data_args, method_args, args)
+    if args.should_log:
+        print("\ntest accuracy (%), mean ± std over seeds (best LR per method in bold)")
+        print(format_table(aggregate(results)))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Aggregate a grid of runs into the paper's table (mean ± std per method and LR) and bar plot.
+
+Each run contributes its ``results.json`` (method, lr, seed, test_accuracy). Per (method, lr):
+mean and sample standard deviation (``ddof=1``; 0 for a single seed) of the final test accuracy
+in percent. A method's *best LR* is the one with the highest mean (the paper's bold entry); the
+bar plot (like Figure 3) shows each method at its best LR with ±1 std error bars.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Cell", "aggregate", "best_lrs", "format_table", "plot_bars", "write_sweep_outputs"]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Mean ± std test accuracy (percent) of one (method, lr) over its seeds."""
+
+    method: str
+    lr: float
+    mean: float
+    std: float
+    seeds: tuple[int, ...]
+    values: tuple[float, ...]
+
+    def format(self) -> str:
+        return f"{self.mean:.2f} ± {self.std:.2f}"
+
+
+def aggregate(results: Iterable[dict[str, Any]]) -> list[Cell]:
+    """One :class:`Cell` per (method, lr), in first-seen order of methods and ascending LR."""
+    groups: dict[tuple[str, float], list[tuple[int, float]]] = {}
+    order: list[str] = []
+    for run in results:
+        key = (run["method"], float(run["lr"]))
+        if run["method"] not in order:
+            order.append(run["method"])
+        groups.setdefault(key, []).append((int(run["seed"]), 100.0 * float(run["test_accuracy"])))
+    cells = []
+    for (method, lr), runs in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
+        values = [v for _, v in runs]
+        mean = sum(values) / len(values)
+        std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+               if len(values) > 1 else 0.0)
+        cells.append(Cell(method, lr, mean, std, tuple(s for s, _ in runs), tuple(values)))
+    return cells
+
+
+def best_lrs(cells: Sequence[Cell]) -> dict[str, Cell]:
+    """The cell with the highest mean accuracy for each method (ties: the smaller LR)."""
+    best: dict[str, Cell] = {}
+    for cell in cells:
+        if cell.method not in best or cell.mean > best[cell.method].mean:
+            best[cell.method] = cell
+    return best
+
+
+def format_table(cells: Sequence[Cell]) -> str:
+    """Markdown table: one row per method, one column per LR, best LR per method in bold."""
+    lrs = sorted({c.lr for c in cells})
+    best = best_lrs(cells)
+    by_key = {(c.method, c.lr): c for c in cells}
+    header = ["method"] + [f"lr={lr:g}" for lr in lrs] + ["best", "seeds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, top in best.items():
+        row = [method]
+        for lr in lrs:
+            cell = by_key.get((method, lr))
+            text = "" if cell is None else cell.format()
+            row.append(f"**{text}**" if cell is top else text)
+        row += [f"{top.format()} (lr={top.lr:g})", str(len(top.seeds))]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot_bars(cells: Sequence[Cell], path: str | os.PathLike, title: str = "") -> str:
+    """Bar plot of each method at its best LR (mean ± std test accuracy), saved as PNG."""
+    from matplotlib.figure import Figure
+
+    best = list(best_lrs(cells).values())
+    fig = Figure(figsize=(1.2 + 1.1 * len(best), 3.4), layout="constrained")
+    ax = fig.add_subplot()
+    means = [c.mean for c in best]
+    ax.bar(range(len(best)), means, yerr=[c.std for c in best], capsize=4,
+           color=[f"C{i}" for i in range(len(best))])
+    ax.set_xticks(range(len(best)), [f"{c.method}\nlr={c.lr:g}" for c in best])
+    spread = max(c.mean + c.std for c in best) - min(c.mean - c.std for c in best)
+    low = min(c.mean - c.std for c in best) - max(0.5, spread)
+    ax.set_ylim(max(0.0, low), min(100.0, max(c.mean + c.std for c in best) + max(0.3, spread / 2)))
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title or "best LR per method, mean ± std over seeds", fontsize=9)
+    for i, c in enumerate(best):
+        ax.text(i, c.mean + c.std, f"{c.mean:.2f}", ha="center", va="bottom", fontsize=8)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return os.fspath(path)
+
+
+def write_sweep_outputs(results: Sequence[dict[str, Any]], output_dir: str | os.PathLike,
+                        title: str = "") -> dict[str, str]:
+    """Write ``sweep_table.md``, ``sweep_summary.json`` and ``sweep_bars.png``; return the paths."""
+    cells = aggregate(results)
+    os.makedirs(output_dir, exist_ok=True)
+    table = format_table(cells)
+    paths = {"table": os.path.join(output_dir, "sweep_table.md"),
+             "summary": os.path.join(output_dir, "sweep_summary.json"),
+             "plot": os.path.join(output_dir, "sweep_bars.png")}
+    with open(paths["table"], "w", encoding="utf-8") as fh:
+        fh.write((f"{title}\n\n" if title else "") + table + "\n")
+    best = best_lrs(cells)
+    summary = {"cells": [{"method": c.method, "lr": c.lr, "mean": c.mean, "std": c.std,
+                          "seeds": list(c.seeds), "values": list(c.values),
+                          "best": best[c.method] is c} for c in cells],
+               "runs": [{k: r.get(k) for k in ("method", "lr", "seed", "test_accuracy",
+                                               "output_dir")} for r in results]}
+    with open(paths["summary"], "w", encoding="utf-8") as fh:
+        json.dump(summary, fh, indent=2)
+    plot_bars(cells, paths["plot"], title)
+    return paths

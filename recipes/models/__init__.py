@@ -1,0 +1,1 @@
+"""Model definitions used by the recipes (importable once ``recipes/`` is on ``sys.path``)."""
