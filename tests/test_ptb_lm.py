@@ -6,8 +6,10 @@ import contextlib
 import importlib.util
 import json
 import math
+import os
 import random
 import re
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -391,3 +393,38 @@ def test_recipe_end_to_end_and_resume_reproduces_the_run(tmp_path, fresh_acceler
     again = read_history(tmp_path / "resumed")
     assert [(r["step"], r["layer"]) for r in again] == [(r["step"], r["layer"]) for r in rows]
     assert [r["multiplier"] for r in again] == pytest.approx([r["multiplier"] for r in rows], rel=1e-9)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, fresh_accelerate):
+    """2 CPU ranks x 2 streams == 1 process x 4 streams (no dropout): same data split, averaged
+    gradients, bit-identical TempBalance multipliers on both ranks, so the same run."""
+    data = make_corpus(tmp_path / "data")
+    common = ["--max_steps", "4", "--eval_steps", "4", "--save_steps", "0", "--method", "tb",
+              "--dropout", "0"]
+    single = ptb_lm.main(recipe_args(data, tmp_path / "one", *common))
+    args = recipe_args(data, tmp_path / "two", *common)
+    args[args.index("--per_device_train_batch_size") + 1] = "2"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(RECIPES / "ptb_lm.py"), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["num_processes"] == 2 and two["train_streams"] == single["train_streams"] == 4
+    assert proc.stdout.count("test ppl") == 1  # main process only
+    assert two["valid_ppl"] == pytest.approx(single["valid_ppl"], rel=1e-4)
+    assert two["test_ppl"] == pytest.approx(single["test_ppl"], rel=1e-4)
+    assert two["tempbalance"]["multipliers"] == pytest.approx(single["tempbalance"]["multipliers"], rel=1e-4)
+    from hf_tempbalance.history import read_history
+    assert len(read_history(tmp_path / "two")) == len(read_history(tmp_path / "one")) == 8
