@@ -96,11 +96,16 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
         }
 
     # ------------------------------------------------------------------ set-up
-    def on_init_end(self, args, state, control, **kwargs):
-        # The handler that calls this event is our direct caller (CallbackHandler.call_event).
-        handler = sys._getframe(1).f_locals.get("self")
+    def _place_before_reporters(self) -> None:
+        # The handler running the current event is our caller's caller (CallbackHandler.call_event
+        # -> on_init_end/on_train_begin -> here). Restoring callback states from a checkpoint
+        # re-appends a fresh instance at the end, hence the second call at on_train_begin.
+        handler = sys._getframe(2).f_locals.get("self")
         if isinstance(handler, CallbackHandler):
             place_before_reporters(handler, self)
+
+    def on_init_end(self, args, state, control, **kwargs):
+        self._place_before_reporters()
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: nn.Module | None = None, optimizer: Any = None,
@@ -110,6 +115,7 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
                 "TempBalanceCallback found no optimizer at on_train_begin; DeepSpeed builds its optimizer "
                 "inside its engine, which TempBalance cannot reach. Train with DDP (accelerate launch / "
                 "torchrun) or on one device.")
+        self._place_before_reporters()
         self.engine = engine = TempBalance(model, self.config)
         if self.config.interval == "epoch":
             engine.steps_per_epoch = _steps_per_epoch(args, train_dataloader)
@@ -215,10 +221,11 @@ def place_before_reporters(handler: CallbackHandler, callback: TrainerCallback) 
     callbacks = handler.callbacks
     if callback not in callbacks:
         return
-    callbacks.remove(callback)
-    first = next((i for i, cb in enumerate(callbacks)
-                  if type(cb).__module__.startswith("transformers.integrations")), len(callbacks))
-    callbacks.insert(first, callback)
+    here = callbacks.index(callback)
+    first = next((i for i, cb in enumerate(callbacks[:here])
+                  if type(cb).__module__.startswith("transformers.integrations")), None)
+    if first is not None:
+        callbacks.insert(first, callbacks.pop(here))
 
 
 def _labelled_groups(model: nn.Module, args: TrainingArguments, config: TempBalanceConfig) -> list[dict]:
