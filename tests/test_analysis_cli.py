@@ -318,44 +318,84 @@ def test_plot_draws_the_history(tb_run, tmp_path):
 
 
 def test_plot_alpha_distributions_tb_vs_baseline(tb_run, tmp_path):
-    tb_run, names = tb_run[0], tb_run[1]
-    tb_run = pathlib.Path(shutil.copytree(tb_run, tmp_path / "tb"))
-    base_run, out = tmp_path / "baseline", tmp_path / "figs"
-    base_run.mkdir()
+    names = tb_run[1]
+    tb_dir = pathlib.Path(shutil.copytree(tb_run[0], tmp_path / "tb"))
+    base_dir, out = tmp_path / "baseline", tmp_path / "figs"
+    base_dir.mkdir()
     baseline = small_resnet()
-    save_file(baseline.state_dict(), base_run / "model.safetensors")
+    save_file(baseline.state_dict(), base_dir / "model.safetensors")
+    trained = small_resnet()
+    trained.load_state_dict(load_file(tb_dir / "model.safetensors"))
+    modules = {"tb": dict(trained.named_modules()), "baseline": dict(baseline.named_modules())}
+    expect = {label: np.array([reference_metrics(mods[n].weight)["alpha"] for n in names])
+              for label, mods in modules.items()}
 
-    args = build_parser().parse_args(["plot", str(tb_run), str(base_run), "--out", str(out),
+    # Both runs measured from their saved final models (bare state dicts: --arch), on the
+    # layers TempBalance balanced.
+    args = build_parser().parse_args(["plot", str(tb_dir), str(base_dir), "--out", str(out),
                                       "--arch", "timm:test_resnet", "--device", "cpu"])
     plot = run_plot(args)["alpha_distributions.png"]
-    assert is_png(out / "alpha_distributions.png") and is_png(out / "tb_heatmaps.png")
-    # Both runs measured from their saved final models, on the layers TempBalance balanced.
-    trained = small_resnet()
-    trained.load_state_dict(load_file(tb_run / "model.safetensors"))
-    expect = {
-        "tb": [reference_metrics(dict(trained.named_modules())[n].weight)["alpha"] for n in names],
-        "baseline": [reference_metrics(dict(baseline.named_modules())[n].weight)["alpha"]
-                     for n in names],
-    }
+    assert is_png(out / "alpha_distributions.png")
     edges = plot.data["edges"]
     for ax, label in zip(plot.figure.axes, ("tb", "baseline")):
-        alphas = np.asarray(expect[label])
+        alphas = expect[label]
         np.testing.assert_allclose(plot.data[label]["alphas"], alphas, rtol=1e-4)
         stairs = ax.patches[0].get_data()
-        counts, drawn_edges = stairs.values, stairs.edges
-        np.testing.assert_array_equal(drawn_edges, edges)
-        np.testing.assert_array_equal(counts, np.histogram(plot.data[label]["alphas"], bins=edges)[0])
+        np.testing.assert_array_equal(stairs.edges, edges)
+        np.testing.assert_array_equal(stairs.values, np.histogram(plot.data[label]["alphas"], bins=edges)[0])
         marks = [ln.get_xdata()[0] for ln in ax.lines]  # mean, median, alpha = 2
         np.testing.assert_allclose(marks, [alphas.mean(), np.median(alphas), 2.0], rtol=1e-4)
 
     # A run without a saved model falls back to its last update; a baseline CSV from `analyze`.
-    (tb_run / "model.safetensors").unlink()
+    (tb_dir / "model.safetensors").unlink()
     base_csv = tmp_path / "base.csv"
-    assert main(["analyze", str(base_run / "model.safetensors"), "--arch", "timm:test_resnet",
-                 "--csv", str(base_csv), "--device", "cpu", "--no-progress"]) == 0
-    args = build_parser().parse_args(["plot", str(tb_run), "--baseline-alphas", str(base_csv),
+    analyze_model(baseline).to_csv(base_csv)
+    args = build_parser().parse_args(["plot", str(tb_dir), "--baseline-alphas", str(base_csv),
                                       "--out", str(out), "--device", "cpu"])
     plot = run_plot(args)["alpha_distributions.png"]
-    last = [r["value"] for r in read_history(tb_run) if r["update"] == 3]
+    last = [r["value"] for r in read_history(tb_dir) if r["update"] == 3]
     np.testing.assert_allclose(plot.data["tb"]["alphas"], last)
     np.testing.assert_allclose(plot.data["base"]["alphas"], expect["baseline"], rtol=1e-4)
+
+@pytest.mark.slow
+def test_trainer_runs_end_to_end(gpt2_dir, tmp_path):
+    """A real Trainer + TempBalanceCallback run and a baseline run, then `hf-tempbalance plot`."""
+    transformers = pytest.importorskip("transformers")
+    from hf_tempbalance import TempBalanceCallback
+
+    gen = torch.Generator().manual_seed(3)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 120, (16, 12), generator=gen)]
+
+    def train(out: pathlib.Path, callbacks: list) -> None:
+        model = transformers.GPT2LMHeadModel.from_pretrained(gpt2_dir)
+        args = transformers.TrainingArguments(
+            str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3,
+            lr_scheduler_type="cosine", report_to=[], use_cpu=True, save_strategy="no",
+            logging_steps=1000, disable_tqdm=True, seed=7, dataloader_num_workers=0)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+        trainer.train()
+        trainer.save_model()
+
+    tb_out, base_out, figs = tmp_path / "tb", tmp_path / "cal", tmp_path / "figs"
+    train(tb_out, [TempBalanceCallback(interval=2)])
+    train(base_out, [])
+    plots = run_plot(build_parser().parse_args(
+        ["plot", str(tb_out), str(base_out), "--out", str(figs), "--device", "cpu"]))
+    assert sorted(p.name for p in figs.iterdir()) == [
+        "alpha_distributions.png", "tb_heatmaps.png", "tb_layer_curves.png"]
+    assert all(is_png(p) for p in figs.iterdir())
+    rows = read_history(tb_out)
+    layers, lr = expected_grid(rows, "lr")
+    _, alpha = expected_grid(rows, "value")
+    heat = plots["tb_heatmaps.png"].figure.axes
+    np.testing.assert_allclose(np.ma.filled(heat[0].collections[0].get_array(), np.nan), lr)
+    np.testing.assert_allclose(np.ma.filled(heat[1].collections[0].get_array(), np.nan), alpha)
+    np.testing.assert_allclose(plots["tb_heatmaps.png"].data["x"],
+                               sorted({r["epoch"] for r in rows}))
+
+    # Final alphas of both saved models, on the layers TempBalance balanced (Conv1D: (in, out)).
+    dist = plots["alpha_distributions.png"].data
+    for label, out in (("tb", tb_out), ("cal", base_out)):
+        weights = load_file(out / "model.safetensors")
+        expect = [reference_metrics(weights[f"{name}.weight"])["alpha"] for name in layers]
+        np.testing.assert_allclose(dist[label]["alphas"], expect, rtol=1e-4)
