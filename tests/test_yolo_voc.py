@@ -335,6 +335,8 @@ def test_lr_per_group_through_warmup_and_epochs(tiny_data, tmp_path):
     s1, s2 = 0.6, 1.4
     args = train_args(tiny_data, tmp_path)
     model = YOLO(args.pop("model"))
+    logged = []  # what Ultralytics' loggers (TensorBoard, W&B, ...) read at on_train_epoch_end
+    model.add_callback("on_train_epoch_end", lambda t: logged.append(dict(t.lr)))
     model.train(trainer=recording(TempBalanceDetectionTrainer.with_config(s1=s1, s2=s2)), **args)
     trainer = model.trainer
     tb = trainer.tempbalance.tb
@@ -362,6 +364,11 @@ def test_lr_per_group_through_warmup_and_epochs(tiny_data, tmp_path):
         for r in (r for r in tb.history if r["update"] == update):
             assert float(row[f"tempbalance/alpha_hill/{r['layer']}"]) == pytest.approx(r["value"], rel=1e-5)
             assert float(row[f"tempbalance/multiplier/{r['layer']}"]) == pytest.approx(r["multiplier"], rel=1e-5)
+    # ... and the loggers see the same keys and values
+    assert len(logged) == 2 and all(set(seen) == {k for k in row if k.startswith(("lr/", "tempbalance/"))}
+                                    for seen, row in zip(logged, rows))
+    for seen, row in zip(logged, rows):
+        assert [float(row[k]) for k in seen] == pytest.approx(list(seen.values()), rel=1e-5)
     # history file: the engine's rows plus the (1-based) epoch, written once
     saved = read_history(Path(trainer.save_dir) / HISTORY_FILE)
     assert len(saved) == len(tb.history) == 2 * len(tb.plan.layers)
@@ -427,6 +434,44 @@ def test_callback_entry_point_scales_lrs(tiny_data, tmp_path):
     for layer, m in tb.multipliers.items():
         assert applied[-1][layer] == pytest.approx(args["lr0"] * m)
     assert len(read_history(Path(model.trainer.save_dir) / HISTORY_FILE)) == len(tb.plan.layers)
+
+
+def test_engine_state_travels_in_the_optimizer_state_dict(monkeypatch):
+    """Checkpoint path without training: the state rides in ``ckpt["optimizer"]``; 'auto' warns."""
+    from types import SimpleNamespace
+
+    from hf_tempbalance.integrations import ultralytics as hook_module
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.BatchNorm2d(64),
+                                    torch.nn.Conv2d(64, 64, 3), torch.nn.BatchNorm2d(64),
+                                    torch.nn.Conv2d(64, 96, 3), torch.nn.Conv2d(96, 8, 1))
+        groups = [{"params": [m.weight for m in model if isinstance(m, torch.nn.Conv2d)], "param_group": "weight"},
+                  {"params": [m.weight for m in model if isinstance(m, torch.nn.BatchNorm2d)], "param_group": "bn"},
+                  {"params": [m.bias for m in model], "param_group": "bias"}]
+        return SimpleNamespace(model=model), torch.optim.Adam(groups, lr=1e-3)
+
+    warnings = []
+    monkeypatch.setattr(hook_module.LOGGER, "warning", warnings.append)
+    trainer, optimizer = make()
+    hook = hook_module.TempBalanceHook(s1=0.6, s2=1.4)
+    hook.attach(trainer, optimizer, "auto")
+    assert len(warnings) == 1 and "lr0" in warnings[0]
+    hook.tb.update()
+    assert sorted(hook.tb.multipliers.values()) == pytest.approx([0.6, 1.4])
+    state = optimizer.state_dict()
+    assert len(state["param_groups"]) == 3 and state[CHECKPOINT_KEY]["multipliers"] == hook.tb.multipliers
+
+    trainer2, optimizer2 = make()
+    hook2 = hook_module.TempBalanceHook(s1=0.6, s2=1.4)
+    hook2.attach(trainer2, optimizer2, "Adam")
+    optimizer2.load_state_dict(state)
+    assert hook2.tb.multipliers == hook.tb.multipliers and hook2.tb.num_updates == 1
+    assert CHECKPOINT_KEY in state  # the caller's dict is left as it was
+    assert len(warnings) == 1
+    optimizer2.load_state_dict({k: v for k, v in state.items() if k != CHECKPOINT_KEY})
+    assert "no TempBalance state" in warnings[-1]
 
 
 def test_trainer_class_carries_its_config_to_ddp_workers():
