@@ -253,10 +253,9 @@ def train_one(method: str, model_args: ModelArguments, data_args: DataArguments,
     )
     train_result = trainer.train()
     history = epoch_history(trainer.state.log_history)
-    if not history or "test_accuracy" not in history[-1]:
-        final = trainer.evaluate()
-        history.append({"epoch": int(round(trainer.state.epoch or 0)),
-                        "test_loss": final["eval_loss"], "test_accuracy": final["eval_accuracy"]})
+    if not history or "test_accuracy" not in history[-1]:  # no evaluation at the last epoch
+        trainer.evaluate()  # logged with the current epoch, so it joins that epoch's row
+        history = epoch_history(trainer.state.log_history)
 
     accuracies = [row["test_accuracy"] for row in history if "test_accuracy" in row]
     results: dict[str, Any] = {
@@ -292,15 +291,20 @@ def _json_default(value: Any) -> Any:
 
 def grid(method_args: MethodArguments, args: TrainingArguments, dataset: str,
          model: str) -> list[tuple[str, float, int]]:
-    """The (method, lr, seed) runs: ``--lrs`` x ``--seeds``; LR default: ``--lr``, else paper's."""
+    """The (method, lr, seed) runs: ``--lrs`` x ``--seeds``; LR default: ``--lr``, else paper's.
+
+    Ordered LR by LR, then seed by seed, with every method at each (LR, seed) next to each other,
+    so a grid stopped early still holds comparable runs of all methods.
+    """
     seeds = method_args.seeds or [args.seed]
-    runs = []
+    lrs = {}
     for method in method_args.method:
         get_method(method)  # fail before any training on a typo
-        lrs = method_args.lrs or [args.learning_rate if args.learning_rate is not None
-                                  else paper_lr(method, dataset, model)]
-        runs += [(method.lower(), float(lr), int(seed)) for lr in lrs for seed in seeds]
-    return runs
+        lrs[method.lower()] = method_args.lrs or [
+            args.learning_rate if args.learning_rate is not None else paper_lr(method, dataset, model)]
+    return [(method, float(values[i]), int(seed))
+            for i in range(max(len(v) for v in lrs.values())) for seed in seeds
+            for method, values in lrs.items() if i < len(values)]
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, method_args: MethodArguments,

@@ -312,6 +312,10 @@ def test_cli_defaults_and_aliases() -> None:
     assert default.learning_rate is None and default.num_train_epochs == 200 and default.seed == 43
     runs = ic.grid(ic.MethodArguments(method=["cal", "lars"]), default, "cifar100", "resnet18")
     assert runs == [("cal", 0.1, 43), ("lars", 28.0, 43)]
+    two = ic.grid(ic.MethodArguments(method=["cal", "tb"], lrs=[0.1, 0.2], seeds=[1, 2]), default,
+                  "cifar100", "resnet18")
+    assert two == [("cal", 0.1, 1), ("tb", 0.1, 1), ("cal", 0.1, 2), ("tb", 0.1, 2),
+                   ("cal", 0.2, 1), ("tb", 0.2, 1), ("cal", 0.2, 2), ("tb", 0.2, 2)]
     with pytest.raises(ValueError, match="unknown method"):
         ic.grid(ic.MethodArguments(method=["sgd"]), default, "cifar100", "resnet18")
 
@@ -402,7 +406,7 @@ def test_sweep_end_to_end_and_demo(tmp_path: Path, monkeypatch) -> None:
                        "--seeds", "1", "2", "--lr", "0.05", "--max_steps", "2",
                        "--per_device_train_batch_size", "8", "--tb-interval", "1",
                        "--output-dir", str(out), "--disable_tqdm", "true", "--use_cpu", "true"])
-    assert [(r["method"], r["seed"]) for r in results] == [("cal", 1), ("cal", 2), ("tb", 1), ("tb", 2)]
+    assert [(r["method"], r["seed"]) for r in results] == [("cal", 1), ("tb", 1), ("cal", 2), ("tb", 2)]
     for r in results:
         assert (out / r["method"] / "lr0.05" / f"seed{r['seed']}" / "results.json").exists()
     table = (out / "sweep_table.md").read_text()
