@@ -42,11 +42,12 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 
     The ``.optimizer`` chain is followed through wrappers that are no torch optimizer themselves
     (DeepSpeed's ZeRO-1/2 optimizer sits between Accelerate's wrapper and the torch optimizer
-    whose ``step()`` it calls).
+    whose ``step()`` it calls). timm's ``Lookahead`` is followed to its ``_base_optimizer``: it
+    skips ``Optimizer.__init__``, so step hooks registered on it never run.
     """
     found, current = optimizer, optimizer
     for _ in range(8):
-        current = getattr(current, "optimizer", None)
+        current = getattr(current, "optimizer", None) or getattr(current, "_base_optimizer", None)
         if current is None:
             break
         if isinstance(current, torch.optim.Optimizer):

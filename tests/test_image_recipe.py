@@ -284,6 +284,29 @@ def test_each_method_builds_its_optimizer_and_groups(method: str, tmp_path: Path
         assert (config.s1, config.s2, config.interval) == (0.6, 1.4, 5)
 
 
+def test_tempbalance_reaches_the_optimizer_inside_timm_lookahead(tmp_path: Path) -> None:
+    # timm's Lookahead skips Optimizer.__init__, so hooks on it never run: the engine must hook
+    # the base optimizer it wraps.
+    from hf_tempbalance import TempBalance
+
+    model = ic.ImageClassifier(timm.create_model("cifar_resnet18", num_classes=10, width=0.125))
+    optimizer, _ = im.build_optimizer("lookahead", model, _training_args(tmp_path, eval_strategy="no"),
+                                      num_examples=64)
+    engine = TempBalance(model, interval=1).attach(optimizer)
+    seen = {}
+    base = optimizer._base_optimizer
+    base.register_step_pre_hook(lambda opt, *a: seen.update(
+        {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}))
+    model(torch.randn(4, 3, 28, 28), torch.arange(4)).loss.backward()
+    optimizer.step()
+    assert engine.num_updates == 1 and engine.num_steps == 1
+    named = dict(model.named_parameters())
+    for layer in engine.plan.layers:
+        weight = named[layer.param_names[0]]
+        assert seen[id(weight)] == pytest.approx(0.05 * engine.multipliers[layer.name])
+    assert min(engine.multipliers.values()) == pytest.approx(0.5)
+
+
 def test_paper_defaults() -> None:
     # Appendix D Table 1 / Table 2
     assert im.paper_lr("cal", "cifar100", "resnet34") == 0.05
