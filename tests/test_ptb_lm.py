@@ -428,3 +428,13 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, fr
     assert two["tempbalance"]["multipliers"] == pytest.approx(single["tempbalance"]["multipliers"], rel=1e-4)
     from hf_tempbalance.history import read_history
     assert len(read_history(tmp_path / "two")) == len(read_history(tmp_path / "one")) == 8
+
+
+def test_auto_contraction_keeps_dense_at_the_published_size():
+    from models.tensorized_transformer import auto_contraction, contraction_cost
+
+    assert auto_contraction(32, 80, 256, causal=True) == "dense"
+    assert auto_contraction(32, 80, 256, causal=False) == "dense"
+    # non-causal L=128: factored needs 256·128²·80 MACs, under half of dense's 128³·336
+    assert contraction_cost(128, 80, 256, False) == {"dense": 128 ** 3 * 336, "factored": 256 * 128 ** 2 * 80}
+    assert auto_contraction(128, 80, 256, causal=False) == "factored"

@@ -37,11 +37,12 @@ Both terms are one trilinear form of rank :math:`H = 2PR`:
   \nu_s \circ \sum_{j < s} W^O_{\cdot,js}\kappa_j\bigr]` is a cumulative sum
   (:math:`2 d L^2 H`, intermediate :math:`d L H`).
 
-``auto`` picks the one with fewer multiply-adds. The factored form is :math:`O(L^2)` instead of
-:math:`O(L^3)`, but at the published size (:math:`L = 32`, :math:`H = 80`, :math:`d = 256`) the
-dense form is cheaper in both time and memory, so ``auto`` chooses it there; the factored form
-pays off for windows longer than about :math:`dH/(d+H)` (non-causal) or :math:`2dH/(d+H)`
-(causal) tokens.
+The factored form is :math:`O(L^2)` instead of :math:`O(L^3)`, but its intermediates are
+larger (:math:`dLH` against :math:`L^3` per window), and at the published size (:math:`L = 32`,
+:math:`H = 80`, :math:`d = 256`) the dense form is faster: 4.3x (causal) and 2.5x (non-causal)
+forward + backward on CPU (``benchmarks/ptb_attention.py``; factored wins only from about
+:math:`L = 128`, non-causal). So ``auto`` takes the factored form only when it needs fewer than
+half the multiply-adds of the dense one, which keeps the dense form for every window up to 128.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ __all__ = [
     "TensorizedTransformerForCausalLM",
     "multilinear_attention",
     "contraction_cost",
+    "auto_contraction",
 ]
 
 CONTRACTIONS = ("auto", "dense", "factored")
@@ -145,6 +147,13 @@ def contraction_cost(length: int, rank: int, d_model: int, causal: bool) -> dict
             "factored": d_model * length ** 2 * rank * (2 if causal else 1)}
 
 
+def auto_contraction(length: int, rank: int, d_model: int, causal: bool) -> str:
+    """``factored`` when it needs under half the dense multiply-adds (its larger intermediates
+    cost about that much in memory traffic, see ``benchmarks/ptb_attention.py``), else ``dense``."""
+    cost = contraction_cost(length, rank, d_model, causal)
+    return "factored" if 2 * cost["factored"] < cost["dense"] else "dense"
+
+
 def multilinear_attention(a: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           core: torch.Tensor, weight: torch.Tensor, causal: bool = True,
                           contraction: str = "auto") -> torch.Tensor:
@@ -166,8 +175,7 @@ def multilinear_attention(a: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         raise ValueError(f"weight must be (d, {length}, {length}) for windows of {length} tokens, "
                          f"got {tuple(weight.shape)}")
     if contraction == "auto":
-        cost = contraction_cost(length, rank, d_model, causal)
-        contraction = "dense" if cost["dense"] <= cost["factored"] else "factored"
+        contraction = auto_contraction(length, rank, d_model, causal)
     key = key.expand(batch, -1, -1)
     scaled = a * core
     if contraction == "dense":
