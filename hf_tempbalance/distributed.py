@@ -45,10 +45,10 @@ __all__ = ["world", "is_main_process", "declared_shape", "layer_cost", "partitio
 #: What is and is not supported, quoted by every refusal.
 UNSUPPORTED_SHARDING = (
     "Supported: one device; DDP (accelerate launch / torchrun); FSDP2 (torch fully_shard; "
-    "Accelerate `fsdp_version: 2`, Trainer `fsdp_config={'version': 2}`); DeepSpeed ZeRO-1/2 "
-    "(weights stay whole on every rank). Not supported: FSDP1 (FullyShardedDataParallel: weights "
-    "become views into flattened shards mixing layers) and DeepSpeed ZeRO-3 (weights become empty "
-    "placeholders); switch to FSDP2 or ZeRO-2."
+    "Accelerate `fsdp_version: 2`; the Trainer's default FSDP); DeepSpeed ZeRO-1/2 (weights stay "
+    "whole). Not supported: FSDP1 (FullyShardedDataParallel turns weights into views of flattened "
+    "shards that mix layers) and DeepSpeed ZeRO-3 (weights become empty placeholders); switch to "
+    "FSDP2 (Accelerate `--fsdp_version 2`) or ZeRO-2."
 )
 
 
