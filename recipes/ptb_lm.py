@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
@@ -278,9 +279,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          "streams; raise --per_device_train_batch_size or add processes instead.")
     if args.max_steps < 1:
         raise ValueError("--max_steps must be >= 1 (paper: 40000)")
-    accelerator = Accelerator(cpu=args.use_cpu, mixed_precision=None if not (args.bf16 or args.fp16)
+    accelerator = Accelerator(cpu=args.use_cpu, log_with=args.report_to or None,
+                              mixed_precision=None if not (args.bf16 or args.fp16)
                               else ("bf16" if args.bf16 else "fp16"))
     check_accelerator(accelerator)  # refuses N launched processes that each train alone
+    if not accelerator.is_local_main_process:
+        transformers.utils.logging.disable_progress_bar()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
                         if accelerator.is_main_process else logging.WARNING)
     set_seed(args.seed)
@@ -325,6 +329,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
+    if args.report_to:
+        accelerator.init_trackers(args.run_name or "ptb_lm", config={
+            **asdict(model_args), **asdict(data_args), **asdict(tb_args),
+            "learning_rate": args.learning_rate, "max_steps": args.max_steps, "seed": args.seed})
     if tb is not None:
         tb.attach(optimizer)
         accelerator.register_for_checkpointing(tb)
@@ -386,6 +394,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if tb is not None:
                 record.update({f"tempbalance/{k}": v for k, v in tb.summary().items()})
             state.evals.append(record)
+            accelerator.log(record, step=state.step)
             if valid_nll < state.best_valid_nll:
                 state.best_valid_nll, state.best_step = valid_nll, state.step
                 save_best()

@@ -407,7 +407,7 @@ def free_port() -> int:
 @pytest.mark.multiprocess
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, fresh_accelerate):
     """2 CPU ranks x 2 streams == 1 process x 4 streams (no dropout): same data split, averaged
-    gradients, bit-identical TempBalance multipliers on both ranks, so the same run."""
+    gradients, and the LRs both ranks' optimizers use are recorded and bit-identical."""
     data = make_corpus(tmp_path / "data")
     common = ["--max_steps", "4", "--eval_steps", "4", "--save_steps", "0", "--method", "tb",
               "--dropout", "0"]
@@ -415,9 +415,12 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, fr
     args = recipe_args(data, tmp_path / "two", *common)
     args[args.index("--per_device_train_batch_size") + 1] = "2"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    record = tmp_path / "lrs"
+    record.mkdir()
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(RECIPES / "ptb_lm.py"), *args]
+           "--main_process_port", str(free_port()), str(ROOT / "tests" / "scripts" / "ptb_lm_lr_record.py"),
+           str(record), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "results.json").read_text())
@@ -428,6 +431,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, fr
     assert two["tempbalance"]["multipliers"] == pytest.approx(single["tempbalance"]["multipliers"], rel=1e-4)
     from hf_tempbalance.history import read_history
     assert len(read_history(tmp_path / "two")) == len(read_history(tmp_path / "one")) == 8
+    # the LRs each rank's optimizer really used, step by step: bit-identical across ranks
+    lrs = [[json.loads(line) for line in (record / f"lrs_rank{r}.jsonl").read_text().splitlines()]
+           for r in (0, 1)]
+    assert len(lrs[0]) == 4 and lrs[0] == lrs[1]
+    assert len(set(lrs[0][-1])) > 2  # balanced layers got different LRs
 
 
 def test_auto_contraction_keeps_dense_at_the_published_size():
