@@ -193,6 +193,36 @@ def test_sharded_metrics_single_process_returns_compute_rows_unchanged():
     assert rows == [[8.0, 0.5], [4.0, 0.5]] and mine == [0, 1]
 
 
+def test_a_rank_without_layers_still_joins_the_all_reduce(monkeypatch):
+    # Rank 5 of 8 with 3 layers owns nothing; skipping the collective would hang the others.
+    calls = []
+    monkeypatch.setattr(tbdist, "world", lambda: (5, 8))
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, *a, **k: calls.append(tensor.clone()))
+
+    def compute(subset):
+        raise AssertionError("a rank without layers computed something")
+
+    rows, mine = sharded_metrics([nn.Linear(64, 64) for _ in range(3)], compute, 2)
+    assert mine == [] and rows == [[0.0, 0.0]] * 3
+    assert len(calls) == 1
+    assert calls[0].dtype == torch.float64 and calls[0].shape == (3, 2) and calls[0].device.type == "cpu"
+
+
+def test_sharded_metrics_writes_only_its_own_rows(monkeypatch):
+    costs = [layer_cost(nn.Linear(n, n)) for n in (96, 64, 80)]
+    mine_expected = partition_by_cost(costs, 2)[1]
+    monkeypatch.setattr(tbdist, "world", lambda: (1, 2))
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    sent = []
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, *a, **k: sent.append(tensor.clone()))
+    mods = [nn.Linear(n, n) for n in (96, 64, 80)]
+    rows, mine = sharded_metrics(mods, lambda subset: [[float(m.in_features)] for m in subset], 1)
+    assert mine == mine_expected and mine
+    expected = [[float(mods[i].in_features)] if i in mine else [0.0] for i in range(3)]
+    assert sent[0].tolist() == expected
+
+
 def test_check_accelerator_refuses_silent_failures(monkeypatch):
     from hf_tempbalance.integrations.accelerate import check_accelerator
 
@@ -375,6 +405,8 @@ def test_fsdp2_two_processes_gathers_whole_layers_and_refuses_fsdp1(tmp_path):
                      schedule=lambda t: BASE_LR * fsdp2_loop.GAMMA ** t)
     assert {run["weight_type"] for run in runs} == {"DTensor"}
     for run in runs:
+        assert run["late_layers"] == run["layers"] and run["late_same_metrics"]
+        assert "snr_strength" in run["snr_refusal"] and "DTensor" in run["snr_refusal"]
         assert len(run["fsdp1_refusals"]) == 2
         for message in run["fsdp1_refusals"]:
             assert "FSDP1" in message and "fsdp_version: 2" in message

@@ -4,8 +4,9 @@
 
 Every weight becomes a DTensor sharded over the 2 ranks; each update gathers each layer on its
 owner only. 6 optimizer steps, ``lr = BASE_LR · GAMMA**t`` (a plain LambdaLR, stepped once per
-step), TempBalance every 2 steps. Also checks that FSDP1 is refused at attach. Writes
-``OUT/rank{r}.json`` (see tb_record.Recorder) plus ``fsdp1_refusals``.
+step), TempBalance every 2 steps. Also checks an engine built on the sharded model, and
+that FSDP1 and SNR on DTensor weights are refused at attach. Writes ``OUT/rank{r}.json`` (see
+tb_record.Recorder) plus those checks.
 """
 
 from __future__ import annotations
@@ -62,8 +63,18 @@ def main(out_dir: str) -> None:
         scheduler.step()
         optimizer.zero_grad()
     weight_type = type(model.net[2].weight).__name__
+    # An engine built on the already sharded model finds the same layers and the same metrics
+    # (compute_metrics is a collective: both ranks call it, in the same order).
+    late = TempBalance(model, TempBalanceConfig(interval=INTERVAL))
+    late_same_metrics = late.compute_metrics() == tb.compute_metrics()
+    try:
+        TempBalance(model, snr_strength=1e-3).attach(optimizer)
+        snr_refusal = ""
+    except RuntimeError as err:
+        snr_refusal = str(err)
     recorder.dump(weight_type=weight_type, optimizer_steps=tb.num_steps,
-                  fsdp1_refusals=fsdp1_refusals())
+                  fsdp1_refusals=fsdp1_refusals(), late_layers=late.plan.names,
+                  late_same_metrics=late_same_metrics, snr_refusal=snr_refusal)
     dist.destroy_process_group()
 
 
