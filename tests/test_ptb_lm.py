@@ -211,6 +211,8 @@ def test_reading_vocab_and_unknown_words(tmp_path):
         ptb_lm.encode(["zz"], {"a": 0})
     with pytest.raises(FileNotFoundError, match="ptb.train.txt"):
         ptb_lm.read_splits(ptb_lm.DataArguments(data_dir=str(tmp_path)))
+    with pytest.raises(RuntimeError, match="--data_dir"):  # offline: the Hub fails fast, with the way out
+        ptb_lm.read_splits(ptb_lm.DataArguments())
 
 
 def test_batchify_makes_contiguous_streams_and_bptt_windows():
