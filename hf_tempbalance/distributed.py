@@ -150,7 +150,7 @@ def check_unsharded(modules: Sequence[nn.Module] | Mapping[str, nn.Module],
         for pname, param in model.named_parameters():
             if hasattr(param, "ds_id") or hasattr(param, "ds_numel"):
                 raise _refuse("its parameters are partitioned by DeepSpeed ZeRO-3", pname)
-            if type(param).__name__ == "FlatParameter":
+            if type(param).__name__ == "FlatParameter" or getattr(param, "_fsdp_flattened", False):
                 raise _refuse("its parameters are flattened and sharded by FSDP1", pname)
     for label, module in named:
         weight = getattr(module, "weight", None)
