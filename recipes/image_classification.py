@@ -312,7 +312,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
     """Run the grid (one run: straight into ``args.output_dir``); return every run's results."""
     spec = get_spec(data_args.dataset)
     runs = grid(method_args, args, spec.name, model_args.model)
-    data = prepare_data(data_args)
+    with args.main_process_first(desc="loading the data set"):  # one process downloads
+        data = prepare_data(data_args)
     single = len(runs) == 1
     results = []
     for method, lr, seed in tqdm(runs, desc="runs", disable=single or not args.should_log):
