@@ -20,9 +20,10 @@ streams (paper: 120) read in BPTT windows of 32 tokens, each token predicting th
 memory between windows. Valid/test use ``--eval_streams`` streams (authors: 10), every token is
 scored once, and the score is the per-token negative log-likelihood (nats), PPL = exp(NLL). The
 checkpoint with the best valid PPL (evaluated every ``--eval_steps``) is scored on test.
-Outputs in ``--output_dir``: ``results.json``, ``tempbalance_history.jsonl`` (``--method tb``),
-``vocab.txt``, ``best/`` (the best model, ``from_pretrained``-loadable) and ``checkpoint-N/``
-(resume with ``--resume_from_checkpoint``).
+Outputs in ``--output_dir``: the best model (``save_pretrained``; loads with
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``), ``results.json``,
+``tempbalance_history.jsonl`` (``--method tb``), ``vocab.txt`` and ``checkpoint-N/`` (resume with
+``--resume_from_checkpoint``); ``best/`` holds the best model while training runs.
 """
 
 from __future__ import annotations
@@ -439,6 +440,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                 "per_device_train_batch_size": per_rank}},
     }
     if accelerator.is_main_process:
+        # The best model becomes the run's model (as the Trainer's load_best_model_at_end + save_model).
+        unwrapped.save_pretrained(out_dir)
+        shutil.rmtree(out_dir / "best", ignore_errors=True)
         (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
         accelerator.print(f"{tb_args.method}: best valid ppl {results['valid_ppl']:.2f} at step "
                           f"{state.best_step}, test ppl {results['test_ppl']:.2f} -> {out_dir / 'results.json'}")

@@ -382,7 +382,13 @@ def test_recipe_end_to_end_and_resume_reproduces_the_run(tmp_path, fresh_acceler
     rows = read_history(tmp_path / "full")
     assert sorted({r["step"] for r in rows}) == [0, 2, 4] and len(rows) == 12
     assert all(1.0 <= r["multiplier"] <= 2.0 and r["base_lr"] > 0 for r in rows)
-    assert (tmp_path / "full" / "best" / "config.json").is_file()
+    # the best model is the run's model, loadable without this repository (remote code)
+    saved_config = json.loads((tmp_path / "full" / "config.json").read_text())
+    assert saved_config["auto_map"]["AutoModelForCausalLM"].endswith("TensorizedTransformerForCausalLM")
+    assert (tmp_path / "full" / "tensorized_transformer.py").is_file()
+    assert not (tmp_path / "full" / "best").exists() and (tmp_path / "full" / "checkpoint-3" / "best").is_dir()
+    best = TensorizedTransformerForCausalLM.from_pretrained(tmp_path / "full")
+    assert best.num_parameters() == saved["num_parameters"]
 
     resumed = ptb_lm.main(recipe_args(data, tmp_path / "resumed", "--max_steps", "6", "--eval_steps",
                                       "3", "--method", "tb", "--resume_from_checkpoint",

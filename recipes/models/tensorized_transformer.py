@@ -395,3 +395,10 @@ class TensorizedTransformerForCausalLM(TensorizedTransformerPreTrainedModel, Gen
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs: Any) -> dict:
         # No cache: every step re-reads the last max_len tokens (a sliding window, as in training).
         return {"input_ids": input_ids[:, -self.config.max_len:]}
+
+
+# save_pretrained copies this file next to the weights, so a saved model loads anywhere with
+# AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True) (the file needs only torch
+# and transformers).
+TensorizedTransformerConfig.register_for_auto_class()
+TensorizedTransformerForCausalLM.register_for_auto_class("AutoModelForCausalLM")
