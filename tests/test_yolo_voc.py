@@ -503,4 +503,4 @@ def test_recipe_end_to_end(tmp_path):
     assert saved["dataset"].startswith("VOC2007 (trainval: 4 images")
     rows = read_history(run / HISTORY_FILE)
     assert rows and {r["epoch"] for r in rows} == {1} and {r["update"] for r in rows} == {0}
-    assert (Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics" / "Arial.ttf").exists()
+    assert (Path(yolo_voc.USER_CONFIG_DIR) / "Arial.ttf").exists()  # offline font in place
