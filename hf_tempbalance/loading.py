@@ -51,7 +51,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file, or of a pickle read with ``weights_only=True``.
 
     Checkpoints that nest the weights (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped
-    and a DDP ``module.`` prefix is removed.
+    and a DDP ``module.`` prefix is removed. Pickled dicts keep their order; safetensors keys
+    (stored unordered) come in numeric-aware name order.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -60,9 +61,11 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(path, device="cpu")
+            state = load_file(path, device="cpu")
         except Exception as err:  # safetensors raises its own error types
             raise ModelLoadError(f"could not read safetensors file {path}: {err}") from err
+        # The format keeps no key order; numeric-aware order puts "layers.10" after "layers.9".
+        return {k: state[k] for k in sorted(state, key=_natural_key)}
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -75,6 +78,10 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as err:
         raise ModelLoadError(f"could not read {path} with torch.load(weights_only=True): {err}") from err
     return _unwrap_state_dict(obj, path)
+
+
+def _natural_key(name: str) -> list[tuple[int, int | str]]:
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name)]
 
 
 def _is_tensor_dict(obj: Any) -> bool:

@@ -180,6 +180,15 @@ def test_pt_checkpoint_and_bare_tensors(tmp_path):
     assert {layer.type for layer in report.layers} == {"tensor"}
 
 
+def test_safetensors_tensors_in_numeric_order(tmp_path):
+    # safetensors stores keys unordered (sorted as text: "10" before "2"); depth order is numeric.
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(12)])
+    save_file(model.state_dict(), tmp_path / "seq.safetensors")
+    args = build_parser().parse_args(["analyze", str(tmp_path / "seq.safetensors"), "--arch",
+                                      "tensors", "--device", "cpu", "--no-progress"])
+    assert [layer.name for layer in run_analyze(args).layers] == [str(i) for i in range(12)]
+
+
 class _Marker:
     """Unpickling this would create a file: proof that no code ran."""
 
