@@ -111,6 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, ModelLoadError, FileNotFoundError) as err:
         print(f"hf-tempbalance {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except ImportError as err:
+        if "hf_tempbalance[" not in str(err):  # not a missing extra: a real bug, show it
+            raise
+        print(f"hf-tempbalance {args.command}: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

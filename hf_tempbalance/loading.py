@@ -58,7 +58,11 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise ModelLoadError(f"no such file: {path}")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        try:
+            from safetensors.torch import load_file
+        except ImportError as err:
+            raise ModelLoadError("reading .safetensors needs safetensors: "
+                                 "pip install 'hf_tempbalance[plot]'") from err
 
         try:
             state = load_file(path, device="cpu")

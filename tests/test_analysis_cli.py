@@ -10,6 +10,7 @@ import csv
 import math
 import pathlib
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -226,6 +227,13 @@ def test_errors_exit_2_with_message(tmp_path, capsys, make_args, message):
     save_file(small_resnet().state_dict(), tmp_path / "w.safetensors")
     assert main(make_args(tmp_path)) == 2
     assert message in capsys.readouterr().err
+
+
+def test_missing_matplotlib_is_a_clear_error(tb_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
+    assert main(["plot", str(tb_run[0]), "--out", str(tmp_path)]) == 2
+    assert "pip install 'hf_tempbalance[plot]'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_usage_error_exits_2():
