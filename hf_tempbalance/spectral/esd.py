@@ -5,27 +5,50 @@ Gram matrix (``WᵀW`` when ``m >= n``, else ``WWᵀ``), i.e. the squared singul
 Forming the ``d x d`` Gram (``d = min(m, n)``) and calling ``eigvalsh`` costs ``2·max·d² + O(d³)``
 flops and batches well, where an SVD of W costs more and does not (reference-notes §6).
 
-:func:`esd` is the one-layer entry point; :func:`batched_esd` computes many layers at once by
-stacking all slices of equal shape into one batched Gram product and one batched ``eigvalsh``, on
-the device where the weights live, without any host synchronisation. The plain per-slice SVD it
-must agree with lives in :mod:`hf_tempbalance.spectral.esd_reference`.
+:func:`esd` is the one-layer entry point; :func:`batched_esd` computes many layers at once:
+
+* every slice whose Gram has the same size goes into one batched ``eigvalsh``, on the device
+  where the weights live, with no host synchronisation on accelerators;
+* only the lower triangle of each Gram is formed (``eigvalsh`` reads nothing else), in
+  blocks, which saves a quarter to a third of the matrix products;
+* on CPU, fp32 weights of ordinary magnitude go into the matrix product as they are (no
+  normalised copy); other weights (half precision, huge, tiny, NaN/Inf) are copied once,
+  upcast and divided by their largest |w|, and NaN/Inf layers get an all-zero spectrum;
+* on CPU the work is split across ``torch.get_num_threads()`` worker threads, each running its
+  share single-threaded. LAPACK's own threading of one tridiagonal reduction synchronises its
+  threads once per column and stalls badly when the cores are shared (other processes, data
+  loaders); whole matrices per thread scale with the cores and do not stall.
+
+The plain per-slice SVD it must agree with lives in :mod:`hf_tempbalance.spectral.esd_reference`.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from .matrices import weight_matrices
 
-__all__ = ["esd", "batched_esd", "resolve_dtype"]
+__all__ = ["esd", "batched_esd", "resolve_dtype", "gram_eig_cost"]
 
-# Upper bound on the elements of one stacked Gram batch (256 Mi elements = 1 GiB in fp32);
-# larger groups are processed in chunks so an update never needs much more memory than this.
+# Upper bound on the elements one piece of work holds at once (its Grams and normalised slices;
+# 256 Mi elements = 1 GiB in fp32): larger groups are split into pieces.
 _MAX_BATCH_ELEMENTS = 1 << 28
+# On CPU, fp32 weights whose largest |w| lies in this range are used without normalising: their
+# Gram entries (<= rows·max|w|², rows < 2^31) neither overflow nor reach subnormal fp32 values.
+_DIRECT_RANGE = (1e-8, 1e8)
+# Smallest block of a Gram formed by one matrix product (smaller blocks run below GEMM speed).
+_GRAM_BLOCK = 256
+
+# A segment of a piece: (layer index, first slice, end slice).
+_Segment = tuple[int, int, int]
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -44,11 +67,10 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return dtype
 
 
-def _gram(mats: torch.Tensor) -> torch.Tensor:
-    """Smaller Gram matrices of a ``(k, m, n)`` stack: ``(k, d, d)`` with ``d = min(m, n)``."""
-    if mats.shape[-2] >= mats.shape[-1]:
-        return mats.mT @ mats
-    return mats @ mats.mT
+def gram_eig_cost(rows: int, cols: int) -> float:
+    """Flops of one ``rows x cols`` slice on the Gram path: ``2·r·d² + 4/3·d³``, ``d = min``."""
+    d, r = min(rows, cols), max(rows, cols)
+    return 2.0 * r * d * d + 4.0 / 3.0 * d ** 3
 
 
 def esd(layer: nn.Module | torch.Tensor, dtype: torch.dtype | str = torch.float32) -> torch.Tensor:
@@ -72,46 +94,187 @@ def batched_esd(
     layers: Sequence[nn.Module | torch.Tensor],
     dtype: torch.dtype | str = torch.float32,
 ) -> list[torch.Tensor]:
-    """:func:`esd` of many layers, batching every slice of equal shape into one ``eigvalsh``.
+    """:func:`esd` of many layers, batching every slice with the same Gram size.
 
     Same numbers as calling :func:`esd` on each layer (to floating-point rounding of the batched
-    kernels); no host synchronisation happens here.
+    kernels). Peak extra memory: per worker, one piece of work (its Grams, plus normalised
+    copies of the slices that need one), capped at 1 GiB per piece.
     """
     dtype = resolve_dtype(dtype)
-    stacks, scales = [], []
-    for layer in layers:
-        mats = weight_matrices(layer).to(dtype)
-        # Normalise by the largest |w| (keeps fp32 Grams of large weights finite) and zero out
-        # non-finite layers (eigvalsh cannot take NaN); no host sync, the result has no NaN.
-        scale = mats.abs().amax() if mats.numel() else torch.ones((), dtype=dtype, device=mats.device)
-        finite = torch.isfinite(scale) & (scale > 0)
-        scale = torch.where(finite, scale, torch.ones_like(scale))
-        stacks.append(torch.where(finite, mats / scale, torch.zeros_like(mats)))
-        scales.append(scale)
+    stacks = [_row_major(weight_matrices(layer)) for layer in layers]
+    scales = [_max_abs(mats, dtype) for mats in stacks]
+    on_cpu = all(mats.device.type == "cpu" for mats in stacks)
+    # On CPU reading a scale is free; on an accelerator it would be a host sync per layer, and
+    # normalising every layer there costs one cheap elementwise pass instead. Strided slices (a
+    # conv weight's kernel positions) are copied anyway, so they are normalised in that copy.
+    direct = [on_cpu and mats.dtype == dtype and mats[:1].is_contiguous()
+              and _DIRECT_RANGE[0] <= float(s) <= _DIRECT_RANGE[1]
+              for mats, s in zip(stacks, scales)]
+    out_rows = [torch.empty(m.shape[0], min(m.shape[-2:]), dtype=dtype, device=m.device)
+                for m in stacks]
 
-    # Orient every stack so that rows >= cols, then group by (device, rows, cols).
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for idx, mats in enumerate(stacks):
-        m, n = mats.shape[-2:]
-        key = (mats.device, max(m, n), min(m, n))
-        groups[key].append(idx)
+    groups: dict[tuple[torch.device, int], list[int]] = defaultdict(list)
+    for i, mats in enumerate(stacks):
+        if min(mats.shape[-2:]) > 0:
+            groups[(mats.device, min(mats.shape[-2:]))].append(i)
 
-    pieces: list[list[torch.Tensor]] = [[] for _ in stacks]
-    for (_, rows, cols), members in groups.items():
-        oriented = [
-            stacks[i] if stacks[i].shape[-2] >= stacks[i].shape[-1] else stacks[i].mT
-            for i in members
-        ]
-        counts = [s.shape[0] for s in oriented]
-        per_slice = rows * cols + cols * cols
-        chunk = max(1, _MAX_BATCH_ELEMENTS // per_slice)
-        eigs = []
-        flat = torch.cat(oriented) if len(oriented) > 1 else oriented[0]
-        for start in range(0, flat.shape[0], chunk):
-            eigs.append(torch.linalg.eigvalsh(_gram(flat[start:start + chunk])))
-        eigs = torch.cat(eigs) if len(eigs) > 1 else eigs[0]
-        for i, part in zip(members, eigs.split(counts)):
-            pieces[i].append(part.reshape(-1))
+    workers = _cpu_workers(stacks) if on_cpu else 1
+    tasks: list[tuple[float, int, list[_Segment]]] = []
+    for (_, d), members in groups.items():
+        costs = [gram_eig_cost(*stacks[i].shape[-2:]) for i in members]
+        per_matrix = d * d + max(max(stacks[i].shape[-2:]) for i in members) * d
+        limit = max(1, _MAX_BATCH_ELEMENTS // per_matrix)
+        for cost, segments in _pieces(members, [stacks[i].shape[0] for i in members], costs,
+                                      limit, workers):
+            tasks.append((cost, d, segments))
 
-    # eigvalsh may return tiny negatives for a PSD matrix; the ESD is non-negative by definition.
-    return [torch.sort(torch.cat(p).clamp_min_(0.0)).values * scale**2 for p, scale in zip(pieces, scales)]
+    def run(task: tuple[float, int, list[_Segment]]) -> None:
+        _, d, segments = task
+        count = sum(hi - lo for _, lo, hi in segments)
+        device = stacks[segments[0][0]].device
+        blocks = _gram_blocks(d)
+        # eigvalsh reads only the lower triangle; zeros keep the rest well defined.
+        grams = (torch.zeros if len(blocks) > 1 else torch.empty)(count, d, d, dtype=dtype, device=device)
+        pos = 0
+        for i, lo, hi in segments:
+            mats = stacks[i][lo:hi]
+            if not direct[i]:
+                # One pass: upcast and normalise into a contiguous copy. A NaN/Inf layer has a
+                # factor of 0 and holds 0 or NaN (0·inf) here: zeros give it a zero spectrum.
+                factor = torch.where(_finite(scales[i]), 1.0 / scales[i], torch.zeros_like(scales[i]))
+                mats = torch.mul(mats.to(dtype), factor,
+                                 out=torch.empty(mats.shape, dtype=dtype, device=device))
+                mats.nan_to_num_(0.0, 0.0, 0.0)
+            _lower_gram(mats, grams[pos:pos + hi - lo], blocks)
+            pos += hi - lo
+        eigs = torch.linalg.eigvalsh(grams)
+        pos = 0
+        for i, lo, hi in segments:
+            out_rows[i][lo:hi].copy_(eigs[pos:pos + hi - lo])
+            pos += hi - lo
+
+    if workers > 1 and len(tasks) > 1:
+        _run_parallel(tasks, run, workers)
+    else:
+        for task in tasks:
+            run(task)
+
+    results = []
+    for rows, scale, is_direct in zip(out_rows, scales, direct):
+        # eigvalsh may return tiny negatives for a PSD matrix; the ESD is non-negative.
+        values = torch.sort(rows.reshape(-1).clamp_min_(0.0)).values
+        if not is_direct:
+            values = values * torch.where(_finite(scale), scale, torch.ones_like(scale)) ** 2
+        results.append(values)
+    return results
+
+
+def _row_major(mats: torch.Tensor) -> torch.Tensor:
+    """The slices, transposed if that makes them row-major (same spectrum, cheaper to read)."""
+    if mats.ndim == 3 and mats.stride(-1) != 1 and mats.stride(-2) == 1:
+        return mats.mT
+    return mats
+
+
+def _max_abs(mats: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """max |w| as a 0-dim ``dtype`` tensor (NaN if any weight is NaN, 1 for an empty weight)."""
+    if mats.numel() == 0:
+        return torch.ones((), dtype=dtype, device=mats.device)
+    # The same elements in memory order (a conv weight's slices are a strided view), so that
+    # the reduction streams through memory.
+    dense = mats.permute(sorted(range(mats.ndim), key=lambda dim: -mats.stride(dim)))
+    lo, hi = torch.aminmax(dense if dense.is_contiguous() else mats)
+    return torch.maximum(hi, -lo).to(dtype)
+
+
+def _finite(scale: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(scale) & (scale > 0)
+
+
+def _gram_blocks(d: int) -> list[tuple[int, int]]:
+    """Row/column blocks of a ``d x d`` Gram: up to 4, none smaller than :data:`_GRAM_BLOCK`."""
+    n = max(1, min(4, d // _GRAM_BLOCK))
+    bounds = [round(b * d / n) for b in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _lower_gram(mats: torch.Tensor, out: torch.Tensor, blocks: list[tuple[int, int]]) -> None:
+    """Write the lower-triangle blocks of the smaller Gram of ``(k, m, n)`` slices into ``out``."""
+    # Express the Gram as X Xᵀ with X (k, d, r): rows of X are the d columns (or rows) of W.
+    x = mats.mT if mats.shape[-2] >= mats.shape[-1] else mats
+    if len(blocks) == 1:
+        torch.matmul(x, x.mT, out=out)
+        return
+    for bi, (r0, r1) in enumerate(blocks):
+        for c0, c1 in blocks[:bi + 1]:
+            out[:, r0:r1, c0:c1] = torch.matmul(x[:, r0:r1], x[:, c0:c1].mT)
+
+
+def _pieces(members: list[int], counts: list[int], costs: list[float], limit: int,
+            workers: int) -> list[tuple[float, list[_Segment]]]:
+    """Split a group's slices into contiguous pieces of similar cost: ``(cost, segments)``.
+
+    At most ``limit`` slices per piece (memory), and at least ``workers`` pieces when there are
+    that many slices, so that the worker threads can share the group.
+    """
+    total_count = sum(counts)
+    n = max(math.ceil(total_count / limit), min(total_count, workers), 1)
+    flat = [(i, j, cost) for i, k, cost in zip(members, counts, costs) for j in range(k)]
+    total = sum(c for _, _, c in flat)
+    pieces: list[tuple[float, list[_Segment]]] = []
+    current: list[_Segment] = []
+    size, acc, start = 0, 0.0, 0.0
+    for pos, (i, j, cost) in enumerate(flat):
+        if current and current[-1][0] == i and current[-1][2] == j:
+            current[-1] = (i, current[-1][1], j + 1)
+        else:
+            current.append((i, j, j + 1))
+        size += 1
+        acc += cost
+        last = pos == len(flat) - 1
+        if last or size >= limit or (len(pieces) < n - 1 and acc >= total * (len(pieces) + 1) / n):
+            pieces.append((acc - start, current))
+            current, size, start = [], 0, acc
+    return pieces
+
+
+def _cpu_workers(stacks: Sequence[torch.Tensor]) -> int:
+    """Worker threads on CPU: torch's intra-op threads, at most one per slice."""
+    return max(1, min(torch.get_num_threads(), sum(s.shape[0] for s in stacks)))
+
+
+def _run_parallel(tasks: list, run: Callable[[tuple], None], workers: int) -> None:
+    """Run ``tasks`` on ``workers`` threads, balanced by cost (longest first), one BLAS thread each."""
+    bins: list[list] = [[] for _ in range(workers)]
+    heap = [(0.0, w) for w in range(workers)]
+    for task in sorted(tasks, key=lambda t: -t[0]):
+        load, w = heapq.heappop(heap)
+        bins[w].append(task)
+        heapq.heappush(heap, (load + task[0], w))
+
+    def run_bin(tasks_of_worker: list) -> None:
+        for task in tasks_of_worker:
+            run(task)
+
+    with one_intra_op_thread(), ThreadPoolExecutor(workers, thread_name_prefix="tempbalance-esd") as pool:
+        for future in [pool.submit(run_bin, b) for b in bins if b]:
+            future.result()
+
+
+@contextmanager
+def one_intra_op_thread() -> Iterator[None]:
+    """Run the body with one torch intra-op thread (process-wide), then restore the count.
+
+    The spectra are small, independent problems: parallelism across them (worker threads) beats
+    parallelism inside each op, whose per-op thread barriers stall on shared cores. The update
+    runs between optimizer steps, so no other torch work of this process is slowed meanwhile.
+    """
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -18,13 +18,13 @@ Add one with :func:`register_metric`; it then works everywhere a metric name is 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import nn
 
-from .esd import batched_esd
-from .hill import sorted_eigs
-from .hill import hill_alpha_tensor
+from .esd import batched_esd, one_intra_op_thread
+from .hill import hill_alpha_tensor, sorted_eigs
 
 __all__ = ["MetricFn", "register_metric", "available_metrics", "compute_metric", "layer_metrics"]
 
@@ -111,10 +111,13 @@ def layer_metrics(
     Returns ``{metric: [value per layer]}`` as Python floats (nan where a fit is impossible).
     """
     eig_list = batched_esd(layers, dtype=dtype)
-    rows: list[torch.Tensor] = [
-        torch.stack([compute_metric(e, m, xmin=xmin, rtol=rtol, include_xmin=include_xmin).to(torch.float64) for m in metrics])
-        for e in eig_list
-    ]
+    # Fits are many small ops: on CPU, op-level threading only adds barriers (see esd.py).
+    on_cpu = all(e.device.type == "cpu" for e in eig_list)
+    with one_intra_op_thread() if on_cpu else nullcontext():
+        rows: list[torch.Tensor] = [
+            torch.stack([compute_metric(e, m, xmin=xmin, rtol=rtol, include_xmin=include_xmin).to(torch.float64) for m in metrics])
+            for e in eig_list
+        ]
     # One transfer per device (normally exactly one), not one per layer.
     by_device: dict[torch.device, list[int]] = {}
     for i, row in enumerate(rows):
