@@ -157,10 +157,15 @@ def _hf_class(config: Any):
     """The class named in ``config.architectures`` (keeps the task head), else ``AutoModel``."""
     import transformers
 
-    for name in getattr(config, "architectures", None) or ():
+    architectures = getattr(config, "architectures", None) or ()
+    for name in architectures:
         cls = getattr(transformers, name, None)
         if cls is not None:
             return cls
+    # Remote code: the Auto class its auto_map names for the architecture (e.g. AutoModelForCausalLM).
+    for auto_name, target in (getattr(config, "auto_map", None) or {}).items():
+        if auto_name != "AutoConfig" and str(target).rsplit(".", 1)[-1] in architectures:
+            return getattr(transformers, auto_name, transformers.AutoModel)
     return transformers.AutoModel
 
 
