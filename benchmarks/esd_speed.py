@@ -127,8 +127,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--llama-layers", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)  # main() is importable: leave the caller's setting
+
+
+def run(args: argparse.Namespace) -> list[dict]:
     device = resolve_device(args.device)
 
     print(f"# esd_speed on {machine(device)}", flush=True)

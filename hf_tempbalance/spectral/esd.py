@@ -44,6 +44,8 @@ _MAX_BATCH_ELEMENTS = 1 << 28
 # On CPU, fp32 weights whose largest |w| lies in this range are used without normalising: their
 # Gram entries (<= rows·max|w|², rows < 2^31) neither overflow nor reach subnormal fp32 values.
 _DIRECT_RANGE = (1e-8, 1e8)
+# Below this much work (flops, ~50 ms on one core) starting worker threads costs more than it saves.
+_MIN_PARALLEL_FLOPS = 1e9
 # Smallest block of a Gram formed by one matrix product (smaller blocks run below GEMM speed).
 _GRAM_BLOCK = 256
 
@@ -153,7 +155,7 @@ def batched_esd(
             out_rows[i][lo:hi].copy_(eigs[pos:pos + hi - lo])
             pos += hi - lo
 
-    if workers > 1 and len(tasks) > 1:
+    if workers > 1 and len(tasks) > 1 and sum(t[0] for t in tasks) >= _MIN_PARALLEL_FLOPS:
         _run_parallel(tasks, run, workers)
     else:
         for task in tasks:

@@ -1,0 +1,54 @@
+"""The benchmark scripts import and run end to end on a toy model (no timing is asserted)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
+
+esd_speed = pytest.importorskip("esd_speed")
+overhead = pytest.importorskip("overhead")
+
+
+def test_esd_speed_runs_and_engine_alphas_match_fp64(tmp_path, capsys):
+    out = tmp_path / "esd.json"
+    (res,) = esd_speed.main(["--models", "toy", "--repeats", "1", "--threads", "1",
+                             "--json", str(out)])
+    assert res["layers"] == 3  # 5 candidates, first and last excluded
+    assert res["slices"] == 9 + 9 + 1
+    assert res["engine_s"] > 0 and res["per_layer_s"] > 0
+    assert res["speedup"] == pytest.approx(res["per_layer_s"] / res["engine_s"])
+    # Both methods agree with the float64 SVD + NumPy loop reference to float32 accuracy.
+    assert res["engine_max_rel_diff_fp64"] < 1e-4
+    assert res["per_layer_max_rel_diff_fp64"] < 1e-4
+    assert out.exists() and "| toy |" in capsys.readouterr().out
+
+
+def test_per_layer_baseline_is_the_median_hill_fit():
+    import torch
+    from torch import nn
+
+    from hf_tempbalance.spectral import esd_reference
+    from hf_tempbalance.spectral.hill_reference import hill_alpha_reference
+
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(12, 20, 3), nn.Linear(40, 30)]
+    got = esd_speed.per_layer_alphas(layers)
+    expected = [hill_alpha_reference(esd_reference(m).numpy()) for m in layers]
+    assert got == pytest.approx(expected, rel=1e-4)
+
+
+def test_overhead_runs_and_fractions_follow_the_formula(capsys):
+    (res,) = overhead.main(["--models", "toy", "--steps", "1", "--repeats", "1",
+                            "--batch-size", "8", "--threads", "1"])
+    assert res["step_s"] > 0 and res["update_s"] > 0
+    for k, fraction in res["overhead"].items():
+        k = int(k)
+        assert fraction == pytest.approx(res["update_s"] / (k * res["step_s"] + res["update_s"]))
+    assert res["overhead"]["391"] < res["overhead"]["100"] < res["overhead"]["10"]
+    assert "| toy |" in capsys.readouterr().out
