@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -94,9 +95,12 @@ def plot_bars(cells: Sequence[Cell], path: str | os.PathLike, title: str = "") -
     low = min(c.mean - c.std for c in best) - max(0.5, spread)
     ax.set_ylim(max(0.0, low), min(100.0, max(c.mean + c.std for c in best) + max(0.3, spread / 2)))
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title or "best LR per method, mean ± std over seeds", fontsize=9)
+    width_chars = int(12 + 11 * len(best))  # the title wraps to the figure's width
+    ax.set_title(textwrap.fill(title or "best LR per method, mean ± std over seeds", width_chars),
+                 fontsize=8)
     for i, c in enumerate(best):
-        ax.text(i, c.mean + c.std, f"{c.mean:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.annotate(f"{c.mean:.2f}", (i, c.mean + c.std), xytext=(0, 3), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=8)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     return os.fspath(path)
