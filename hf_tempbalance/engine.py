@@ -237,17 +237,35 @@ class TempBalance:
         return rows
 
     def summary(self) -> dict[str, float]:
-        """Mean/min/max of the current metric and multipliers over valid layers."""
+        """Mean/min/max of the current metric over valid layers, min/max of the multipliers.
+
+        Always the same five keys (``nan`` where there is nothing to summarise), so that
+        loggers that write a CSV header once (Ultralytics' ``results.csv``) stay aligned.
+        """
+        metric = self.config.metric
         values = [v for v in self.metrics.values() if math.isfinite(v)]
         mults = list(self.multipliers.values())
-        out: dict[str, float] = {}
-        if values:
-            out.update({f"{self.config.metric}_mean": float(np.mean(values)),
-                        f"{self.config.metric}_min": float(np.min(values)),
-                        f"{self.config.metric}_max": float(np.max(values))})
-        if mults:
-            out.update({"multiplier_min": float(min(mults)), "multiplier_max": float(max(mults))})
-        return out
+
+        def stat(fn, xs):
+            return float(fn(xs)) if xs else math.nan
+
+        return {f"{metric}_mean": stat(np.mean, values), f"{metric}_min": stat(min, values),
+                f"{metric}_max": stat(max, values), "multiplier_min": stat(min, mults),
+                "multiplier_max": stat(max, mults)}
+
+    def log_values(self, prefix: str = "tempbalance/", per_layer: bool | None = None) -> dict[str, float]:
+        """Values for a training logger: ``{prefix}<summary key>`` and, per layer (default:
+        ``config.log_layers``), ``{prefix}<metric>/<layer>`` and ``{prefix}multiplier/<layer>``.
+
+        The key set never changes during a run (``nan`` for a metric that could not be computed).
+        """
+        values = {prefix + key: value for key, value in self.summary().items()}
+        if self.config.log_layers if per_layer is None else per_layer:
+            metric = self.config.metric
+            for name in self.plan.names:
+                values[f"{prefix}{metric}/{name}"] = self.metrics[name]
+                values[f"{prefix}multiplier/{name}"] = self.multipliers[name]
+        return values
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

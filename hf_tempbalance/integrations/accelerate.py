@@ -37,9 +37,6 @@ from ..history import HISTORY_FILE, append_history
 
 __all__ = ["AcceleratedTempBalance", "check_accelerator"]
 
-LOG_PREFIX = "tempbalance/"
-
-
 def check_accelerator(accelerator: Any) -> None:
     """Refuse set-ups where TempBalance would be silently wrong, naming the fix.
 
@@ -107,6 +104,4 @@ class AcceleratedTempBalance:
         self._written = len(self.tb.history)
         if rows and self.path is not None and self.accelerator.is_main_process:
             append_history(rows, self.path)
-        if self.tb.num_updates == 0:
-            return {}
-        return {LOG_PREFIX + key: value for key, value in self.tb.summary().items()}
+        return self.tb.log_values(per_layer=False) if self.tb.num_updates else {}

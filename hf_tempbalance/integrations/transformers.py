@@ -43,9 +43,6 @@ from ..history import HISTORY_FILE, append_history
 
 __all__ = ["TempBalanceCallback", "TempBalanceTrainer", "tempbalance_optimizer_cls_and_kwargs"]
 
-LOG_PREFIX = "tempbalance/"
-
-
 def _as_config(config: TempBalanceConfig | dict | None, overrides: dict[str, Any]) -> TempBalanceConfig:
     if config is None:
         config = TempBalanceConfig()
@@ -193,17 +190,7 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
     def log_values(self) -> dict[str, float]:
         """The ``tempbalance/...`` values for the Trainer's logs (empty before the first update)."""
         engine = self.engine
-        if engine is None or engine.num_updates == 0:
-            return {}
-        values = {LOG_PREFIX + key: value for key, value in engine.summary().items()}
-        if self.config.log_layers:
-            metric = self.config.metric
-            for name in engine.plan.names:
-                value = engine.metrics[name]
-                if math.isfinite(value):
-                    values[f"{LOG_PREFIX}{metric}/{name}"] = value
-                values[f"{LOG_PREFIX}multiplier/{name}"] = engine.multipliers[name]
-        return values
+        return engine.log_values() if engine is not None and engine.num_updates else {}
 
     def on_log(self, args, state, control, logs: dict | None = None, **kwargs):
         if logs is not None and "loss" in logs:  # training logs only, not eval/final summaries

@@ -42,7 +42,6 @@ scales whatever LR it picked. Pass an explicit ``optimizer`` to control the base
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -119,16 +118,8 @@ class TempBalanceHook:
     def on_train_epoch_end(self, trainer: Any) -> None:
         """Add the per-layer metric and multiplier to ``trainer.lr`` and append the history."""
         tb = self.tb
-        metric = self.config.metric
-        summary = tb.summary()
-        # Fixed keys every epoch: results.csv writes its header once.
-        keys = [f"{metric}_mean", f"{metric}_min", f"{metric}_max", "multiplier_min", "multiplier_max"]
-        logs = {f"tempbalance/{k}": summary.get(k, math.nan) for k in keys}
-        if self.config.log_layers:
-            for name in tb.plan.names:
-                logs[f"tempbalance/{metric}/{name}"] = tb.metrics[name]
-                logs[f"tempbalance/multiplier/{name}"] = tb.multipliers[name]
-        trainer.lr = {**getattr(trainer, "lr", {}), **logs}
+        # A fixed key set every epoch: results.csv writes its header once.
+        trainer.lr = {**getattr(trainer, "lr", {}), **tb.log_values()}
         rows = tb.history[self._written:]
         self._written = len(tb.history)
         if RANK in {-1, 0} and rows:
