@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .spectral.esd import gram_eig_cost
 from .spectral.matrices import is_transposed_conv1d
 
 __all__ = ["world", "is_main_process", "declared_shape", "layer_cost", "partition_by_cost",
@@ -96,9 +97,7 @@ def layer_cost(module: nn.Module | torch.Tensor) -> float:
     shape = tuple(module.shape) if isinstance(module, torch.Tensor) else _full_shape(module)
     if len(shape) < 2:
         return 0.0
-    k = math.prod(shape[2:])
-    d, r = min(shape[0], shape[1]), max(shape[0], shape[1])
-    return k * (2.0 * r * d * d + 4.0 / 3.0 * d ** 3)
+    return math.prod(shape[2:]) * gram_eig_cost(shape[0], shape[1])
 
 
 def partition_by_cost(costs: Sequence[float], parts: int) -> list[list[int]]:
