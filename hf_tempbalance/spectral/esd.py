@@ -135,8 +135,7 @@ def batched_esd(
         count = sum(hi - lo for _, lo, hi in segments)
         device = stacks[segments[0][0]].device
         blocks = _gram_blocks(d)
-        # eigvalsh reads only the lower triangle; zeros keep the rest well defined.
-        grams = (torch.zeros if len(blocks) > 1 else torch.empty)(count, d, d, dtype=dtype, device=device)
+        grams = torch.empty(count, d, d, dtype=dtype, device=device)
         pos = 0
         for i, lo, hi in segments:
             mats = stacks[i][lo:hi]
@@ -210,6 +209,8 @@ def _lower_gram(mats: torch.Tensor, out: torch.Tensor, blocks: list[tuple[int, i
     for bi, (r0, r1) in enumerate(blocks):
         for c0, c1 in blocks[:bi + 1]:
             out[:, r0:r1, c0:c1] = torch.matmul(x[:, r0:r1], x[:, c0:c1].mT)
+        # eigvalsh reads only the lower triangle; zeros keep the rest well defined.
+        out[:, r0:r1, r1:].zero_()
 
 
 def _pieces(members: list[int], counts: list[int], costs: list[float], limit: int,

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# GPU check of the ESD engine: esd_speed and overhead on CUDA, under 5 minutes on one GPU.
+#
+#   bash benchmarks/gpu_check.sh
+#
+# Writes env.txt, esd_speed.{txt,json} and overhead.{txt,json} to $OUT when it is set, else to
+# benchmarks/results/gpu/. Needs torch with CUDA, transformers and timm; the package is read
+# from this checkout (PYTHONPATH), so nothing has to be installed. PYTHON picks the interpreter
+# (default python3); TB_BENCH_DEVICE picks the GPU (default cuda).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+RESULTS=${OUT:-benchmarks/results/gpu}
+mkdir -p "$RESULTS"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 TB_BENCH_DEVICE=${TB_BENCH_DEVICE:-cuda}
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+    "$PYTHON" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
+'available', torch.cuda.is_available())"
+} 2>&1 | tee "$RESULTS/env.txt"
+
+# Each step has its own time limit, so the whole check stays under 5 minutes.
+timeout 170 "$PYTHON" benchmarks/esd_speed.py --repeats 5 \
+    --json "$RESULTS/esd_speed.json" 2>&1 | tee "$RESULTS/esd_speed.txt"
+timeout 110 "$PYTHON" benchmarks/overhead.py --steps 20 --repeats 5 \
+    --lm-batch-size 8 --seq-len 512 \
+    --json "$RESULTS/overhead.json" 2>&1 | tee "$RESULTS/overhead.txt"
+echo "results in $RESULTS"
