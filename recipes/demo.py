@@ -12,8 +12,8 @@
    and TempBalance's per-layer LR and alpha over training (``hf_tempbalance.plotting``).
 
 The default budget (12,000 training images, 5 epochs, the full 10,000-image test set after each
-epoch) is one cell (seed 43) of the README's study and takes a few minutes on 2 CPU cores. It
-is one seed of a tiny run: the printed difference is what was measured and nothing more; the
+epoch; the setting of the seed-43, LR-0.1 cell of the README's study) costs about 5 CPU-minutes.
+It is one seed of a tiny run: the printed difference is what was measured and nothing more; the
 README's image section has the multi-seed study.
 """
 
