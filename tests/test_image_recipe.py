@@ -446,9 +446,13 @@ def test_sweep_end_to_end_and_demo(tmp_path: Path, monkeypatch) -> None:
     import demo
 
     monkeypatch.chdir(tmp_path)
-    demo_results = demo.main(["--data-dir", str(tmp_path / "data"), "--train-samples", "16",
-                              "--eval-samples", "10", "--epochs", "2", "--width", "0.125",
-                              "--tb-interval", "1", "--output-dir", str(tmp_path / "demo")])
+    threads = torch.get_num_threads()
+    try:  # the demo sets the process's torch threads
+        demo_results = demo.main(["--data-dir", str(tmp_path / "data"), "--train-samples", "16",
+                                  "--eval-samples", "10", "--epochs", "2", "--width", "0.125",
+                                  "--tb-interval", "1", "--output-dir", str(tmp_path / "demo")])
+    finally:
+        torch.set_num_threads(threads)
     assert {r["method"] for r in demo_results} == {"cal", "tb"}
     for png in ("test_accuracy.png", "tb_layer_heatmaps.png", "tb_layer_curves.png"):
         assert (tmp_path / "demo" / png).stat().st_size > 1000
