@@ -393,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             record = {"step": state.step, "train_loss": train_loss, "valid_nll": valid_nll,
                       "valid_ppl": math.exp(valid_nll), "lr": base_lr}
             if tb is not None:
-                record.update({f"tempbalance/{k}": v for k, v in tb.summary().items()})
+                record.update(tb.log_values())
             state.evals.append(record)
             accelerator.log(record, step=state.step)
             if valid_nll < state.best_valid_nll:
