@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="torch intra-op threads (default: torch's own choice)")
     parser.add_argument("--llama-layers", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--png", type=Path, default=None,
+                        help="also plot both methods' times per model here (needs matplotlib)")
     args = parser.parse_args(argv)
     threads = torch.get_num_threads()
     try:
@@ -170,7 +172,33 @@ def run(args: argparse.Namespace) -> list[dict]:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": machine(device), "device": str(device),
                                          "repeats": args.repeats, "results": results}, indent=2))
+    if args.png:
+        plot(results, args.png, f"{machine(device)}; medians of {args.repeats}")
     return results
+
+
+def plot(results: list[dict], path: Path, subtitle: str) -> None:
+    """Bar chart: both methods' median times per model (log scale), speed-up on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.arange(len(results))
+    fig, ax = plt.subplots(figsize=(1.6 * len(results) + 2, 4))
+    ax.bar(x - 0.2, [r["per_layer_s"] for r in results], 0.4, label="per-layer svdvals + fit")
+    ax.bar(x + 0.2, [r["engine_s"] for r in results], 0.4, label="hf_tempbalance engine")
+    for xi, r in zip(x, results):
+        ax.annotate(f"{r['speedup']:.1f}x", (xi, r["per_layer_s"]), ha="center", va="bottom")
+    ax.set_xticks(x, [r["model"] for r in results])
+    ax.set_yscale("log")
+    ax.set_ylabel("seconds per update (all balanced layers)")
+    ax.set_title(f"ESD + alpha of every balanced layer\n{subtitle}", fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
