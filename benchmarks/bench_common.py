@@ -20,8 +20,10 @@ The device is ``--device`` or the ``TB_BENCH_DEVICE`` environment variable (``cp
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
+import json
 import os
 import platform
 import statistics
@@ -101,6 +103,33 @@ def forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
     if "x" in batch:
         return model(batch["x"])
     return model(**batch)
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--threads`` and ``--json``, shared by the benchmark scripts."""
+    parser.add_argument("--device", default=default_device(),
+                        help="cpu, cuda, cuda:N (default: $TB_BENCH_DEVICE or cpu)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's own choice)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+
+
+def run_with_threads(args: argparse.Namespace, run: Callable[[argparse.Namespace], Any]) -> Any:
+    """``run(args)`` with ``args.threads`` torch threads, then the caller's setting back."""
+    threads = torch.get_num_threads()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def write_json(path: Path | None, device: torch.device, **data: Any) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"machine": machine(device), "device": str(device), **data},
+                                   indent=2))
 
 
 def sync(device: torch.device) -> None:

@@ -25,7 +25,6 @@ rather than waiting: at one thread it does not move when other processes share t
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -39,13 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
     MODELS,
     PeakMemory,
+    add_common_args,
     build_model,
-    default_device,
     machine,
     markdown_table,
     median,
     resolve_device,
+    run_with_threads,
     timed,
+    write_json,
 )
 
 from hf_tempbalance import TempBalance  # noqa: E402
@@ -128,21 +129,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=MODELS)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default=default_device())
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's own choice)")
     parser.add_argument("--llama-layers", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--png", type=Path, default=None,
                         help="also plot both methods' times per model here (needs matplotlib)")
-    args = parser.parse_args(argv)
-    threads = torch.get_num_threads()
-    try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        return run(args)
-    finally:
-        torch.set_num_threads(threads)  # main() is importable: leave the caller's setting
+    add_common_args(parser)
+    return run_with_threads(parser.parse_args(argv), run)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -168,10 +159,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             for r in results]
     print(f"\nMedians of {args.repeats} alternating repeats ({device.type}):\n")
     print(markdown_table(headers, rows))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": machine(device), "device": str(device),
-                                         "repeats": args.repeats, "results": results}, indent=2))
+    write_json(args.json, device, repeats=args.repeats, results=results)
     if args.png:
         plot(results, args.png, f"{machine(device)}; medians of {args.repeats}")
     return results

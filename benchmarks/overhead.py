@@ -23,7 +23,6 @@ CIFAR images are 32x32 at ``--batch-size`` (default 128, the paper's); GPT-2 tak
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -34,15 +33,17 @@ from bench_common import (  # noqa: E402
     MODELS,
     VISION,
     PeakMemory,
+    add_common_args,
     build_model,
-    default_device,
     forward,
     machine,
     make_batch,
     markdown_table,
     median,
     resolve_device,
+    run_with_threads,
     timed,
+    write_json,
 )
 
 from hf_tempbalance import TempBalance  # noqa: E402
@@ -92,18 +93,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lm-batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--device", default=default_device())
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's own choice)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = parser.parse_args(argv)
-    threads = torch.get_num_threads()
-    try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        return run(args)
-    finally:
-        torch.set_num_threads(threads)  # main() is importable: leave the caller's setting
+    add_common_args(parser)
+    return run_with_threads(parser.parse_args(argv), run)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -126,10 +117,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             + [f"{r['update_peak_extra_MiB']:.0f}"] for r in results]
     print(f"\nTraining-time fraction spent in TempBalance updates ({device.type}):\n")
     print(markdown_table(headers, rows))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": machine(device), "device": str(device),
-                                         "results": results}, indent=2))
+    write_json(args.json, device, results=results)
     return results
 
 
