@@ -197,6 +197,7 @@ def test_every_scheduler_gets_scheduler_lr_times_multiplier(tmp_path, name, kwar
     reference = []
     for _ in range(12):
         reference.append(sched.get_last_lr()[0])
+        dummy.step()
         sched.step()
     assert [row[0] for row in recorder.base_trace] == pytest.approx(reference, rel=1e-12)
 
