@@ -8,7 +8,8 @@ Launches, for each model, ``accelerate launch`` with 1 process and with 2 proces
 builds the same randomly initialised model and times ``tb.update()``: the engine splits the
 balanced layers across ranks by estimated cost (``hf_tempbalance.distributed``), each rank
 computes its share, and one ``all_reduce`` gives every rank all values. The update time of a
-launch is the slowest rank's, the median of ``--repeats`` after a warm-up.
+launch is the slowest rank's, the median of ``--repeats`` after a warm-up; each configuration is
+launched ``--rounds`` times, alternating with the others, and the table gives the median.
 
 Each process runs ``--threads`` torch threads (``OMP_NUM_THREADS``, default 1), so 2 processes
 use twice the cores of 1: the ratio measures how well the sharding splits the work. A third
@@ -91,8 +92,11 @@ def max_rel_diff(a: list[float], b: list[float]) -> float:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["resnet18", "gpt2"])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed updates per launch")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="launches of each configuration, alternating between them")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -100,28 +104,38 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
 
     import torch
-    from bench_common import machine, markdown_table
+    from bench_common import machine, markdown_table, write_json
 
-    print(f"# scaling on {machine(torch.device('cpu'))}", flush=True)
+    cpu = torch.device("cpu")
+    print(f"# scaling on {machine(cpu)}", flush=True)
+    configs = [(1, args.threads), (2, args.threads), (1, 2 * args.threads)]
     results, rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
-            runs = [(1, args.threads), (2, args.threads), (1, 2 * args.threads)]
-            data = [launch(model, p, t, args.repeats, Path(tmp) / f"{model}-{p}-{t}.json")
-                    for p, t in runs]
-            base = data[0]
-            for run in data:
-                run["ratio_to_1_process"] = run["update_s"] / base["update_s"]
-                run["max_rel_diff"] = max_rel_diff(run["metrics"], base["metrics"])
-                run["model"] = model
-                results.append(run)
-                rows.append([model, run["layers"], run["processes"], run["threads"],
-                             f"{run['update_s']:.3f}", f"{run['ratio_to_1_process']:.2f}",
-                             f"{run['max_rel_diff']:.1e}"])
-    print(f"\nMedian update time of {args.repeats} (slowest rank), accelerate launch on CPU:\n")
+            launches: dict[tuple[int, int], list[dict]] = {c: [] for c in configs}
+            for r in range(args.rounds):
+                # Alternate the order, so that a change in the machine's load hits all alike.
+                for p, t in configs if r % 2 == 0 else configs[::-1]:
+                    out = Path(tmp) / f"{model}-{p}-{t}-{r}.json"
+                    launches[(p, t)].append(launch(model, p, t, args.repeats, out))
+            base = launches[configs[0]]
+            base_s = statistics.median(run["update_s"] for run in base)
+            for (p, t), runs in launches.items():
+                update_s = statistics.median(run["update_s"] for run in runs)
+                res = {"model": model, "processes": p, "threads": t, "layers": runs[0]["layers"],
+                       "update_s": update_s, "ratio_to_1_process": update_s / base_s,
+                       "launch_medians": [run["update_s"] for run in runs],
+                       "max_rel_diff": max(max_rel_diff(run["metrics"], base[0]["metrics"])
+                                           for run in runs)}
+                results.append(res)
+                rows.append([model, res["layers"], p, t, f"{update_s:.3f}",
+                             f"{res['ratio_to_1_process']:.2f}", f"{res['max_rel_diff']:.1e}"])
+    print(f"\nUpdate time (slowest rank), median over {args.rounds} alternating launches of the "
+          f"median of {args.repeats} updates; accelerate launch on CPU:\n")
     print(markdown_table(["model", "layers", "processes", "threads each", "update (s)",
                           f"time / 1 process x {args.threads} thread(s)",
                           "metric rel. diff vs 1 process"], rows))
+    write_json(args.json, cpu, rounds=args.rounds, repeats=args.repeats, results=results)
     return results
 
 
