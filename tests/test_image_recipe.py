@@ -41,6 +41,16 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 from hf_tempbalance.metrics import load_metric  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one torch thread is fastest, and with OpenMP's default spin-wait two
+    threads on a busy 2-core machine were measured ~200x slower per op (2.4 s vs 0.01 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _count(model: nn.Module, kind: type, kernel: int | None = None) -> int:
     return sum(1 for m in model.modules() if isinstance(m, kind)
                and (kernel is None or m.kernel_size[0] == kernel))
