@@ -7,6 +7,10 @@ import os
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "YOLO_OFFLINE"):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "0")
+# OpenMP threads otherwise spin-wait between ops; on a small, shared CI box that makes 2 threads
+# ~200x slower per tiny op than 1 (measured). Set before torch loads its OpenMP runtime; inherited
+# by the processes the multi-process tests launch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
