@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 
+import torch.distributed as dist
 from tb_record import BASE_LR, INTERVAL, Recorder, TinyClassifier, TinyData
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -40,6 +41,10 @@ def main(out_dir: str) -> None:
     trainer = Trainer(model=TinyClassifier(), args=args, train_dataset=TinyData(),
                       callbacks=[tempbalance, RecordLRs(tempbalance, out_dir)])
     trainer.train()
+    # Tear the gloo group down before interpreter exit: left to the exit handlers, its threads
+    # sometimes abort rank 0 ("terminate called without an active exception") after training.
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
