@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .esd import batched_esd, one_intra_op_thread
-from .hill import hill_alpha_tensor, sorted_eigs
+from .hill import DEFAULT_RTOL, hill_alpha_tensor, sorted_eigs
 
 __all__ = ["MetricFn", "register_metric", "available_metrics", "compute_metric", "layer_metrics"]
 
@@ -110,7 +110,8 @@ def layer_metrics(
 
     Returns ``{metric: [value per layer]}`` as Python floats (nan where a fit is impossible).
     """
-    eig_list = batched_esd(layers, dtype=dtype)
+    # The fits drop λ <= rtol·λ_max: float32 ESDs get that split exactly as in float64.
+    eig_list = batched_esd(layers, dtype=dtype, rtol=DEFAULT_RTOL if rtol is None else rtol)
     # Fits are many small ops: on CPU, op-level threading only adds barriers (see esd.py).
     on_cpu = all(e.device.type == "cpu" for e in eig_list)
     with one_intra_op_thread() if on_cpu else nullcontext():
