@@ -11,13 +11,16 @@ flops and batches well, where an SVD of W costs more and does not (reference-not
   where the weights live, with no host synchronisation on accelerators;
 * only the lower triangle of each Gram is formed (``eigvalsh`` reads nothing else), in
   blocks, which saves a quarter to a third of the matrix products;
-* on CPU, fp32 weights of ordinary magnitude go into the matrix product as they are (no
-  normalised copy); other weights (half precision, huge, tiny, NaN/Inf) are copied once,
-  upcast and divided by their largest |w|, and NaN/Inf layers get an all-zero spectrum;
+* on CPU, row-major fp32 weights of ordinary magnitude go into the matrix product as they are;
+  the others (conv kernel slices, which are strided, half precision, huge, tiny, NaN/Inf) are
+  copied once, upcast and divided by their largest |w| on the way, and NaN/Inf layers get an
+  all-zero spectrum;
 * on CPU the work is split across ``torch.get_num_threads()`` worker threads, each running its
   share single-threaded. LAPACK's own threading of one tridiagonal reduction synchronises its
   threads once per column and stalls badly when the cores are shared (other processes, data
-  loaders); whole matrices per thread scale with the cores and do not stall.
+  loaders); whole matrices per thread scale with the cores and do not stall;
+* with ``rtol`` (as :func:`~hf_tempbalance.spectral.layer_metrics` passes it), float32
+  eigenvalues within rounding of the fits' zero threshold are put on the side float64 gives.
 
 The plain per-slice SVD it must agree with lives in :mod:`hf_tempbalance.spectral.esd_reference`.
 """
@@ -34,6 +37,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .hill import DEFAULT_RTOL
 from .matrices import weight_matrices
 
 __all__ = ["esd", "batched_esd", "resolve_dtype", "gram_eig_cost"]
@@ -79,7 +83,8 @@ def gram_eig_cost(rows: int, cols: int) -> float:
     return 2.0 * r * d * d + 4.0 / 3.0 * d ** 3
 
 
-def esd(layer: nn.Module | torch.Tensor, dtype: torch.dtype | str = torch.float32) -> torch.Tensor:
+def esd(layer: nn.Module | torch.Tensor, dtype: torch.dtype | str = torch.float32, *,
+        rtol: float | None = DEFAULT_RTOL) -> torch.Tensor:
     """Ascending eigenvalues of WᵀW (the squared singular values of W) of one layer.
 
     Args:
@@ -88,19 +93,20 @@ def esd(layer: nn.Module | torch.Tensor, dtype: torch.dtype | str = torch.float3
             fp16/bf16 weights are upcast.
         dtype: ``float32`` (default; accurate to ~1e-5 relative on the top half of the spectrum)
             or ``float64``.
+        rtol: zero threshold of the fits that will read the ESD (see :func:`batched_esd`).
 
     Returns:
         1-D tensor of ``k · min(out, in)`` eigenvalues (units: squared weight units), sorted
         ascending, clamped at 0, on the layer's device, in ``dtype``.
     """
-    return batched_esd([layer], dtype=dtype)[0]
+    return batched_esd([layer], dtype=dtype, rtol=rtol)[0]
 
 
 def batched_esd(
     layers: Sequence[nn.Module | torch.Tensor],
     dtype: torch.dtype | str = torch.float32,
     *,
-    rtol: float | None = None,
+    rtol: float | None = DEFAULT_RTOL,
 ) -> list[torch.Tensor]:
     """:func:`esd` of many layers, batching every slice with the same Gram size.
 
@@ -118,8 +124,9 @@ def batched_esd(
             ~1e-3. With ``rtol`` given, every slice with an eigenvalue that close is checked
             exactly (inertia of the float64 Gram shifted by the threshold, Sylvester's law) and
             those eigenvalues are moved just across the threshold to the side float64 puts them
-            on, so the fits keep the same eigenvalues as in float64. Costs one float64 Gram and
-            LDLᵀ per such slice (about one per 9x512x512 conv layer); ``None``: no check.
+            on (by less than float32 rounding), so the fits keep the same eigenvalues as in
+            float64. Costs one float64 Gram and LDLᵀ per such slice (about one per 9x512x512
+            conv layer). Default: the fits' default threshold; ``None``: no check.
     """
     dtype = resolve_dtype(dtype)
     stacks = [_row_major(weight_matrices(layer)) for layer in layers]
