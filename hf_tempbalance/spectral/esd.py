@@ -27,7 +27,6 @@ The plain per-slice SVD it must agree with lives in :mod:`hf_tempbalance.spectra
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -339,11 +338,11 @@ def _pieces(members: list[int], counts: list[int], costs: list[float], limit: in
             workers: int) -> list[tuple[float, list[_Segment]]]:
     """Split a group's slices into contiguous pieces of similar cost: ``(cost, segments)``.
 
-    At most ``limit`` slices per piece (memory), and at least ``workers`` pieces when there are
-    that many slices, so that the worker threads can share the group.
+    At most ``limit`` slices per piece (memory), and with several threads about four pieces per
+    thread (when there are that many slices), so that the threads can balance their loads.
     """
     total_count = sum(counts)
-    n = max(math.ceil(total_count / limit), min(total_count, workers), 1)
+    n = max(math.ceil(total_count / limit), min(total_count, 4 * workers if workers > 1 else 1), 1)
     flat = [(i, j, cost) for i, k, cost in zip(members, counts, costs) for j in range(k)]
     total = sum(c for _, _, c in flat)
     pieces: list[tuple[float, list[_Segment]]] = []
@@ -369,20 +368,13 @@ def _cpu_workers(stacks: Sequence[torch.Tensor]) -> int:
 
 
 def _run_parallel(tasks: list, run: Callable[[tuple], None], workers: int) -> None:
-    """Run ``tasks`` on ``workers`` threads, balanced by cost (longest first), one BLAS thread each."""
-    bins: list[list] = [[] for _ in range(workers)]
-    heap = [(0.0, w) for w in range(workers)]
-    for task in sorted(tasks, key=lambda t: -t[0]):
-        load, w = heapq.heappop(heap)
-        bins[w].append(task)
-        heapq.heappush(heap, (load + task[0], w))
+    """Run ``tasks`` on ``workers`` threads with one BLAS thread each, largest cost first.
 
-    def run_bin(tasks_of_worker: list) -> None:
-        for task in tasks_of_worker:
-            run(task)
-
+    Each thread takes the next task when it is free, so the flop estimates only order the work
+    and the load balances itself (small eigensolves run at far fewer flops per second).
+    """
     with one_intra_op_thread(), ThreadPoolExecutor(workers, thread_name_prefix="tempbalance-esd") as pool:
-        for future in [pool.submit(run_bin, b) for b in bins if b]:
+        for future in [pool.submit(run, task) for task in sorted(tasks, key=lambda t: -t[0])]:
             future.result()
 
 
