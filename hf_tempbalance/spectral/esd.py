@@ -246,7 +246,11 @@ def _exact_threshold(stacks: list[torch.Tensor], rows: list[torch.Tensor], scale
         shifted = torch.empty(len(items), d, d, dtype=torch.float64, device=mats.device)
         _lower_gram(mats, shifted, _gram_blocks(d))  # LDLᵀ reads only the lower triangle
         shifted.diagonal(dim1=-2, dim2=-1).sub_(tau[:, None])
-        below = _count_at_most(shifted, torch.zeros_like(tau))
+        zero = torch.zeros_like(tau)
+        try:
+            below = _count_at_most(shifted, zero)
+        except (RuntimeError, NotImplementedError):  # a device without an LDLᵀ kernel
+            below = _count_at_most(shifted.cpu(), zero.cpu()).to(zero.device)
         for (i, j), count, t in zip(items, below, tau):
             e = rows[i][j]
             idx = torch.arange(e.numel(), device=e.device)
