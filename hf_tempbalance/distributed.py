@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -40,7 +41,7 @@ from torch.nn.utils import parametrize
 from .spectral.esd import gram_eig_cost
 from .spectral.matrices import is_transposed_conv1d
 
-__all__ = ["world", "is_main_process", "declared_shape", "layer_cost", "partition_by_cost",
+__all__ = ["world", "is_main_process", "check_launch", "declared_shape", "layer_cost", "partition_by_cost",
            "check_unsharded", "sharded_metrics", "collective_device", "UNSUPPORTED_SHARDING"]
 
 #: What is and is not supported, quoted by every refusal.
@@ -58,6 +59,26 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def check_launch(training_processes: int, framework: str, fix: str) -> None:
+    """Refuse processes that train separate models while sharing a launch.
+
+    ``accelerate launch --multi_gpu`` on a machine without GPUs (and without
+    ``ACCELERATE_USE_CPU=true``) starts several processes and even a process group, yet the
+    framework trains an independent copy of the model in each. The engine would then shard one
+    update across different models and mix their layers' alphas, so it stops instead.
+
+    Args:
+        training_processes: how many processes the framework itself trains with.
+        framework: what reported ``training_processes``, for the message.
+        fix: how to launch correctly, for the message.
+    """
+    launched = max(int(os.environ.get("WORLD_SIZE", "1")), world()[1])
+    if launched > 1 and training_processes == 1:
+        raise RuntimeError(
+            f"{launched} processes were launched but {framework} trains with one, so every process "
+            f"trains its own copy of the model and TempBalance would mix their layers. {fix}")
 
 
 def is_main_process() -> bool:

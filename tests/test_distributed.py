@@ -251,21 +251,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(cmd: list[str], tmp_path: Path, timeout: int = 300) -> None:
+def launch(cmd: list[str], tmp_path: Path, timeout: int = 300, *, use_cpu: bool = True,
+           expect_ok: bool = True) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                        "ACCELERATE_USE_CPU")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_HOME=str(tmp_path / "hf_home"),  # no user accelerate config leaks in
                PYTHONWARNINGS="ignore::DeprecationWarning", WANDB_DISABLED="true")
+    if use_cpu:
+        env["ACCELERATE_USE_CPU"] = "true"
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    if expect_ok:
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
 
 
-def accelerate_launch(script: str, out: Path, tmp_path: Path) -> None:
-    launch([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port()), "--monitor_interval", "0.1",
-            str(SCRIPTS / script), str(out)], tmp_path)
+def accelerate_launch(script: str, out: Path, tmp_path: Path, *script_args: str,
+                      **launch_kw) -> subprocess.CompletedProcess:
+    return launch([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(free_port()), "--monitor_interval", "0.1",
+                   str(SCRIPTS / script), str(out), *script_args], tmp_path, **launch_kw)
 
 
 def reference_multipliers(out: Path, updates: int) -> list[dict[str, float]]:
@@ -390,6 +397,24 @@ def test_trainer_callback_two_processes(tmp_path):
     runs = check_run(out, ranks=2, steps=total,
                      schedule=lambda t: BASE_LR * (float(total - t) / float(total)))
     assert {run["world_size"] for run in runs} == {2}
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_trainer_callback_refuses_one_copy_per_process(tmp_path):
+    """`accelerate launch --multi_gpu` on CPU without ACCELERATE_USE_CPU or --use_cpu: the Trainer
+    runs undistributed in each process (yet a gloo group exists), so the callback must stop."""
+    pytest.importorskip("transformers")
+    if torch.cuda.is_available():
+        pytest.skip("with GPUs this launch is a correct DDP run")
+    out = tmp_path / "run"
+    out.mkdir()
+    proc = accelerate_launch("trainer_run.py", out, tmp_path, "--gpu-args", use_cpu=False,
+                             expect_ok=False)
+    assert proc.returncode != 0
+    assert "2 processes were launched but the Trainer (parallel_mode=not_parallel)" in proc.stderr
+    assert "--use_cpu true" in proc.stderr
+    assert not list(out.glob("rank*.json"))  # no rank trained
 
 
 @pytest.mark.slow

@@ -24,6 +24,8 @@ from transformers import (  # noqa: E402
     GPT2LMHeadModel,
     Trainer,
     TrainerCallback,
+    TrainerControl,
+    TrainerState,
     TrainingArguments,
     get_scheduler,
 )
@@ -430,3 +432,22 @@ def test_snr_applied_with_weight_decay(tmp_path):
         expected = (-0.1 * 0.5 * s[0] * torch.outer(u[:, 0], vh[0])).reshape(w.shape)
         torch.testing.assert_close((regularised[name] - plain[name]).double(), expected, rtol=1e-3, atol=1e-6)
     assert all(m == 1.0 for m in engine.multipliers.values())  # SNR alone leaves LRs alone
+
+
+def test_refuses_a_launch_that_trains_one_copy_per_process(tmp_path, monkeypatch):
+    # What `accelerate launch --multi_gpu` leaves on a CPU machine without --use_cpu: WORLD_SIZE=2
+    # in the environment while the Trainer's own world is one process (the launched version of
+    # this is tests/test_distributed.py::test_trainer_callback_refuses_one_copy_per_process).
+    args = make_args(tmp_path)
+    assert args.world_size == 1
+    model = tiny_gpt2()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    callback = TempBalanceCallback()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match=r"2 processes were launched but the Trainer .* --use_cpu true"):
+        callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model, optimizer=optimizer)
+    assert callback.engine is None and not optimizer._optimizer_step_pre_hooks
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model, optimizer=optimizer)
+    assert callback.engine is not None
+    callback.on_train_end(args, TrainerState(), TrainerControl())

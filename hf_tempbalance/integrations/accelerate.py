@@ -31,7 +31,7 @@ import math
 import os
 from typing import Any
 
-from ..distributed import UNSUPPORTED_SHARDING, world
+from ..distributed import UNSUPPORTED_SHARDING, check_launch
 from ..engine import TempBalance
 from ..history import HISTORY_FILE, append_history
 
@@ -46,14 +46,10 @@ def check_accelerator(accelerator: Any) -> None:
     * FSDP1 and DeepSpeed ZeRO-3, whose local weights are shards (see
       :data:`hf_tempbalance.distributed.UNSUPPORTED_SHARDING`).
     """
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    processes = max(launched, world()[1])
-    if processes > 1 and accelerator.num_processes == 1:
-        raise RuntimeError(
-            f"{processes} processes were launched but the Accelerator runs undistributed "
-            f"(num_processes=1, distributed_type={accelerator.distributed_type}), so every process "
-            "trains its own copy of the model. On CPU launch with ACCELERATE_USE_CPU=true (or "
-            "Accelerator(cpu=True)); on GPUs check that `accelerate launch` sees them.")
+    check_launch(accelerator.num_processes,
+                 f"the Accelerator (distributed_type={accelerator.distributed_type})",
+                 "On CPU launch with ACCELERATE_USE_CPU=true (or Accelerator(cpu=True)); on GPUs "
+                 "check that `accelerate launch` sees them.")
     state = accelerator.state
     fsdp = getattr(state, "fsdp_plugin", None)
     if fsdp is not None and getattr(fsdp, "fsdp_version", 1) != 2:

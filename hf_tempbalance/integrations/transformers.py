@@ -38,6 +38,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_callback import CallbackHandler, ExportableState
 
 from ..config import TempBalanceConfig
+from ..distributed import check_launch
 from ..engine import TempBalance
 from ..history import HISTORY_FILE, append_history
 
@@ -112,6 +113,9 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
                 "TempBalanceCallback found no optimizer at on_train_begin; DeepSpeed builds its optimizer "
                 "inside its engine, which TempBalance cannot reach. Train with DDP (accelerate launch / "
                 "torchrun) or on one device.")
+        check_launch(args.world_size, f"the Trainer (parallel_mode={args.parallel_mode.value})",
+                     "On CPU pass --use_cpu true (TrainingArguments(use_cpu=True)) or set "
+                     "ACCELERATE_USE_CPU=true; on GPUs check that the launcher sees them.")
         self._place_before_reporters()
         self.engine = engine = TempBalance(model, self.config)
         if self.config.interval == "epoch":
