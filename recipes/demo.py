@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--max-train-samples", str(args.train_samples),
         "--max-eval-samples", str(args.eval_samples), "--tb-interval", str(args.tb_interval),
         "--output-dir", runs_dir, "--rerun",
+        # Pinned host memory only helps copies to a GPU (and warns without one).
+        "--dataloader_pin_memory", str(torch.cuda.is_available()),
     ])
 
     print("\n[3/3] results and plots", flush=True)
