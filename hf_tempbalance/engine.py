@@ -268,9 +268,15 @@ class TempBalance:
         return values
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume identically; JSON-serialisable."""
-        return {
+    def state_dict(self, include_history: bool = True) -> dict[str, Any]:
+        """Everything needed to resume identically; JSON-serialisable.
+
+        Args:
+            include_history: also carry :attr:`history`, which grows by one row per layer and
+                update (``False``: leave it out when it is kept elsewhere, e.g. in the history
+                file, so that checkpoints stay small however often the engine updates).
+        """
+        state = {
             "version": _STATE_VERSION,
             "config": self.config.to_dict(),
             "layers": list(self.plan.names),
@@ -280,11 +286,16 @@ class TempBalance:
             "num_updates": self.num_updates,
             "update_requested": self._update_requested,
             "steps_per_epoch": self.steps_per_epoch,
-            "history": [dict(row) for row in self.history],
         }
+        if include_history:
+            state["history"] = [dict(row) for row in self.history]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; the balanced layers must be the same."""
+        """Restore :meth:`state_dict` output; the balanced layers must be the same.
+
+        A state saved without its history leaves :attr:`history` as it is.
+        """
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"unsupported TempBalance state version {state.get('version')!r}")
         if list(state["layers"]) != self.plan.names:
@@ -299,7 +310,8 @@ class TempBalance:
         self.num_updates = int(state["num_updates"])
         self._update_requested = bool(state["update_requested"])
         self.steps_per_epoch = state.get("steps_per_epoch", self.steps_per_epoch)
-        self.history = [dict(row) for row in state["history"]]
+        if "history" in state:
+            self.history = [dict(row) for row in state["history"]]
 
     def __repr__(self) -> str:
         return (f"TempBalance({len(self.plan.layers)} layers, metric={self.config.metric}, "

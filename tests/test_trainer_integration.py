@@ -8,6 +8,7 @@ param group really has when ``optimizer.step()`` runs, and compares it with
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -37,7 +38,7 @@ from hf_tempbalance import (  # noqa: E402
     tempbalance_optimizer_cls_and_kwargs,
 )
 from hf_tempbalance.groups import GROUP_KEY, unwrap_optimizer  # noqa: E402
-from hf_tempbalance.history import read_history  # noqa: E402
+from hf_tempbalance.history import HISTORY_FILE, read_history  # noqa: E402
 
 S1, S2 = 0.5, 1.5
 
@@ -451,3 +452,45 @@ def test_refuses_a_launch_that_trains_one_copy_per_process(tmp_path, monkeypatch
     callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model, optimizer=optimizer)
     assert callback.engine is not None
     callback.on_train_end(args, TrainerState(), TrainerControl())
+
+
+def test_checkpoint_leaves_history_to_the_file_and_resume_cuts_it_back(tmp_path):
+    """The engine state in trainer_state.json carries no history (it would grow by a row per layer
+    and update); resuming inside a finished run's directory cuts the file back to the checkpoint
+    and regrows exactly the rows of the uninterrupted run."""
+    common = dict(tb={"interval": 2}, data=lm_data(24), max_steps=8, save_strategy="steps",
+                  save_steps=4, lr_scheduler_type="cosine")
+    straight = run(tmp_path, **common)
+    expected = read_history(straight.args.output_dir)
+    assert {r["step"] for r in expected} == {0, 2, 4, 6}
+    saved = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
+    engine_state = saved["stateful_callbacks"]["TempBalanceCallback"]["attributes"]["engine_state"]
+    assert "history" not in engine_state and engine_state["num_updates"] == 2
+
+    resumed = run(tmp_path, model=tiny_gpt2(seed=123), resume=str(tmp_path / "checkpoint-4"), **common)
+    rows = read_history(resumed.args.output_dir)
+    key = [(r["step"], r["update"], r["layer"], r["multiplier"]) for r in expected]
+    assert [(r["step"], r["update"], r["layer"], r["multiplier"]) for r in rows] == key
+    assert [(r["step"], r["layer"]) for r in tb_callback(resumed).engine.history] == \
+           [(r["step"], r["layer"]) for r in expected]
+
+
+def test_resume_without_the_history_file_warns_and_keeps_training(tmp_path):
+    common = dict(tb={"interval": 2}, data=lm_data(24), max_steps=8, save_strategy="steps",
+                  save_steps=4)
+    run(tmp_path / "a", **common)
+    with pytest.warns(UserWarning, match="follows 2 TempBalance updates, but .* holds 0"):
+        resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-4"), **common)
+    rows = read_history(resumed.args.output_dir)
+    assert {r["step"] for r in rows} == {4, 6} and {r["update"] for r in rows} == {2, 3}
+
+
+def test_without_a_history_file_the_checkpoint_carries_the_history(tmp_path):
+    callback = lambda: TempBalanceCallback(TempBalanceConfig(dtype="float64", min_eigs=10, interval=2),  # noqa: E731
+                                           history_file=None)
+    common = dict(data=lm_data(24), max_steps=8, save_strategy="steps", save_steps=4)
+    straight = run(tmp_path, callback=callback(), **common)
+    resumed = run(tmp_path, callback=callback(), resume=str(tmp_path / "checkpoint-4"), **common)
+    assert not (tmp_path / HISTORY_FILE).exists()
+    key = [(r["step"], r["layer"], r["multiplier"]) for r in tb_callback(straight).engine.history]
+    assert [(r["step"], r["layer"], r["multiplier"]) for r in tb_callback(resumed).engine.history] == key

@@ -40,7 +40,7 @@ from transformers.trainer_callback import CallbackHandler, ExportableState
 from ..config import TempBalanceConfig
 from ..distributed import check_launch
 from ..engine import TempBalance
-from ..history import HISTORY_FILE, append_history
+from ..history import HISTORY_FILE, append_history, read_history
 
 __all__ = ["TempBalanceCallback", "TempBalanceTrainer", "tempbalance_optimizer_cls_and_kwargs"]
 
@@ -87,10 +87,14 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------ ExportableState
     def state(self) -> dict:
+        # The history (a row per layer and update) lives in the history file, which a resumed
+        # run cuts back to the checkpoint; so trainer_state.json stays the same size however
+        # often the engine updates. Without a file the history has to travel here.
+        engine_state = (self.engine.state_dict(include_history=not self.history_file)
+                        if self.engine is not None else self.engine_state)
         return {
             "args": {"config": self.config.to_dict(), "history_file": self.history_file},
-            "attributes": {"engine_state": self.engine.state_dict() if self.engine is not None
-                           else self.engine_state},
+            "attributes": {"engine_state": engine_state},
         }
 
     # ------------------------------------------------------------------ set-up
@@ -129,7 +133,10 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
         self._warn_if_too_few_updates(state)
         if self.history_file and state.is_world_process_zero:
             path = os.path.join(args.output_dir, self.history_file)
-            # Rewrite on every start: a resumed run continues from the checkpoint's history.
+            if saved is not None and "history" not in saved:
+                engine.history = self._history_before(path, state.global_step)
+            # Rewrite on every start: a resumed run continues from the checkpoint's history, not
+            # from rows a longer earlier run wrote after it.
             if os.path.exists(path):
                 os.remove(path)
             append_history(engine.history, path)
@@ -147,6 +154,18 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
             if isinstance(stored, dict):
                 return stored.get("attributes", {}).get("engine_state")
         return None
+
+    def _history_before(self, path: str, step: int) -> list[dict]:
+        """The history file's rows of the updates before optimizer step ``step`` (the checkpoint)."""
+        updates = self.engine.num_updates
+        rows = [r for r in read_history(path) if r["step"] < step] if os.path.exists(path) else []
+        found = len({r["update"] for r in rows})
+        if found != updates:
+            warnings.warn(
+                f"the checkpoint at step {step} follows {updates} TempBalance updates, but {path} "
+                f"holds {found} before it (was output_dir changed or the file removed?); the "
+                "history file continues from what it holds.", stacklevel=3)
+        return rows
 
     def _warn_if_too_few_updates(self, state: TrainerState) -> None:
         engine, cfg = self.engine, self.config
