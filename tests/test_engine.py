@@ -376,6 +376,24 @@ def test_state_dict_json_round_trip_resumes_identically():
         assert torch.equal(p, q)
 
 
+def test_state_dict_without_history_restores_everything_else():
+    model = make_model()
+    tb = TempBalance(model, TempBalanceConfig(interval=1))
+    optimizer = torch.optim.SGD(tb.param_groups(lr=BASE_LR), momentum=0.9)
+    tb.attach(optimizer)
+    for t in range(3):
+        train_step(model, optimizer, t)
+    full, slim = tb.state_dict(), tb.state_dict(include_history=False)
+    assert len(full["history"]) == 3 * len(tb.plan.names) and "history" not in slim
+    assert {k: v for k, v in full.items() if k != "history"} == slim
+
+    tb_b = TempBalance(copy.deepcopy(model), TempBalanceConfig(interval=1))
+    tb_b.history = [{"step": -1}]  # kept as it is: the caller restores the history itself
+    tb_b.load_state_dict(json.loads(json.dumps(slim)))
+    assert tb_b.multipliers == tb.multipliers and tb_b.num_updates == 3 and tb_b.num_steps == 3
+    assert tb_b.history == [{"step": -1}]
+
+
 def test_load_state_dict_for_other_layers_is_refused():
     state = TempBalance(make_model()).state_dict()
     other = TempBalance(make_model(), exclude=(r"^9$",))
