@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["HISTORY_FILE", "append_history", "read_history"]
+__all__ = ["HISTORY_FILE", "append_history", "read_history", "rewrite_history", "history_before"]
 
 HISTORY_FILE = "tempbalance_history.jsonl"
 
@@ -59,3 +60,37 @@ def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
                     row["value"] = float(row["value"])
                 rows.append(row)
     return rows
+
+
+def rewrite_history(rows: Iterable[dict[str, Any]], path: str | os.PathLike) -> None:
+    """Replace the history file by ``rows`` (an empty file for none)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    open(path, "w", encoding="utf-8").close()
+    append_history(rows, path)
+
+
+def history_before(step: int, updates: int, *paths: str | os.PathLike | None) -> list[dict[str, Any]]:
+    """The history rows of the updates made before optimizer step ``step``, from a file.
+
+    What a run resumed from a checkpoint taken after ``step`` optimizer steps continues from:
+    rows that a longer earlier run wrote after the checkpoint are left out. ``paths`` are the
+    history files to look in, in order (typically the resumed run's own, then the one the
+    checkpointed run wrote); the first that holds all ``updates`` updates the checkpoint
+    followed wins. If none does (a removed file, another machine), this warns and returns the
+    most complete rows found.
+    """
+    best: list[dict[str, Any]] = []
+    looked = []
+    for path in dict.fromkeys(os.path.abspath(p) for p in paths if p):
+        looked.append(path)
+        if not os.path.exists(path):
+            continue
+        rows = [r for r in read_history(path) if r["step"] < step]
+        if len({r["update"] for r in rows}) == updates:
+            return rows
+        best = max(best, rows, key=len)
+    warnings.warn(
+        f"the checkpoint at step {step} follows {updates} TempBalance updates, but the history "
+        f"files ({', '.join(looked) or 'none given'}) hold {len({r['update'] for r in best})} of "
+        "them; the history file continues from what they hold.", stacklevel=3)
+    return best

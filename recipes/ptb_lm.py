@@ -55,8 +55,7 @@ from models.tensorized_transformer import (  # noqa: E402
 )
 
 from hf_tempbalance import TempBalance, TempBalanceConfig  # noqa: E402
-from hf_tempbalance.history import HISTORY_FILE, append_history  # noqa: E402
-from hf_tempbalance.integrations.accelerate import check_accelerator  # noqa: E402
+from hf_tempbalance.integrations.accelerate import AcceleratedTempBalance, check_accelerator  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -334,23 +333,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         accelerator.init_trackers(args.run_name or "ptb_lm", config={
             **asdict(model_args), **asdict(data_args), **asdict(tb_args),
             "learning_rate": args.learning_rate, "max_steps": args.max_steps, "seed": args.seed})
+    tempbalance = None
     if tb is not None:
-        tb.attach(optimizer)
-        accelerator.register_for_checkpointing(tb)
+        # Writes the history file on the main process; its checkpoint state leaves the history to
+        # that file, which a resumed run cuts back to the checkpoint.
+        tempbalance = AcceleratedTempBalance(tb, accelerator, output_dir=out_dir)
+        tempbalance.attach(optimizer)
+        accelerator.register_for_checkpointing(tempbalance)
     if args.resume_from_checkpoint:
         accelerator.load_state(args.resume_from_checkpoint)
         saved_best = Path(args.resume_from_checkpoint) / "best"
         if accelerator.is_main_process and saved_best.is_dir():  # the best model as of the checkpoint
             shutil.copytree(saved_best, out_dir / "best", dirs_exist_ok=True)
         logger.info("resumed from %s at step %d", args.resume_from_checkpoint, state.step)
-    history_path = out_dir / HISTORY_FILE
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-        if tb is not None:  # the file holds exactly the engine's history (also after a resume)
-            history_path.unlink(missing_ok=True)
-            append_history(tb.history, history_path)
-    written = len(tb.history) if tb is not None else 0
 
     def save_best() -> None:
         accelerator.wait_for_everyone()
@@ -378,11 +376,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         state.step += 1
         running += loss.item()
         running_n += 1
-        if tb is not None and len(tb.history) > written:
-            if accelerator.is_main_process:
-                append_history([{**row, "base_lr": base_lr} for row in tb.history[written:]],
-                               history_path)
-            written = len(tb.history)
+        if tempbalance is not None:
+            tempbalance.log()  # new history rows (with the scheduler's base_lr) -> the file
         bar.update(1)
         if state.step % max(1, int(args.logging_steps)) == 0:
             bar.set_postfix(loss=f"{running / running_n:.3f}", lr=f"{base_lr:.3g}")

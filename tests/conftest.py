@@ -22,3 +22,15 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def _seed() -> None:
     """Every test starts from the same RNG state, whatever ran before it."""
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Accelerate keeps its process state in class-level singletons: start and end clean."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -353,17 +353,6 @@ def recipe_args(data: Path, out: Path, *extra: str) -> list[str]:
             "--logging_steps", "1", "--seed", "0", "--use_cpu", "True", *extra]
 
 
-@pytest.fixture
-def fresh_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 @pytest.mark.slow
 def test_recipe_end_to_end_and_resume_reproduces_the_run(tmp_path, fresh_accelerate):
     data = make_corpus(tmp_path / "data")

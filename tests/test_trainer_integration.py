@@ -475,14 +475,22 @@ def test_checkpoint_leaves_history_to_the_file_and_resume_cuts_it_back(tmp_path)
            [(r["step"], r["layer"]) for r in expected]
 
 
-def test_resume_without_the_history_file_warns_and_keeps_training(tmp_path):
+def test_resume_into_another_directory_reads_the_checkpointed_runs_history(tmp_path):
     common = dict(tb={"interval": 2}, data=lm_data(24), max_steps=8, save_strategy="steps",
                   save_steps=4)
-    run(tmp_path / "a", **common)
-    with pytest.warns(UserWarning, match="follows 2 TempBalance updates, but .* holds 0"):
-        resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-4"), **common)
+    straight = run(tmp_path / "a", **common)
+    expected = [(r["step"], r["layer"], r["multiplier"]) for r in read_history(straight.args.output_dir)]
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-4"), **common)
     rows = read_history(resumed.args.output_dir)
-    assert {r["step"] for r in rows} == {4, 6} and {r["update"] for r in rows} == {2, 3}
+    assert [(r["step"], r["layer"], r["multiplier"]) for r in rows] == expected
+
+    # Neither file left: the run goes on, says so, and its file starts at the checkpoint.
+    (tmp_path / "a" / HISTORY_FILE).unlink()
+    (tmp_path / "b" / HISTORY_FILE).unlink()
+    with pytest.warns(UserWarning, match="follows 2 TempBalance updates, but the history files .* hold 0"):
+        again = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-4"), **common)
+    rows = read_history(again.args.output_dir)
+    assert [(r["step"], r["layer"], r["multiplier"]) for r in rows] == [e for e in expected if e[0] >= 4]
 
 
 def test_without_a_history_file_the_checkpoint_carries_the_history(tmp_path):

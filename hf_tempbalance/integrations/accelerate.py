@@ -7,6 +7,7 @@
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     tempbalance = AcceleratedTempBalance(tb, accelerator, output_dir="run")
     tempbalance.attach(optimizer, loader)       # checks the launch, then tb.attach(optimizer)
+    accelerator.register_for_checkpointing(tempbalance)   # save_state / load_state resume it
     for batch in loader:
         ...; accelerator.backward(loss); optimizer.step(); scheduler.step(); optimizer.zero_grad()
         accelerator.log(tempbalance.log())      # new history rows -> file, on the main process
@@ -21,6 +22,13 @@ multiplies whatever the scheduler left in a group, so the LR layer ``i`` uses at
 (``k = t`` with ``split_batches=True``): size the schedule in single-process steps, as Accelerate
 expects, while ``TempBalanceConfig.interval`` always counts optimizer steps.
 
+Resume. Registered for checkpointing, the wrapper saves the engine's state (multipliers, metrics,
+step clock) with ``accelerator.save_state``; the history stays in the history file, which
+``accelerator.load_state`` followed by the first :meth:`AcceleratedTempBalance.log` reads back up
+to the checkpoint's step, from the new ``output_dir`` or else from the file the checkpointed run
+wrote (see :func:`hf_tempbalance.history.history_before`). Without an ``output_dir`` the history
+travels in the checkpoint.
+
 Every rank must run the same optimizer steps (so every rank joins each update's collective);
 every rank then applies bit-identical multipliers (see :mod:`hf_tempbalance.distributed`).
 """
@@ -33,7 +41,7 @@ from typing import Any
 
 from ..distributed import UNSUPPORTED_SHARDING, check_launch
 from ..engine import TempBalance
-from ..history import HISTORY_FILE, append_history
+from ..history import HISTORY_FILE, append_history, history_before, rewrite_history
 
 __all__ = ["AcceleratedTempBalance", "check_accelerator"]
 
@@ -73,8 +81,12 @@ class AcceleratedTempBalance:
                  *, history_file: str = HISTORY_FILE) -> None:
         self.tb = tb
         self.accelerator = accelerator
-        self.path = os.path.join(output_dir, history_file) if output_dir is not None else None
-        self._written = len(tb.history)
+        self.path = (os.path.abspath(os.path.join(output_dir, history_file))
+                     if output_dir is not None else None)
+        self._takeover: tuple[int, int] | None = None  # (step, updates) where this process began
+        self._saved_path: str | None = None  # history file of the run a checkpoint came from
+        self._written = 0  # rows of tb.history already in the history file
+        self._file_started = False
 
     def attach(self, optimizer: Any, train_dataloader: Any = None) -> TempBalance:
         """Check the set-up, then attach the engine to the prepared optimizer.
@@ -85,6 +97,7 @@ class AcceleratedTempBalance:
         """
         check_accelerator(self.accelerator)
         tb = self.tb
+        self._takeover = (tb.num_steps, tb.num_updates)
         if tb.config.interval == "epoch" and tb.steps_per_epoch is None and train_dataloader is not None:
             accumulation = max(1, int(getattr(self.accelerator, "gradient_accumulation_steps", 1)))
             tb.steps_per_epoch = max(1, math.ceil(len(train_dataloader) / accumulation))
@@ -96,8 +109,43 @@ class AcceleratedTempBalance:
         Returns the ``tempbalance/...`` summary values (empty before the first update), ready for
         ``accelerator.log`` (which itself logs on the main process only).
         """
+        if not self._file_started:
+            self._start_file()
         rows = self.tb.history[self._written:]
         self._written = len(self.tb.history)
         if rows and self.path is not None and self.accelerator.is_main_process:
             append_history(rows, self.path)
         return self.tb.log_values(per_layer=False) if self.tb.num_updates else {}
+
+    def _start_file(self) -> None:
+        """Begin the history file where this process took over: empty for a new run, the rows
+        of the updates before the checkpoint for a resumed one."""
+        self._file_started = True
+        tb = self.tb
+        step, updates = self._takeover or (0, 0)
+        before = [r for r in tb.history if r["step"] < step]
+        if self.path is not None and self.accelerator.is_main_process:
+            if len({r["update"] for r in before}) != updates:  # the checkpoint left them to the file
+                before = history_before(step, updates, self.path, self._saved_path)
+                tb.history = before + [r for r in tb.history if r["step"] >= step]
+            rewrite_history(before, self.path)
+        self._written = len(before)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        """The engine's state and the history file's path, for
+        ``accelerator.register_for_checkpointing(self)``.
+
+        The history is left out when it has a file (the checkpoint would otherwise grow by a row
+        per layer and update); a run resumed elsewhere reads it back from that path.
+        """
+        return {"engine": self.tb.state_dict(include_history=self.path is None),
+                "history_path": self.path}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output (called by ``accelerator.load_state``); a bare
+        :meth:`TempBalance.state_dict` is accepted too."""
+        self.tb.load_state_dict(state["engine"] if "engine" in state else state)
+        self._saved_path = state.get("history_path")
+        self._takeover = (self.tb.num_steps, self.tb.num_updates)
+        self._file_started = False

@@ -40,7 +40,7 @@ from transformers.trainer_callback import CallbackHandler, ExportableState
 from ..config import TempBalanceConfig
 from ..distributed import check_launch
 from ..engine import TempBalance
-from ..history import HISTORY_FILE, append_history, read_history
+from ..history import HISTORY_FILE, append_history, history_before, rewrite_history
 
 __all__ = ["TempBalanceCallback", "TempBalanceTrainer", "tempbalance_optimizer_cls_and_kwargs"]
 
@@ -81,20 +81,23 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
         self.config = _as_config(config, overrides)
         self.history_file = history_file
         self.engine: TempBalance | None = None
-        self.engine_state: dict | None = None  # set by the Trainer when it restores callback states
+        # Both set by the Trainer when it restores callback states from a checkpoint:
+        self.engine_state: dict | None = None
+        self.history_path: str | None = None  # the history file the checkpointed run wrote
         self._written = 0
         self._epoch = 0.0
 
     # ------------------------------------------------------------------ ExportableState
     def state(self) -> dict:
         # The history (a row per layer and update) lives in the history file, which a resumed
-        # run cuts back to the checkpoint; so trainer_state.json stays the same size however
-        # often the engine updates. Without a file the history has to travel here.
+        # run reads back up to the checkpoint (from its own output_dir, else from the file named
+        # here); so trainer_state.json stays the same size however often the engine updates.
+        # Without a file the history has to travel here.
         engine_state = (self.engine.state_dict(include_history=not self.history_file)
                         if self.engine is not None else self.engine_state)
         return {
             "args": {"config": self.config.to_dict(), "history_file": self.history_file},
-            "attributes": {"engine_state": engine_state},
+            "attributes": {"engine_state": engine_state, "history_path": self.history_path},
         }
 
     # ------------------------------------------------------------------ set-up
@@ -124,48 +127,39 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
         self.engine = engine = TempBalance(model, self.config)
         if self.config.interval == "epoch":
             engine.steps_per_epoch = _steps_per_epoch(args, train_dataloader)
-        saved = self._saved_engine_state(state)
+        saved, saved_path = self._saved_state(state)
         if saved is not None:
             engine.load_state_dict(saved)
             engine.steps_per_epoch = engine.steps_per_epoch or _steps_per_epoch(args, train_dataloader)
         engine.num_steps = state.global_step
         engine.attach(optimizer)
         self._warn_if_too_few_updates(state)
-        if self.history_file and state.is_world_process_zero:
-            path = os.path.join(args.output_dir, self.history_file)
-            if saved is not None and "history" not in saved:
-                engine.history = self._history_before(path, state.global_step)
-            # Rewrite on every start: a resumed run continues from the checkpoint's history, not
-            # from rows a longer earlier run wrote after it.
-            if os.path.exists(path):
-                os.remove(path)
-            append_history(engine.history, path)
+        if self.history_file:
+            path = os.path.abspath(os.path.join(args.output_dir, self.history_file))
+            self.history_path = path
+            if state.is_world_process_zero:
+                if saved is not None and "history" not in saved:
+                    engine.history = history_before(state.global_step, engine.num_updates,
+                                                    path, saved_path)
+                # Rewrite on every start: a resumed run continues from the checkpoint's history,
+                # not from rows a longer earlier run wrote after it.
+                rewrite_history(engine.history, path)
         self._written = len(engine.history)
 
-    def _saved_engine_state(self, state: TrainerState) -> dict | None:
-        """Engine state to resume from: restored attribute, else the checkpoint's trainer state."""
+    def _saved_state(self, state: TrainerState) -> tuple[dict | None, str | None]:
+        """(engine state, history file of the checkpointed run) to resume from: the restored
+        attributes, else the checkpoint's trainer state; (None, None) for a new run."""
         if self.engine_state is not None:
             saved, self.engine_state = self.engine_state, None
-            return saved
+            return saved, self.history_path
         if state.global_step > 0:
             stored = (state.stateful_callbacks or {}).get(type(self).__name__)
             if isinstance(stored, list):
                 stored = stored[0] if stored else None
             if isinstance(stored, dict):
-                return stored.get("attributes", {}).get("engine_state")
-        return None
-
-    def _history_before(self, path: str, step: int) -> list[dict]:
-        """The history file's rows of the updates before optimizer step ``step`` (the checkpoint)."""
-        updates = self.engine.num_updates
-        rows = [r for r in read_history(path) if r["step"] < step] if os.path.exists(path) else []
-        found = len({r["update"] for r in rows})
-        if found != updates:
-            warnings.warn(
-                f"the checkpoint at step {step} follows {updates} TempBalance updates, but {path} "
-                f"holds {found} before it (was output_dir changed or the file removed?); the "
-                "history file continues from what it holds.", stacklevel=3)
-        return rows
+                attributes = stored.get("attributes", {})
+                return attributes.get("engine_state"), attributes.get("history_path")
+        return None, None
 
     def _warn_if_too_few_updates(self, state: TrainerState) -> None:
         engine, cfg = self.engine, self.config
