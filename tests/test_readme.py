@@ -105,3 +105,25 @@ def test_diagnostics_snippet_runs_as_printed(tmp_path, monkeypatch, capsys):
     from hf_tempbalance.spectral import esd, hill_alpha
     expected = hill_alpha(esd(model.layer3[1].conv2, dtype=torch.float64))
     assert report["layer3.1.conv2"].alpha == pytest.approx(expected, rel=1e-4)
+
+
+def github_anchor(heading: str) -> str:
+    """GitHub's id for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_internal_links_point_at_headings():
+    text = re.sub(r"```.*?```", "", README, flags=re.S)  # '# comments' in code are not headings
+    anchors = {github_anchor(h) for h in re.findall(r"^#{1,6} (.+)$", text, flags=re.M)}
+    links = re.findall(r"\]\(#([^)]+)\)", README)
+    assert len(links) >= 11
+    assert sorted(set(links) - anchors) == []
+
+
+def test_documented_extras_exist():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    extras = set(pyproject["project"]["optional-dependencies"])
+    line = re.search(r"\(extras: (.*?)\)", README, flags=re.S).group(1)
+    assert set(re.findall(r"`(\w+)`", line)) == extras
