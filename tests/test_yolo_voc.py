@@ -37,7 +37,7 @@ from ultralytics.models.yolo.detect import DetectionValidator  # noqa: E402
 
 from hf_tempbalance import TempBalanceConfig  # noqa: E402
 from hf_tempbalance.groups import GROUP_KEY  # noqa: E402
-from hf_tempbalance.history import HISTORY_FILE, read_history  # noqa: E402
+from hf_tempbalance.history import HISTORY_FILE, append_history, read_history  # noqa: E402
 from hf_tempbalance.integrations.ultralytics import (  # noqa: E402
     CHECKPOINT_KEY,
     TempBalanceDetectionTrainer,
@@ -400,6 +400,11 @@ def test_resume_restores_engine_state_and_lrs(tiny_data, tmp_path):
     last = Path(first.save_dir) / "weights/last.pt"
     saved = torch.load(last, map_location="cpu", weights_only=False)["optimizer"][CHECKPOINT_KEY]
     assert saved["num_steps"] == 3 and saved["num_updates"] == 2  # updates at steps 0 and 2
+
+    # As if the run had gone on past the checkpoint and died: rows the resumed run must drop.
+    history_file = Path(first.save_dir) / HISTORY_FILE
+    ahead = [{**row, "step": 4, "update": 2, "epoch": 2} for row in read_history(history_file)[-3:]]
+    append_history(ahead, history_file)
 
     resumed = YOLO(last)
     resumed.train(trainer=trainer_cls, resume=True)

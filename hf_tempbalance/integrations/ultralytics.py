@@ -50,7 +50,7 @@ from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 
 from ..config import TempBalanceConfig
 from ..engine import TempBalance
-from ..history import HISTORY_FILE, append_history
+from ..history import HISTORY_FILE, append_history, history_before, rewrite_history
 
 __all__ = ["TempBalanceHook", "TempBalanceTrainerMixin", "TempBalanceDetectionTrainer",
            "add_tempbalance", "CHECKPOINT_KEY"]
@@ -75,6 +75,7 @@ class TempBalanceHook:
         self.config = config.replace(**overrides) if overrides else config
         self.tb: TempBalance | None = None
         self._written = 0  # history rows already appended to the history file
+        self._path: Path | None = None  # the history file, in the trainer's save_dir
 
     # ------------------------------------------------------------------ setup
     def attach(self, trainer: Any, optimizer: Any, name: str = "") -> Any:
@@ -86,6 +87,7 @@ class TempBalanceHook:
                 "to set the base LR yourself.")
         self.tb = TempBalance(trainer.model, self.config)
         self.tb.attach(optimizer)
+        self._path = Path(trainer.save_dir) / HISTORY_FILE
         # The engine state travels inside the optimizer state dict, so it lands in every
         # Ultralytics checkpoint (last.pt, best.pt, epochN.pt) and comes back on resume.
         optimizer.register_state_dict_post_hook(self._save_state)
@@ -108,6 +110,11 @@ class TempBalanceHook:
         else:
             self.tb.load_state_dict(state)
             self._written = len(self.tb.history)
+            if RANK in {-1, 0} and self._path is not None and self._path.exists():
+                # Resuming in the run's save_dir: drop rows an interrupted run appended after
+                # this checkpoint (their epoch is trained again and writes them anew).
+                rows = history_before(self.tb.num_steps, self.tb.num_updates, self._path)
+                rewrite_history(rows, self._path)
         return state_dict
 
     # ------------------------------------------------------------------ epoch events
@@ -123,8 +130,7 @@ class TempBalanceHook:
         rows = tb.history[self._written:]
         self._written = len(tb.history)
         if RANK in {-1, 0} and rows:
-            append_history([{**row, "epoch": trainer.epoch + 1} for row in rows],
-                           Path(trainer.save_dir) / HISTORY_FILE)
+            append_history([{**row, "epoch": trainer.epoch + 1} for row in rows], self._path)
 
     EPOCH_EVENTS = ("on_train_epoch_start", "on_train_epoch_end")
 
