@@ -87,7 +87,8 @@ class TempBalanceHook:
                 "to set the base LR yourself.")
         self.tb = TempBalance(trainer.model, self.config)
         self.tb.attach(optimizer)
-        self._path = Path(trainer.save_dir) / HISTORY_FILE
+        save_dir = getattr(trainer, "save_dir", None)
+        self._path = Path(save_dir) / HISTORY_FILE if save_dir is not None else None
         # The engine state travels inside the optimizer state dict, so it lands in every
         # Ultralytics checkpoint (last.pt, best.pt, epochN.pt) and comes back on resume.
         optimizer.register_state_dict_post_hook(self._save_state)
@@ -129,7 +130,7 @@ class TempBalanceHook:
         trainer.lr = {**getattr(trainer, "lr", {}), **tb.log_values()}
         rows = tb.history[self._written:]
         self._written = len(tb.history)
-        if RANK in {-1, 0} and rows:
+        if RANK in {-1, 0} and rows and self._path is not None:
             append_history([{**row, "epoch": trainer.epoch + 1} for row in rows], self._path)
 
     EPOCH_EVENTS = ("on_train_epoch_start", "on_train_epoch_end")
