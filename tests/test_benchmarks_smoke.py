@@ -52,3 +52,21 @@ def test_overhead_runs_and_fractions_follow_the_formula(capsys):
         assert fraction == pytest.approx(res["update_s"] / (k * res["step_s"] + res["update_s"]))
     assert res["overhead"]["391"] < res["overhead"]["100"] < res["overhead"]["10"]
     assert "| toy |" in capsys.readouterr().out
+
+
+def test_checkpoint_state_measures_the_history_it_leaves_out(capsys):
+    pytest.importorskip("transformers")
+    import json
+
+    checkpoint_state = pytest.importorskip("checkpoint_state")
+    (small, large) = checkpoint_state.main(["--model", "toy", "--interval", "5", "--steps", "10", "100",
+                                            "--repeats", "1"])
+    assert (small["updates"], large["updates"]) == (2, 20)
+    assert large["rows"] == 20 * large["layers"]
+    # Without the history the saved state does not grow with the run; with it, it does.
+    assert large["without_MB"] == pytest.approx(small["without_MB"], rel=0.01)
+    assert large["with_MB"] - large["without_MB"] > 9 * (small["with_MB"] - small["without_MB"])
+    row = {"step": 95, "update": 19, "layer": "x" * 5, "metric": "alpha_hill", "value": 2.0,
+           "multiplier": 1.0, "valid": True, "base_lr": 1e-4, "epoch": 0.1}
+    assert large["with_MB"] - large["without_MB"] > large["rows"] * len(json.dumps(row)) / 1e6
+    assert "| toy |" in capsys.readouterr().out
