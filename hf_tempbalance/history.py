@@ -15,7 +15,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 __all__ = ["HISTORY_FILE", "append_history", "read_history", "rewrite_history", "history_before"]
@@ -69,15 +69,18 @@ def rewrite_history(rows: Iterable[dict[str, Any]], path: str | os.PathLike) -> 
     append_history(rows, path)
 
 
-def history_before(step: int, updates: int, *paths: str | os.PathLike | None) -> list[dict[str, Any]]:
+def history_before(step: int, updates: int, *paths: str | os.PathLike | None,
+                   multipliers: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
     """The history rows of the updates made before optimizer step ``step``, from a file.
 
     What a run resumed from a checkpoint taken after ``step`` optimizer steps continues from:
     rows that a longer earlier run wrote after the checkpoint are left out. ``paths`` are the
     history files to look in, in order (typically the resumed run's own, then the one the
     checkpointed run wrote); the first that holds all ``updates`` updates the checkpoint
-    followed wins. If none does (a removed file, another machine), this warns and returns the
-    most complete rows found.
+    followed wins, and with ``multipliers`` (the checkpoint's) only if its last update gave
+    exactly those, so a file of another run in the same directory is not taken for this one.
+    If none does (a removed file, another machine), this warns and returns the most complete
+    rows of a file that held fewer updates (possibly none).
     """
     best: list[dict[str, Any]] = []
     looked = []
@@ -86,11 +89,22 @@ def history_before(step: int, updates: int, *paths: str | os.PathLike | None) ->
         if not os.path.exists(path):
             continue
         rows = [r for r in read_history(path) if r["step"] < step]
-        if len({r["update"] for r in rows}) == updates:
+        if len({r["update"] for r in rows}) != updates:
+            best = max(best, rows, key=len)
+        elif _ends_with(rows, multipliers):
             return rows
-        best = max(best, rows, key=len)
+        # else: as many updates, other multipliers: another run's file, never used
     warnings.warn(
         f"the checkpoint at step {step} follows {updates} TempBalance updates, but the history "
-        f"files ({', '.join(looked) or 'none given'}) hold {len({r['update'] for r in best})} of "
-        "them; the history file continues from what they hold.", stacklevel=3)
+        f"files ({', '.join(looked) or 'none given'}) do not hold them all (found "
+        f"{len({r['update'] for r in best})} of them, or rows of another run); the history file "
+        "continues from what was found.", stacklevel=3)
     return best
+
+
+def _ends_with(rows: list[dict[str, Any]], multipliers: Mapping[str, float] | None) -> bool:
+    """Whether the last update in ``rows`` gave ``multipliers`` (always true without them)."""
+    if multipliers is None or not rows:
+        return True
+    last = rows[-1]["update"]
+    return {r["layer"]: r["multiplier"] for r in rows if r["update"] == last} == dict(multipliers)

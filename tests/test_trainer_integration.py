@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -487,10 +488,28 @@ def test_resume_into_another_directory_reads_the_checkpointed_runs_history(tmp_p
     # Neither file left: the run goes on, says so, and its file starts at the checkpoint.
     (tmp_path / "a" / HISTORY_FILE).unlink()
     (tmp_path / "b" / HISTORY_FILE).unlink()
-    with pytest.warns(UserWarning, match="follows 2 TempBalance updates, but the history files .* hold 0"):
+    with pytest.warns(UserWarning, match="follows 2 TempBalance updates, but .*found 0 of them"):
         again = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-4"), **common)
     rows = read_history(again.args.output_dir)
     assert [(r["step"], r["layer"], r["multiplier"]) for r in rows] == [e for e in expected if e[0] >= 4]
+
+
+def test_resume_never_takes_another_runs_history_for_its_own(tmp_path):
+    """A checkpoint resumed into a directory where a different run (same schedule, other data)
+    has since written its history: same number of updates, other multipliers. Those rows are
+    not this run's; with the checkpointed run's own file gone too, the history restarts."""
+    common = dict(tb={"interval": 2}, max_steps=8, save_strategy="steps", save_steps=4)
+    run(tmp_path / "a", data=lm_data(24), **common)
+    own = [(r["step"], r["layer"], r["multiplier"]) for r in read_history(tmp_path / "a")]
+    shutil.copytree(tmp_path / "a" / "checkpoint-4", tmp_path / "saved")
+    shutil.rmtree(tmp_path / "a")
+    run(tmp_path / "a", data=lm_data(24, seed=5), model=tiny_gpt2(seed=5), **common)
+    other = [(r["step"], r["layer"], r["multiplier"]) for r in read_history(tmp_path / "a")]
+    assert [k[:2] for k in other] == [k[:2] for k in own] and other != own
+    with pytest.warns(UserWarning, match="or rows of another run"):
+        resumed = run(tmp_path / "a", data=lm_data(24), resume=str(tmp_path / "saved"), **common)
+    rows = read_history(resumed.args.output_dir)
+    assert [(r["step"], r["layer"], r["multiplier"]) for r in rows] == [k for k in own if k[0] >= 4]
 
 
 def test_without_a_history_file_the_checkpoint_carries_the_history(tmp_path):

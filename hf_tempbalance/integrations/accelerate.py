@@ -83,7 +83,8 @@ class AcceleratedTempBalance:
         self.accelerator = accelerator
         self.path = (os.path.abspath(os.path.join(output_dir, history_file))
                      if output_dir is not None else None)
-        self._takeover: tuple[int, int] | None = None  # (step, updates) where this process began
+        # (step, updates, multipliers) where this process began: new, or a checkpoint's
+        self._takeover: tuple[int, int, dict[str, float]] | None = None
         self._saved_path: str | None = None  # history file of the run a checkpoint came from
         self._written = 0  # rows of tb.history already in the history file
         self._file_started = False
@@ -97,7 +98,7 @@ class AcceleratedTempBalance:
         """
         check_accelerator(self.accelerator)
         tb = self.tb
-        self._takeover = (tb.num_steps, tb.num_updates)
+        self._takeover = (tb.num_steps, tb.num_updates, dict(tb.multipliers))
         if tb.config.interval == "epoch" and tb.steps_per_epoch is None and train_dataloader is not None:
             accumulation = max(1, int(getattr(self.accelerator, "gradient_accumulation_steps", 1)))
             tb.steps_per_epoch = max(1, math.ceil(len(train_dataloader) / accumulation))
@@ -122,11 +123,12 @@ class AcceleratedTempBalance:
         of the updates before the checkpoint for a resumed one."""
         self._file_started = True
         tb = self.tb
-        step, updates = self._takeover or (0, 0)
+        step, updates, multipliers = self._takeover or (0, 0, None)
         before = [r for r in tb.history if r["step"] < step]
         if self.path is not None and self.accelerator.is_main_process:
             if len({r["update"] for r in before}) != updates:  # the checkpoint left them to the file
-                before = history_before(step, updates, self.path, self._saved_path)
+                before = history_before(step, updates, self.path, self._saved_path,
+                                        multipliers=multipliers)
                 tb.history = before + [r for r in tb.history if r["step"] >= step]
             rewrite_history(before, self.path)
         self._written = len(before)
@@ -147,5 +149,5 @@ class AcceleratedTempBalance:
         :meth:`TempBalance.state_dict` is accepted too."""
         self.tb.load_state_dict(state["engine"] if "engine" in state else state)
         self._saved_path = state.get("history_path")
-        self._takeover = (self.tb.num_steps, self.tb.num_updates)
+        self._takeover = (self.tb.num_steps, self.tb.num_updates, dict(self.tb.multipliers))
         self._file_started = False

@@ -140,7 +140,7 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
             if state.is_world_process_zero:
                 if saved is not None and "history" not in saved:
                     engine.history = history_before(state.global_step, engine.num_updates,
-                                                    path, saved_path)
+                                                    path, saved_path, multipliers=engine.multipliers)
                 # Rewrite on every start: a resumed run continues from the checkpoint's history,
                 # not from rows a longer earlier run wrote after it.
                 rewrite_history(engine.history, path)

@@ -114,7 +114,8 @@ class TempBalanceHook:
             if RANK in {-1, 0} and self._path is not None and self._path.exists():
                 # Resuming in the run's save_dir: drop rows an interrupted run appended after
                 # this checkpoint (their epoch is trained again and writes them anew).
-                rows = history_before(self.tb.num_steps, self.tb.num_updates, self._path)
+                rows = history_before(self.tb.num_steps, self.tb.num_updates, self._path,
+                                      multipliers=self.tb.multipliers)
                 rewrite_history(rows, self._path)
         return state_dict
 
