@@ -42,7 +42,7 @@ from .config import TempBalanceConfig
 from .distributed import layer_cost, world
 from .layers import discover_layers
 from .spectral import batched_esd, compute_metric, hill_fit, resolve_dtype
-from .spectral.matrices import is_transposed_conv1d, num_eigs, weight_matrices
+from .spectral.matrices import is_transposed_conv1d, num_eigs, weight_matrices, weight_of
 
 __all__ = ["LayerAnalysis", "AnalysisSummary", "ModelAnalysis", "analyze_model",
            "analyze_state_dict", "read_analysis_csv", "WELL_TRAINED_RANGE"]
@@ -244,7 +244,7 @@ def analyze_model(
                            else config.replace(exclude_first_last=False, min_eigs=0))
     items = []
     for layer in plan.layers:
-        shape = tuple(layer.module.weight.shape)
+        shape = tuple(weight_of(layer.module).shape)
         if is_transposed_conv1d(layer.module):
             shape = shape[::-1]  # report (out, in) like nn.Linear
         items.append(_Item(layer.name, type(layer.module).__name__, shape, layer.module,

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .spectral.esd import gram_eig_cost
-from .spectral.matrices import is_transposed_conv1d
+from .spectral.matrices import eval_parametrization, is_transposed_conv1d, weight_of
 
 __all__ = ["world", "is_main_process", "check_launch", "declared_shape", "layer_cost", "partition_by_cost",
            "check_unsharded", "sharded_metrics", "collective_device", "UNSUPPORTED_SHARDING"]
@@ -105,7 +105,7 @@ def declared_shape(module: nn.Module) -> tuple[int, ...] | None:
 
 def _full_shape(module: nn.Module) -> tuple[int, ...]:
     shape = declared_shape(module)
-    return shape if shape is not None else tuple(module.weight.shape)
+    return shape if shape is not None else tuple(weight_of(module).shape)
 
 
 def layer_cost(module: nn.Module | torch.Tensor) -> float:
@@ -173,7 +173,8 @@ def check_unsharded(modules: Sequence[nn.Module] | Mapping[str, nn.Module],
             if type(param).__name__ == "FlatParameter" or getattr(param, "_fsdp_flattened", False):
                 raise _refuse("its parameters are flattened and sharded by FSDP1", pname)
     for label, module in named:
-        weight = getattr(module, "weight", None)
+        with eval_parametrization(module):  # reading a spectral-norm weight must change nothing
+            weight = getattr(module, "weight", None)
         if weight is None:
             continue
         if hasattr(weight, "ds_id") or hasattr(weight, "ds_numel"):
@@ -219,7 +220,7 @@ def collective_device(hint: torch.device) -> torch.device:
 
 def _gathered(module: nn.Module, keep: bool) -> nn.Module | torch.Tensor | None:
     """The whole weight of a DTensor layer (collective: every rank calls it), else the module."""
-    weight = module.weight
+    weight = weight_of(module)
     if not _is_dtensor(weight):
         return module if keep else None
     full = weight.detach().full_tensor()
@@ -259,7 +260,7 @@ def sharded_metrics(
     local = compute([inputs[i] for i in mine]) if mine else []
     if size == 1:
         return [list(map(float, row)) for row in local], mine
-    hint = device if device is not None else (modules[0].weight.device if modules else torch.device("cpu"))
+    hint = device if device is not None else (weight_of(modules[0]).device if modules else torch.device("cpu"))
     buffer = torch.zeros(len(modules), num_values, dtype=torch.float64)
     if mine:
         buffer[mine] = torch.tensor(local, dtype=torch.float64).reshape(len(mine), num_values)

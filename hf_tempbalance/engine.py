@@ -38,6 +38,7 @@ from .distributed import check_unsharded, is_main_process, sharded_metrics
 from .groups import DEFAULT_NO_DECAY, GROUP_KEY, StepLayout, build_param_groups, unwrap_optimizer
 from .layers import LayerPlan, discover_layers
 from .snr import SpectralNormRegularizer
+from .spectral.matrices import weight_of
 from .spectral.metrics import layer_metrics
 
 __all__ = ["TempBalance"]
@@ -198,7 +199,7 @@ class TempBalance:
                                    rtol=cfg.eig_rtol, include_xmin=cfg.include_xmin)[cfg.metric]
             return [[v] for v in values]
 
-        device = modules[0].weight.device
+        device = weight_of(modules[0]).device
         rows, mine = sharded_metrics(modules, compute, 1, device)
         self.last_computed = [self.plan.names[i] for i in mine]
         return [row[0] for row in rows]

@@ -14,6 +14,12 @@ Walks ``model.named_modules()`` in registration order (the order the authors' co
    balanced, the norm's parameters take its multiplier; otherwise they stay at the base LR.
    A balanced module's own bias always follows its weight.
 
+A weight computed by a ``torch.nn.utils.parametrize`` parametrization (``parametrizations.
+weight_norm``, ``spectral_norm``, orthogonal, ...) is balanced like any other: its ESD is that of
+the effective weight the layer uses, and the parametrization's trainable originals (e.g. weight
+norm's ``g`` and ``v``) follow the layer's multiplier. A weight that is neither a parameter nor
+parametrized (the deprecated ``torch.nn.utils.weight_norm``) is skipped with the reason.
+
 Every trainable parameter is owned by at most one balanced layer; shared parameters are counted
 once (by identity), so no parameter can land in two optimizer groups.
 """
@@ -23,12 +29,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .config import TempBalanceConfig
-from .spectral.matrices import is_transposed_conv1d, num_eigs
+from .spectral.matrices import is_transposed_conv1d, num_eigs, weight_of
 
-__all__ = ["BalancedLayer", "LayerPlan", "discover_layers", "is_norm"]
+__all__ = ["BalancedLayer", "LayerPlan", "discover_layers", "is_norm", "weight_sources"]
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 if hasattr(nn, "RMSNorm"):
@@ -51,8 +59,17 @@ def _kind(module: nn.Module) -> str | None:
     return None
 
 
+def weight_sources(module: nn.Module) -> list[nn.Parameter]:
+    """The trainable tensors a module's weight is made of: the weight parameter itself, or the
+    originals of its parametrization; empty for a weight that is neither."""
+    if parametrize.is_parametrized(module, "weight"):
+        return list(module.parametrizations.weight.parameters())
+    weight = getattr(module, "weight", None)
+    return [weight] if isinstance(weight, nn.Parameter) else []
+
+
 def _esd_size(module: nn.Module) -> int:
-    weight = module.weight
+    weight = weight_of(module)
     if is_transposed_conv1d(module):
         return min(weight.shape)
     return num_eigs(tuple(weight.shape))
@@ -93,7 +110,8 @@ def discover_layers(model: nn.Module, config: TempBalanceConfig) -> LayerPlan:
 
     modules = list(model.named_modules())
     candidates = [(name, m) for name, m in modules if _kind(m) in config.layer_types
-                  and isinstance(getattr(m, "weight", None), nn.Parameter)]
+                  and (parametrize.is_parametrized(m, "weight")  # (reading it could change it)
+                       or isinstance(getattr(m, "weight", None), torch.Tensor))]
     dropped_edges: set[str] = set()
     if config.exclude_first_last and candidates:
         dropped_edges = {candidates[0][0], candidates[-1][0]}
@@ -107,22 +125,27 @@ def discover_layers(model: nn.Module, config: TempBalanceConfig) -> LayerPlan:
     candidate_names = {name for name, _ in candidates}
 
     for name, module in candidates:
-        weight = module.weight
+        sources = weight_sources(module)
+        tied = next((p for p in sources if id(p) in claimed), None)
         if name in dropped_edges:
             skipped[name] = "first/last layer (exclude_first_last=True)"
         elif include and not any(p.search(name) for p in include):
             skipped[name] = "not matched by include"
         elif any(p.search(name) for p in exclude):
             skipped[name] = "matched by exclude"
-        elif not weight.requires_grad:
+        elif not sources:
+            skipped[name] = ("weight is neither a parameter nor parametrized (the deprecated "
+                             "torch.nn.utils.weight_norm? use torch.nn.utils.parametrizations."
+                             "weight_norm)")
+        elif not any(p.requires_grad for p in sources):
             skipped[name] = "frozen weight"
-        elif id(weight) in claimed:
-            skipped[name] = f"weight tied to already balanced {canonical.get(id(weight), '?')}"
+        elif tied is not None:
+            skipped[name] = f"weight tied to already balanced {canonical.get(id(tied), '?')}"
         elif (n := _esd_size(module)) < config.min_eigs:
             skipped[name] = f"{n} eigenvalues < min_eigs={config.min_eigs}"
         else:
             layer = BalancedLayer(name, module, n)
-            for param in module.parameters(recurse=False):
+            for param in [*sources, *module.parameters(recurse=False)]:
                 if param.requires_grad and id(param) not in claimed and id(param) in canonical:
                     claimed.add(id(param))
                     layer.param_names.append(canonical[id(param)])

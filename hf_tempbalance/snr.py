@@ -18,6 +18,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .layers import weight_sources
+from .spectral.matrices import eval_parametrization, weight_of
+
 __all__ = ["SpectralNormRegularizer", "top_singular_triplet"]
 
 
@@ -67,21 +70,27 @@ class SpectralNormRegularizer:
         if self.strength == 0:
             return
         for index, module in enumerate(self.modules):
-            weight = module.weight
-            if weight.grad is None:
-                continue
+            if all(p.grad is None for p in weight_sources(module)):
+                continue  # not used in this step's forward
+            weight = weight_of(module)
             matrix = weight.detach().reshape(weight.shape[0], -1).float()
             u, sigma, v = top_singular_triplet(matrix, self._start(index, matrix.shape[1], weight),
                                                self.iterations)
-            update = (self.strength * sigma) * torch.outer(u, v)
-            weight.grad.add_(update.reshape(weight.shape).to(weight.grad.dtype))
+            update = ((self.strength * sigma) * torch.outer(u, v)).reshape(weight.shape)
+            if weight.grad is not None:  # a plain weight parameter
+                weight.grad.add_(update.to(weight.grad.dtype))
+            else:  # a parametrized weight: the chain rule through the parametrization
+                with torch.enable_grad(), eval_parametrization(module):
+                    effective = module.weight
+                    effective.backward(update.to(effective.dtype))
 
     @torch.no_grad()
     def penalty(self) -> torch.Tensor:
         """Current value of ``(λ/2) Σ σ²`` (for logging; uses the same power iteration)."""
         total = torch.zeros(())
         for index, module in enumerate(self.modules):
-            matrix = module.weight.detach().reshape(module.weight.shape[0], -1).float()
+            weight = weight_of(module)
+            matrix = weight.detach().reshape(weight.shape[0], -1).float()
             _, sigma, _ = top_singular_triplet(matrix, self._start(index, matrix.shape[1], matrix),
                                                self.iterations)
             total = total + sigma.cpu() ** 2

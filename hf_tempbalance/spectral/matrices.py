@@ -8,6 +8,9 @@ Conventions (the TempBalance authors', reference-notes §1):
 * Transformers' GPT-2 ``Conv1D`` stores its weight as ``(in, out)``; it is transposed to
   ``(out, in)`` (this changes nothing in the spectrum but keeps shapes comparable).
 * ``nn.Embedding`` weight ``(num_embeddings, dim)`` is one matrix (opt-in in layer discovery).
+* A weight computed by a ``torch.nn.utils.parametrize`` parametrization (weight norm, spectral
+  norm, ...) is analysed as the effective weight the layer uses, read as in eval mode
+  (:func:`eval_parametrization`) so that reading it changes nothing.
 
 Nothing here imports Transformers: ``Conv1D`` is recognised by its class name and ``nf`` attribute.
 """
@@ -15,11 +18,15 @@ Nothing here imports Transformers: ``Conv1D`` is recognised by its class name an
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-__all__ = ["weight_of", "weight_matrices", "is_transposed_conv1d", "num_eigs"]
+__all__ = ["weight_of", "weight_matrices", "is_transposed_conv1d", "num_eigs",
+           "eval_parametrization"]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -29,9 +36,33 @@ def is_transposed_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+@contextmanager
+def eval_parametrization(layer: nn.Module) -> Iterator[None]:
+    """Within the body, a parametrized ``layer.weight`` is computed as in eval mode.
+
+    In training mode ``spectral_norm`` runs a power-iteration step and updates its vectors on
+    every read of the weight, so an analysis would change the training state (and, under DDP,
+    make ranks differ). Eval mode reads the weight the last forward used. No-op for plain weights.
+    """
+    if not parametrize.is_parametrized(layer, "weight"):
+        yield
+        return
+    modules = list(layer.parametrizations.weight.modules())
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.training = mode
+
+
 def weight_of(layer: nn.Module) -> torch.Tensor:
-    """The weight parameter of a supported layer, with a clear error for anything else."""
-    weight = getattr(layer, "weight", None)
+    """The weight of a supported layer (the effective one if parametrized), with a clear error
+    for anything else."""
+    with eval_parametrization(layer):
+        weight = getattr(layer, "weight", None)
     if not isinstance(weight, torch.Tensor):
         raise TypeError(
             f"{type(layer).__name__} has no tensor `weight`; pass a module with a weight matrix "
