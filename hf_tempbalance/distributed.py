@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .spectral.esd import gram_eig_cost
-from .spectral.matrices import eval_parametrization, is_transposed_conv1d, weight_of
+from .spectral.matrices import eval_parametrization, is_transposed_conv1d, weight_name, weight_of
 
 __all__ = ["world", "is_main_process", "check_launch", "declared_shape", "layer_cost", "partition_by_cost",
            "check_unsharded", "sharded_metrics", "collective_device", "UNSUPPORTED_SHARDING"]
@@ -96,6 +96,8 @@ def declared_shape(module: nn.Module) -> tuple[int, ...] | None:
         return (nx, module.nf) if nx is not None else None
     if isinstance(module, nn.Linear):
         return (module.out_features, module.in_features)
+    if isinstance(module, nn.MultiheadAttention):
+        return (3 * module.embed_dim, module.embed_dim)
     if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
         return (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
     if isinstance(module, nn.Embedding):
@@ -173,14 +175,15 @@ def check_unsharded(modules: Sequence[nn.Module] | Mapping[str, nn.Module],
             if type(param).__name__ == "FlatParameter" or getattr(param, "_fsdp_flattened", False):
                 raise _refuse("its parameters are flattened and sharded by FSDP1", pname)
     for label, module in named:
+        name = weight_name(module)
         with eval_parametrization(module):  # reading a spectral-norm weight must change nothing
-            weight = getattr(module, "weight", None)
+            weight = getattr(module, name, None)
         if weight is None:
             continue
         if hasattr(weight, "ds_id") or hasattr(weight, "ds_numel"):
             raise _refuse("its weight is partitioned by DeepSpeed ZeRO-3", label)
-        registered = module._parameters.get("weight") is weight
-        parametrized = parametrize.is_parametrized(module, "weight")
+        registered = module._parameters.get(name) is weight
+        parametrized = parametrize.is_parametrized(module, name)
         if type(weight).__name__ == "FlatParameter" or getattr(weight, "_fsdp_flattened", False) \
                 or not (registered or parametrized):
             raise _refuse("its weight is a view into an FSDP1 FlatParameter shard", label)

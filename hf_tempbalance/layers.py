@@ -3,7 +3,8 @@
 Walks ``model.named_modules()`` in registration order (the order the authors' code uses):
 
 1. *Candidates* are modules of the configured kinds: ``linear`` (``nn.Linear`` and subclasses,
-   Transformers' ``Conv1D``), ``conv`` (``nn.Conv1d/2d/3d``), ``embedding`` (``nn.Embedding``).
+   Transformers' ``Conv1D``, the packed q/k/v input projection of ``nn.MultiheadAttention``),
+   ``conv`` (``nn.Conv1d/2d/3d``), ``embedding`` (``nn.Embedding``).
 2. With ``exclude_first_last`` the first and last candidate are dropped (authors' choice: the stem
    and the classifier have few eigenvalues).
 3. Name filters (``include``/``exclude`` regexes, ``re.search``), then frozen weights, weights tied
@@ -34,7 +35,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .config import TempBalanceConfig
-from .spectral.matrices import is_transposed_conv1d, num_eigs, weight_of
+from .spectral.matrices import is_transposed_conv1d, num_eigs, weight_name, weight_of
 
 __all__ = ["BalancedLayer", "LayerPlan", "discover_layers", "is_norm", "weight_sources"]
 
@@ -50,7 +51,7 @@ def is_norm(module: nn.Module) -> bool:
 
 
 def _kind(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear) or is_transposed_conv1d(module):
+    if isinstance(module, nn.Linear | nn.MultiheadAttention) or is_transposed_conv1d(module):
         return "linear"
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return "conv"
@@ -62,9 +63,10 @@ def _kind(module: nn.Module) -> str | None:
 def weight_sources(module: nn.Module) -> list[nn.Parameter]:
     """The trainable tensors a module's weight is made of: the weight parameter itself, or the
     originals of its parametrization; empty for a weight that is neither."""
-    if parametrize.is_parametrized(module, "weight"):
-        return list(module.parametrizations.weight.parameters())
-    weight = getattr(module, "weight", None)
+    name = weight_name(module)
+    if parametrize.is_parametrized(module, name):
+        return list(module.parametrizations[name].parameters())
+    weight = getattr(module, name, None)
     return [weight] if isinstance(weight, nn.Parameter) else []
 
 
@@ -110,15 +112,19 @@ def discover_layers(model: nn.Module, config: TempBalanceConfig) -> LayerPlan:
 
     modules = list(model.named_modules())
     candidates = [(name, m) for name, m in modules if _kind(m) in config.layer_types
-                  and (parametrize.is_parametrized(m, "weight")  # (reading it could change it)
-                       or isinstance(getattr(m, "weight", None), torch.Tensor))]
+                  and (parametrize.is_parametrized(m, weight_name(m))  # (reading it could change it)
+                       or isinstance(getattr(m, weight_name(m), None), torch.Tensor))]
+    skipped: dict[str, str] = {
+        name: ("separate q, k and v projection weights (kdim or vdim differ from embed_dim); only "
+               "the packed in_proj_weight is supported")
+        for name, m in modules if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is None
+        and "linear" in config.layer_types}
     dropped_edges: set[str] = set()
     if config.exclude_first_last and candidates:
         dropped_edges = {candidates[0][0], candidates[-1][0]}
 
     include = [re.compile(p) for p in config.include]
     exclude = [re.compile(p) for p in config.exclude]
-    skipped: dict[str, str] = {}
     layers: list[BalancedLayer] = []
     by_name: dict[str, BalancedLayer] = {}
     claimed: set[int] = set()

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .layers import weight_sources
-from .spectral.matrices import eval_parametrization, weight_of
+from .spectral.matrices import eval_parametrization, weight_name, weight_of
 
 __all__ = ["SpectralNormRegularizer", "top_singular_triplet"]
 
@@ -81,7 +81,7 @@ class SpectralNormRegularizer:
                 weight.grad.add_(update.to(weight.grad.dtype))
             else:  # a parametrized weight: the chain rule through the parametrization
                 with torch.enable_grad(), eval_parametrization(module):
-                    effective = module.weight
+                    effective = getattr(module, weight_name(module))
                     effective.backward(update.to(effective.dtype))
 
     @torch.no_grad()

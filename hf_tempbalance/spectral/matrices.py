@@ -8,6 +8,9 @@ Conventions (the TempBalance authors', reference-notes §1):
 * Transformers' GPT-2 ``Conv1D`` stores its weight as ``(in, out)``; it is transposed to
   ``(out, in)`` (this changes nothing in the spectrum but keeps shapes comparable).
 * ``nn.Embedding`` weight ``(num_embeddings, dim)`` is one matrix (opt-in in layer discovery).
+* ``nn.MultiheadAttention``'s packed input projection ``in_proj_weight`` ``(3·embed_dim,
+  embed_dim)`` (the q, k and v projections stacked) is one matrix, like the ``nn.Linear`` that
+  most attention implementations use for it.
 * A weight computed by a ``torch.nn.utils.parametrize`` parametrization (weight norm, spectral
   norm, ...) is analysed as the effective weight the layer uses, read as in eval mode
   (:func:`eval_parametrization`) so that reading it changes nothing.
@@ -25,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["weight_of", "weight_matrices", "is_transposed_conv1d", "num_eigs",
+__all__ = ["weight_of", "weight_name", "weight_matrices", "is_transposed_conv1d", "num_eigs",
            "eval_parametrization"]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -36,6 +39,12 @@ def is_transposed_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def weight_name(layer: nn.Module) -> str:
+    """The attribute holding a layer's weight matrix: ``in_proj_weight`` for
+    ``nn.MultiheadAttention``, ``weight`` for everything else."""
+    return "in_proj_weight" if isinstance(layer, nn.MultiheadAttention) else "weight"
+
+
 @contextmanager
 def eval_parametrization(layer: nn.Module) -> Iterator[None]:
     """Within the body, a parametrized ``layer.weight`` is computed as in eval mode.
@@ -44,10 +53,11 @@ def eval_parametrization(layer: nn.Module) -> Iterator[None]:
     every read of the weight, so an analysis would change the training state (and, under DDP,
     make ranks differ). Eval mode reads the weight the last forward used. No-op for plain weights.
     """
-    if not parametrize.is_parametrized(layer, "weight"):
+    name = weight_name(layer)
+    if not parametrize.is_parametrized(layer, name):
         yield
         return
-    modules = list(layer.parametrizations.weight.modules())
+    modules = list(layer.parametrizations[name].modules())
     modes = [m.training for m in modules]
     for m in modules:
         m.training = False
@@ -62,7 +72,11 @@ def weight_of(layer: nn.Module) -> torch.Tensor:
     """The weight of a supported layer (the effective one if parametrized), with a clear error
     for anything else."""
     with eval_parametrization(layer):
-        weight = getattr(layer, "weight", None)
+        weight = getattr(layer, weight_name(layer), None)
+    if isinstance(layer, nn.MultiheadAttention) and weight is None:
+        raise TypeError("this nn.MultiheadAttention keeps separate q, k and v projection weights "
+                        "(kdim or vdim differ from embed_dim); only the packed in_proj_weight is "
+                        "supported")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(
             f"{type(layer).__name__} has no tensor `weight`; pass a module with a weight matrix "
