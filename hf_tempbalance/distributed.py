@@ -98,7 +98,9 @@ def declared_shape(module: nn.Module) -> tuple[int, ...] | None:
         return (module.out_features, module.in_features)
     if isinstance(module, nn.MultiheadAttention):
         return (3 * module.embed_dim, module.embed_dim)
-    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if module.transposed:
+            return (module.in_channels, module.out_channels // module.groups, *module.kernel_size)
         return (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
     if isinstance(module, nn.Embedding):
         return (module.num_embeddings, module.embedding_dim)

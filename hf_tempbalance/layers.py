@@ -4,7 +4,8 @@ Walks ``model.named_modules()`` in registration order (the order the authors' co
 
 1. *Candidates* are modules of the configured kinds: ``linear`` (``nn.Linear`` and subclasses,
    Transformers' ``Conv1D``, the packed q/k/v input projection of ``nn.MultiheadAttention``),
-   ``conv`` (``nn.Conv1d/2d/3d``), ``embedding`` (``nn.Embedding``).
+   ``conv`` (``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``), ``embedding``
+   (``nn.Embedding``).
 2. With ``exclude_first_last`` the first and last candidate are dropped (authors' choice: the stem
    and the classifier have few eigenvalues).
 3. Name filters (``include``/``exclude`` regexes, ``re.search``), then frozen weights, weights tied
@@ -53,7 +54,7 @@ def is_norm(module: nn.Module) -> bool:
 def _kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.Linear | nn.MultiheadAttention) or is_transposed_conv1d(module):
         return "linear"
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if isinstance(module, nn.modules.conv._ConvNd):  # Conv1/2/3d and ConvTranspose1/2/3d
         return "conv"
     if isinstance(module, nn.Embedding):
         return "embedding"
@@ -132,6 +133,10 @@ def discover_layers(model: nn.Module, config: TempBalanceConfig) -> LayerPlan:
 
     for name, module in candidates:
         sources = weight_sources(module)
+        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in sources):
+            raise ValueError(
+                f"{name} ({type(module).__name__}) is a lazy module whose weight has no shape yet; "
+                "run one forward pass (e.g. on a dummy batch) before building TempBalance.")
         tied = next((p for p in sources if id(p) in claimed), None)
         if name in dropped_edges:
             skipped[name] = "first/last layer (exclude_first_last=True)"

@@ -5,6 +5,8 @@ Conventions (the TempBalance authors', reference-notes §1):
 * ``nn.Linear`` weight ``(out, in)`` is one matrix.
 * ``nn.Conv{1,2,3}d`` weight ``(out, in/groups, *kernel)`` is split into ``prod(kernel)`` slices of
   shape ``out x in/groups``, one per kernel position; their eigenvalues are pooled into one ESD.
+  ``nn.ConvTranspose{1,2,3}d`` stores ``(in, out/groups, *kernel)``: the same split gives the
+  transposed slices, with the same singular values.
 * Transformers' GPT-2 ``Conv1D`` stores its weight as ``(in, out)``; it is transposed to
   ``(out, in)`` (this changes nothing in the spectrum but keeps shapes comparable).
 * ``nn.Embedding`` weight ``(num_embeddings, dim)`` is one matrix (opt-in in layer discovery).
@@ -30,9 +32,6 @@ from torch.nn.utils import parametrize
 
 __all__ = ["weight_of", "weight_name", "weight_matrices", "is_transposed_conv1d", "num_eigs",
            "eval_parametrization"]
-
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
 
 def is_transposed_conv1d(module: nn.Module) -> bool:
     """True for Transformers' ``Conv1D`` (GPT-2 family), whose weight is stored ``in x out``."""
