@@ -24,9 +24,14 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 } 2>&1 | tee "$RESULTS/env.txt"
 
 # Each step has its own time limit, so the whole check stays under 5 minutes.
+# A failed or timed-out step is reported and the next one still runs (one device try is precious).
+status=0
 timeout 170 "$PYTHON" benchmarks/esd_speed.py --repeats 5 \
-    --json "$RESULTS/esd_speed.json" 2>&1 | tee "$RESULTS/esd_speed.txt"
+    --json "$RESULTS/esd_speed.json" 2>&1 | tee "$RESULTS/esd_speed.txt" \
+    || { echo "esd_speed failed or timed out (exit $?)"; status=1; }
 timeout 110 "$PYTHON" benchmarks/overhead.py --steps 20 --repeats 5 \
     --lm-batch-size 8 --seq-len 512 \
-    --json "$RESULTS/overhead.json" 2>&1 | tee "$RESULTS/overhead.txt"
+    --json "$RESULTS/overhead.json" 2>&1 | tee "$RESULTS/overhead.txt" \
+    || { echo "overhead failed or timed out (exit $?)"; status=1; }
 echo "results in $RESULTS"
+exit $status
