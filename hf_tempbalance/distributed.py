@@ -32,6 +32,7 @@ import heapq
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -39,7 +40,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .spectral.esd import gram_eig_cost
-from .spectral.matrices import eval_parametrization, is_transposed_conv1d, weight_name, weight_of
+from .spectral.matrices import (
+    ExpertStack,
+    eval_parametrization,
+    is_transposed_conv1d,
+    weight_name,
+    weight_of,
+)
 
 __all__ = ["world", "is_main_process", "check_launch", "declared_shape", "layer_cost", "partition_by_cost",
            "check_unsharded", "sharded_metrics", "collective_device", "UNSUPPORTED_SHARDING"]
@@ -122,6 +129,8 @@ def layer_cost(module: nn.Module | torch.Tensor) -> float:
     shape = tuple(module.shape) if isinstance(module, torch.Tensor) else _full_shape(module)
     if len(shape) < 2:
         return 0.0
+    if isinstance(module, ExpertStack):  # (k, m, n): k matrices of m x n
+        return shape[0] * gram_eig_cost(shape[1], shape[2])
     return math.prod(shape[2:]) * gram_eig_cost(shape[0], shape[1])
 
 
@@ -184,7 +193,9 @@ def check_unsharded(modules: Sequence[nn.Module] | Mapping[str, nn.Module],
             continue
         if hasattr(weight, "ds_id") or hasattr(weight, "ds_numel"):
             raise _refuse("its weight is partitioned by DeepSpeed ZeRO-3", label)
-        registered = module._parameters.get(name) is weight
+        owner, attr = ((module.owner, module.param_name) if isinstance(module, ExpertStack)
+                       else (module, name))
+        registered = owner._parameters.get(attr) is weight
         parametrized = parametrize.is_parametrized(module, name)
         if type(weight).__name__ == "FlatParameter" or getattr(weight, "_fsdp_flattened", False) \
                 or not (registered or parametrized):
@@ -231,6 +242,8 @@ def _gathered(module: nn.Module, keep: bool) -> nn.Module | torch.Tensor | None:
     full = weight.detach().full_tensor()
     if not keep:
         return None
+    if isinstance(module, ExpertStack):  # keep it a stack of matrices, not a conv weight
+        return ExpertStack(SimpleNamespace(weight=full), "weight")
     # As weight_matrices(module) would see it: GPT-2 Conv1D stores (in, out).
     return full.t() if is_transposed_conv1d(module) else full
 

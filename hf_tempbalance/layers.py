@@ -5,7 +5,10 @@ Walks ``model.named_modules()`` in registration order (the order the authors' co
 1. *Candidates* are modules of the configured kinds: ``linear`` (``nn.Linear`` and subclasses,
    Transformers' ``Conv1D``, the packed q/k/v input projection of ``nn.MultiheadAttention``),
    ``conv`` (``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``), ``embedding``
-   (``nn.Embedding``).
+   (``nn.Embedding``). Under ``linear`` too, each 3-D parameter of a Transformers mixture-of-
+   experts ``...Experts`` module (``gate_up_proj``, ``down_proj``: one matrix per expert) is a
+   candidate named ``<module>.<parameter>`` (:class:`~hf_tempbalance.spectral.matrices.ExpertStack`),
+   its ``<parameter>_bias`` following it.
 2. With ``exclude_first_last`` the first and last candidate are dropped (authors' choice: the stem
    and the classifier have few eigenvalues).
 3. Name filters (``include``/``exclude`` regexes, ``re.search``), then frozen weights, weights tied
@@ -36,9 +39,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .config import TempBalanceConfig
-from .spectral.matrices import is_transposed_conv1d, num_eigs, weight_name, weight_of
+from .spectral.matrices import ExpertStack, is_transposed_conv1d, num_eigs, weight_name, weight_of
 
-__all__ = ["BalancedLayer", "LayerPlan", "discover_layers", "is_norm", "weight_sources"]
+__all__ = ["BalancedLayer", "LayerPlan", "discover_layers", "is_norm", "weight_sources", "is_experts",
+           "expert_stacks"]
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 if hasattr(nn, "RMSNorm"):
@@ -71,7 +75,31 @@ def weight_sources(module: nn.Module) -> list[nn.Parameter]:
     return [weight] if isinstance(weight, nn.Parameter) else []
 
 
+def is_experts(module: nn.Module) -> bool:
+    """A Transformers mixture-of-experts ``...Experts`` module (its experts in 3-D parameters)."""
+    return type(module).__name__.endswith("Experts") and any(
+        p.ndim == 3 for p in module.parameters(recurse=False))
+
+
+def expert_stacks(module: nn.Module) -> list[tuple[str, ExpertStack]]:
+    """``(name, ExpertStack)`` for each 3-D parameter of an experts module, in registration order."""
+    return [(pname, ExpertStack(module, pname))
+            for pname, p in module.named_parameters(recurse=False) if p.ndim == 3]
+
+
+def _companions(layer: nn.Module) -> list[nn.Parameter]:
+    """Parameters besides the weight that take the layer's LR: its own (a bias), or for an expert
+    stack ``proj`` the owner's ``proj_bias``-style parameters (``proj`` followed by ``_``)."""
+    if isinstance(layer, ExpertStack):
+        return [p for pname, p in layer.owner.named_parameters(recurse=False)
+                if pname.startswith(layer.param_name + "_")]
+    return list(layer.parameters(recurse=False))
+
+
 def _esd_size(module: nn.Module) -> int:
+    if isinstance(module, ExpertStack):
+        k, m, n = module.weight.shape
+        return k * min(m, n)
     weight = weight_of(module)
     if is_transposed_conv1d(module):
         return min(weight.shape)
@@ -112,9 +140,18 @@ def discover_layers(model: nn.Module, config: TempBalanceConfig) -> LayerPlan:
         canonical.setdefault(id(param), pname)
 
     modules = list(model.named_modules())
-    candidates = [(name, m) for name, m in modules if _kind(m) in config.layer_types
-                  and (parametrize.is_parametrized(m, weight_name(m))  # (reading it could change it)
-                       or isinstance(getattr(m, weight_name(m), None), torch.Tensor))]
+    candidates: list[tuple[str, nn.Module]] = []
+    last_candidate: dict[str, str] = {}  # module name -> its last candidate (for norm_follow)
+    for name, m in modules:
+        if _kind(m) in config.layer_types and (
+                parametrize.is_parametrized(m, weight_name(m))  # (reading it could change it)
+                or isinstance(getattr(m, weight_name(m), None), torch.Tensor)):
+            candidates.append((name, m))
+            last_candidate[name] = name
+        elif "linear" in config.layer_types and is_experts(m):
+            for pname, stack in expert_stacks(m):
+                candidates.append((f"{name}.{pname}" if name else pname, stack))
+                last_candidate[name] = candidates[-1][0]
     skipped: dict[str, str] = {
         name: ("separate q, k and v projection weights (kdim or vdim differ from embed_dim); only "
                "the packed in_proj_weight is supported")
@@ -129,7 +166,6 @@ def discover_layers(model: nn.Module, config: TempBalanceConfig) -> LayerPlan:
     layers: list[BalancedLayer] = []
     by_name: dict[str, BalancedLayer] = {}
     claimed: set[int] = set()
-    candidate_names = {name for name, _ in candidates}
 
     for name, module in candidates:
         sources = weight_sources(module)
@@ -156,7 +192,7 @@ def discover_layers(model: nn.Module, config: TempBalanceConfig) -> LayerPlan:
             skipped[name] = f"{n} eigenvalues < min_eigs={config.min_eigs}"
         else:
             layer = BalancedLayer(name, module, n)
-            for param in [*sources, *module.parameters(recurse=False)]:
+            for param in [*sources, *_companions(module)]:
                 if param.requires_grad and id(param) not in claimed and id(param) in canonical:
                     claimed.add(id(param))
                     layer.param_names.append(canonical[id(param)])
@@ -166,8 +202,8 @@ def discover_layers(model: nn.Module, config: TempBalanceConfig) -> LayerPlan:
     if config.norm_follow == "previous":
         previous: str | None = None
         for name, module in modules:
-            if name in candidate_names:
-                previous = name
+            if name in last_candidate:
+                previous = last_candidate[name]
             elif is_norm(module) and previous in by_name:
                 for param in module.parameters(recurse=False):
                     if param.requires_grad and id(param) not in claimed and id(param) in canonical:

@@ -3,7 +3,8 @@ r"""Spectral norm regularisation (SNR, paper Eq. 4; Yoshida & Miyato 2017).
 Adds :math:`\frac{\lambda_{sr}}{2}\sum_l \sigma(W_l)^2` to the loss, implemented directly on the
 gradients: :math:`\nabla_{W} \frac{\lambda}{2}\sigma^2 = \lambda\,\sigma\,u v^\top`, where
 :math:`(u, \sigma, v)` is the top singular triplet of W reshaped to ``(dim0, -1)``, found by
-``iterations`` steps of power iteration.
+``iterations`` steps of power iteration. A mixture-of-experts stack (``ExpertStack``) counts
+each expert matrix as its own ``W_l``.
 
 Unlike the authors' code (which until April 2025 skipped SNR whenever weight decay was non-zero),
 this is applied whatever the optimizer's weight decay. Each power iteration starts from a fixed,
@@ -19,22 +20,33 @@ import torch
 from torch import nn
 
 from .layers import weight_sources
-from .spectral.matrices import eval_parametrization, weight_name, weight_of
+from .spectral.matrices import ExpertStack, eval_parametrization, weight_name, weight_of
 
 __all__ = ["SpectralNormRegularizer", "top_singular_triplet"]
 
 
 def top_singular_triplet(matrix: torch.Tensor, start: torch.Tensor, iterations: int):
-    """Power iteration on ``matrix (m, n)`` from ``start (n,)``: returns ``(u, sigma, v)``."""
-    v = start / start.norm()
-    u = matrix @ v
+    """Power iteration on ``matrix (..., m, n)`` (a batch of matrices too) from ``start (n,)``.
+
+    Returns ``(u, sigma, v)`` with shapes ``(..., m)``, ``(...)``, ``(..., n)``.
+    """
+    v = (start / start.norm()).expand(*matrix.shape[:-2], -1)
+    u = (matrix @ v.unsqueeze(-1)).squeeze(-1)
     for _ in range(iterations):
-        u = matrix @ v
-        u = u / u.norm().clamp_min(1e-30)
-        v = matrix.mT @ u
-        v = v / v.norm().clamp_min(1e-30)
-    sigma = u @ (matrix @ v)
+        u = (matrix @ v.unsqueeze(-1)).squeeze(-1)
+        u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        v = (matrix.mT @ u.unsqueeze(-1)).squeeze(-1)
+        v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    sigma = (u.unsqueeze(-2) @ (matrix @ v.unsqueeze(-1))).squeeze(-1).squeeze(-1)
     return u, sigma, v
+
+
+def _matrices(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """The matrix (or, for an expert stack, the batch of matrices) whose σ_max is penalised:
+    ``W`` reshaped to ``(dim0, -1)`` as the authors do, or the ``k`` expert matrices."""
+    if isinstance(module, ExpertStack):
+        return weight.detach().float()
+    return weight.detach().reshape(weight.shape[0], -1).float()
 
 
 class SpectralNormRegularizer:
@@ -73,10 +85,11 @@ class SpectralNormRegularizer:
             if all(p.grad is None for p in weight_sources(module)):
                 continue  # not used in this step's forward
             weight = weight_of(module)
-            matrix = weight.detach().reshape(weight.shape[0], -1).float()
-            u, sigma, v = top_singular_triplet(matrix, self._start(index, matrix.shape[1], weight),
+            matrix = _matrices(module, weight)
+            u, sigma, v = top_singular_triplet(matrix, self._start(index, matrix.shape[-1], weight),
                                                self.iterations)
-            update = ((self.strength * sigma) * torch.outer(u, v)).reshape(weight.shape)
+            outer = u.unsqueeze(-1) * v.unsqueeze(-2)  # u vᵀ (per expert for a stack)
+            update = (self.strength * sigma[..., None, None] * outer).reshape(weight.shape)
             if weight.grad is not None:  # a plain weight parameter
                 weight.grad.add_(update.to(weight.grad.dtype))
             else:  # a parametrized weight: the chain rule through the parametrization
@@ -90,8 +103,8 @@ class SpectralNormRegularizer:
         total = torch.zeros(())
         for index, module in enumerate(self.modules):
             weight = weight_of(module)
-            matrix = weight.detach().reshape(weight.shape[0], -1).float()
-            _, sigma, _ = top_singular_triplet(matrix, self._start(index, matrix.shape[1], matrix),
+            matrix = _matrices(module, weight)
+            _, sigma, _ = top_singular_triplet(matrix, self._start(index, matrix.shape[-1], matrix),
                                                self.iterations)
-            total = total + sigma.cpu() ** 2
+            total = total + (sigma.cpu() ** 2).sum()
         return 0.5 * self.strength * total

@@ -13,6 +13,10 @@ Conventions (the TempBalance authors', reference-notes §1):
 * ``nn.MultiheadAttention``'s packed input projection ``in_proj_weight`` ``(3·embed_dim,
   embed_dim)`` (the q, k and v projections stacked) is one matrix, like the ``nn.Linear`` that
   most attention implementations use for it.
+* A stack of matrices kept in one ``(k, m, n)`` parameter, such as the fused experts of
+  Transformers' mixture-of-experts blocks (``gate_up_proj`` ``(num_experts, 2·intermediate,
+  hidden)``), is seen through :class:`ExpertStack` as ``k`` matrices whose eigenvalues are pooled,
+  as for a convolution's kernel positions.
 * A weight computed by a ``torch.nn.utils.parametrize`` parametrization (weight norm, spectral
   norm, ...) is analysed as the effective weight the layer uses, read as in eval mode
   (:func:`eval_parametrization`) so that reading it changes nothing.
@@ -31,11 +35,38 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 __all__ = ["weight_of", "weight_name", "weight_matrices", "is_transposed_conv1d", "num_eigs",
-           "eval_parametrization"]
+           "eval_parametrization", "ExpertStack"]
 
 def is_transposed_conv1d(module: nn.Module) -> bool:
     """True for Transformers' ``Conv1D`` (GPT-2 family), whose weight is stored ``in x out``."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+class ExpertStack(nn.Module):
+    """One ``(k, m, n)`` parameter of another module (``owner.<name>``) presented as a layer.
+
+    Transformers keeps the experts of a mixture-of-experts block as 3-D parameters of one
+    ``...Experts`` module (``gate_up_proj``, ``down_proj``). Each is a stack of ``k`` expert
+    matrices sharing one LR, so TempBalance treats it as one layer whose ESD pools the experts'
+    eigenvalues. ``weight`` is the owner's parameter itself; the owner is referenced, not
+    registered, so this wrapper owns no parameters.
+
+    Args:
+        owner: the module holding the parameter (anything with that attribute).
+        name: the parameter's attribute name on ``owner``.
+    """
+
+    def __init__(self, owner: nn.Module | object, name: str) -> None:
+        super().__init__()
+        self.__dict__["owner"] = owner  # bypass nn.Module.__setattr__: not a submodule
+        self.param_name = name
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.owner, self.param_name)
+
+    def extra_repr(self) -> str:
+        return f"{type(self.owner).__name__}.{self.param_name}, shape={tuple(self.weight.shape)}"
 
 
 def weight_name(layer: nn.Module) -> str:
@@ -95,6 +126,11 @@ def weight_matrices(layer: nn.Module | torch.Tensor) -> torch.Tensor:
     Returns:
         A view or copy of the weight, detached, in its own dtype and on its own device.
     """
+    if isinstance(layer, ExpertStack):
+        weight = layer.weight.detach()
+        if weight.ndim != 3:
+            raise ValueError(f"an ExpertStack holds a (k, m, n) stack, got shape {tuple(weight.shape)}")
+        return weight
     if isinstance(layer, nn.Module):
         weight = weight_of(layer).detach()
         if is_transposed_conv1d(layer):
