@@ -8,7 +8,8 @@ Walks ``model.named_modules()`` in registration order (the order the authors' co
    (``nn.Embedding``). Under ``linear`` too, each 3-D parameter of a Transformers mixture-of-
    experts ``...Experts`` module (``gate_up_proj``, ``down_proj``: one matrix per expert) is a
    candidate named ``<module>.<parameter>`` (:class:`~hf_tempbalance.spectral.matrices.ExpertStack`),
-   its ``<parameter>_bias`` following it.
+   its ``<parameter>_bias`` following it; so is an MoE ``...Router`` that keeps its
+   ``(num_experts, hidden)`` gate as a plain 2-D ``weight`` (as an ``nn.Linear`` gate would be).
 2. With ``exclude_first_last`` the first and last candidate are dropped (authors' choice: the stem
    and the classifier have few eigenvalues).
 3. Name filters (``include``/``exclude`` regexes, ``re.search``), then frozen weights, weights tied
@@ -55,8 +56,16 @@ def is_norm(module: nn.Module) -> bool:
     return isinstance(module, _NORM_TYPES) or name.endswith(("RMSNorm", "LayerNorm"))
 
 
+def _is_router(module: nn.Module) -> bool:
+    """A mixture-of-experts router written without ``nn.Linear`` (Transformers 5's
+    ``...Router``): a 2-D ``weight`` parameter ``(num_experts, hidden)`` used as a linear map."""
+    weight = module._parameters.get("weight")
+    return type(module).__name__.endswith("Router") and weight is not None and weight.ndim == 2
+
+
 def _kind(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear | nn.MultiheadAttention) or is_transposed_conv1d(module):
+    if isinstance(module, nn.Linear | nn.MultiheadAttention) or is_transposed_conv1d(module) \
+            or _is_router(module):
         return "linear"
     if isinstance(module, nn.modules.conv._ConvNd):  # Conv1/2/3d and ConvTranspose1/2/3d
         return "conv"

@@ -43,6 +43,9 @@ def test_expert_stacks_are_balanced_with_pooled_spectra():
     torch.testing.assert_close(esd(layer.module, dtype=torch.float64), pooled(weight))
     tb.update()
     assert tb.metrics[layer.name] == pytest.approx(hill_alpha_reference(pooled(weight).numpy()), rel=1e-9)
+    # The router (a 2-D weight, 4 experts x 64) is a candidate like an nn.Linear gate would be;
+    # with 4 eigenvalues it is skipped by min_eigs, with the reason.
+    assert tb.plan.skipped["model.layers.0.mlp.gate"] == "4 eigenvalues < min_eigs=50"
     # The layer norms after the experts follow the last expert stack registered before them.
     down = next(la for la in tb.plan.layers if la.name == "model.layers.0.mlp.experts.down_proj")
     assert "model.layers.0.post_attention_layernorm.weight" in down.param_names
@@ -114,3 +117,22 @@ def test_snr_penalises_each_expert_matrix():
     np.testing.assert_allclose(experts.down_proj.grad.numpy(), w.grad.numpy(), rtol=1e-3, atol=1e-6)
     expected_penalty = 0.5 * strength * torch.linalg.matrix_norm(w.detach(), ord=2).pow(2).sum()
     assert float(regularizer.penalty()) == pytest.approx(float(expected_penalty), rel=1e-4)
+
+
+class WideRouter(nn.Module):
+    """A 64-expert router in Transformers 5's style: a plain (experts, hidden) weight and a bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(64, 96))
+        self.bias = nn.Parameter(torch.zeros(64))
+
+
+def test_a_wide_router_is_balanced_like_a_linear_gate():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 96), WideRouter(), nn.Linear(64, 64), nn.Linear(64, 2))
+    tb = TempBalance(model, TempBalanceConfig(dtype="float64"))
+    layers = {la.name: la for la in tb.plan.layers}
+    assert layers["1"].param_names == ["1.weight", "1.bias"] and layers["1"].num_eigs == 64
+    expected = torch.linalg.svdvals(model[1].weight.detach().double()).pow(2).sort().values
+    torch.testing.assert_close(esd(layers["1"].module, dtype=torch.float64), expected)
