@@ -11,6 +11,9 @@ vgg16       CIFAR VGG16 with BatchNorm and one linear classifier
 gpt2        GPT-2 small shape: ``GPT2Config()`` defaults (12 layers, width 768, 124M params)
 llama       Llama-style decoder blocks: width 2048, MLP 5632, 32 heads, 4 KV heads (the
             TinyLlama-1.1B block shape), ``--llama-layers`` blocks (default 2), vocabulary 1024
+mixtral     mixture-of-experts decoder blocks as Transformers 5 stores them (fused expert
+            stacks): width 1024, 8 experts with MLP 1408, 16 heads, 4 KV heads,
+            ``--llama-layers`` blocks (default 2), vocabulary 1024
 toy         a 3-conv + 2-linear CNN for smoke tests (seconds on any machine)
 =========== ==========================================================================
 
@@ -39,7 +42,7 @@ from torch import nn
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
-MODELS = ("resnet18", "resnet34", "vgg16", "gpt2", "llama", "toy")
+MODELS = ("resnet18", "resnet34", "vgg16", "gpt2", "llama", "mixtral", "toy")
 VISION = ("resnet18", "resnet34", "vgg16", "toy")
 
 
@@ -77,6 +80,14 @@ def build_model(name: str, *, llama_layers: int = 2, seed: int = 0) -> nn.Module
                              num_key_value_heads=4, num_hidden_layers=llama_layers,
                              vocab_size=1024, max_position_embeddings=512)
         return LlamaForCausalLM(config)
+    if name == "mixtral":
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        config = MixtralConfig(hidden_size=1024, intermediate_size=1408, num_attention_heads=16,
+                               num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
+                               num_hidden_layers=llama_layers, vocab_size=1024,
+                               max_position_embeddings=512)
+        return MixtralForCausalLM(config)
     if name == "toy":
         return nn.Sequential(
             nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),

@@ -1,6 +1,6 @@
 """The library's batched ESD engine against a straightforward per-layer implementation.
 
-    python benchmarks/esd_speed.py [--models resnet18 resnet34 vgg16 gpt2 llama] [--repeats 5]
+    python benchmarks/esd_speed.py [--models resnet18 resnet34 vgg16 gpt2 llama mixtral] [--repeats 5]
                                    [--device cpu|cuda] [--threads N] [--json FILE]
 
 For each model (random weights, see ``bench_common``), on the layers TempBalance balances:
@@ -52,6 +52,7 @@ from bench_common import (  # noqa: E402
 from hf_tempbalance import TempBalance  # noqa: E402
 from hf_tempbalance.spectral import DEFAULT_RTOL, esd_reference  # noqa: E402
 from hf_tempbalance.spectral.hill_reference import hill_alpha_reference  # noqa: E402
+from hf_tempbalance.spectral.matrices import ExpertStack, weight_matrices  # noqa: E402
 
 DEFAULT_MODELS = ("resnet18", "resnet34", "vgg16", "gpt2", "llama")
 
@@ -61,7 +62,9 @@ def per_layer_alphas(modules: list[nn.Module], rtol: float = DEFAULT_RTOL) -> li
     alphas = []
     for module in modules:
         w = module.weight.detach().float()
-        if w.ndim > 2:  # (out, in, *kernel) -> (kernel positions, out, in), as the authors do
+        if isinstance(module, ExpertStack):  # (experts, m, n): already one matrix per expert
+            pass
+        elif w.ndim > 2:  # (out, in, *kernel) -> (kernel positions, out, in), as the authors do
             w = w.flatten(2).permute(2, 0, 1)
         # (Transformers' Conv1D stores W transposed; the singular values are the same.)
         eigs = torch.linalg.svdvals(w).square().flatten().sort().values
@@ -93,7 +96,7 @@ def bench_model(name: str, device: torch.device, repeats: int, llama_layers: int
     model = build_model(name, llama_layers=llama_layers).to(device).eval()
     tb = TempBalance(model)
     modules = [layer.module for layer in tb.plan.layers]
-    slices = sum(m.weight[0, 0].numel() if m.weight.ndim > 2 else 1 for m in modules)
+    slices = sum(len(weight_matrices(m)) for m in modules)
 
     reference = fp64_alphas(modules)
     engine_alphas = tb.compute_metrics()  # warm-up (allocator, kernels, thread pools)
