@@ -136,3 +136,13 @@ def test_a_wide_router_is_balanced_like_a_linear_gate():
     assert layers["1"].param_names == ["1.weight", "1.bias"] and layers["1"].num_eigs == 64
     expected = torch.linalg.svdvals(model[1].weight.detach().double()).pow(2).sort().values
     torch.testing.assert_close(esd(layers["1"].module, dtype=torch.float64), expected)
+
+
+def test_an_expert_stack_costs_its_matrices_for_the_rank_split():
+    from hf_tempbalance.distributed import layer_cost
+
+    experts = SwappedExperts()  # gate_up_proj: 3 experts of 32 x 96
+    stack = TempBalance(nn.Sequential(nn.Linear(8, 32), experts, nn.Linear(32, 2)),
+                        TempBalanceConfig(min_eigs=10)).plan.layers[0].module
+    d, r = 32, 96
+    assert layer_cost(stack) == pytest.approx(3 * (2 * r * d * d + 4 / 3 * d ** 3))
