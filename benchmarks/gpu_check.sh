@@ -27,6 +27,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # A failed or timed-out step is reported and the next one still runs (one device try is precious).
 status=0
 timeout 170 "$PYTHON" benchmarks/esd_speed.py --repeats 5 \
+    --models resnet18 resnet34 vgg16 gpt2 llama mixtral \
     --json "$RESULTS/esd_speed.json" 2>&1 | tee "$RESULTS/esd_speed.txt" \
     || { echo "esd_speed failed or timed out (exit $?)"; status=1; }
 timeout 110 "$PYTHON" benchmarks/overhead.py --steps 20 --repeats 5 \
