@@ -15,7 +15,7 @@ __all__ = ["TempBalanceConfig", "LAYER_TYPES", "NORM_FOLLOW"]
 
 #: Module kinds that layer discovery can balance. ``linear`` includes Transformers' ``Conv1D``.
 LAYER_TYPES = ("linear", "conv", "embedding")
-NORM_FOLLOW = ("previous", "none")
+NORM_FOLLOW = ("previous", "next", "none")
 
 
 @dataclass
@@ -40,7 +40,8 @@ class TempBalanceConfig:
             as the authors' code does (the stem and the classifier have few eigenvalues).
         min_eigs: modules with fewer ESD eigenvalues stay at the base LR (authors' later code: 50).
         norm_follow: ``previous``: a BatchNorm/LayerNorm/GroupNorm/RMSNorm takes the multiplier
-            of the balanced module registered just before it (authors); ``none``: base LR.
+            of the balanced module registered just before it (authors); ``next``: of the one
+            registered just after it (pre-LN blocks); ``none``: base LR.
         dtype: precision of the eigensolver, ``float32`` (default) or ``float64``.
         eig_rtol: eigenvalues ``<= eig_rtol · λ_max`` are dropped as zeros (None: the
             default 2e-6, see :data:`hf_tempbalance.spectral.DEFAULT_RTOL`).

@@ -16,8 +16,11 @@ Walks ``model.named_modules()`` in registration order (the order the authors' co
    to an earlier balanced module, and ESDs smaller than ``min_eigs`` are skipped, each with a
    recorded reason (:attr:`LayerPlan.skipped`).
 4. A norm module (BatchNorm, LayerNorm, GroupNorm, InstanceNorm, any ``*RMSNorm``) follows the
-   candidate registered just before it when ``norm_follow="previous"``: if that candidate is
-   balanced, the norm's parameters take its multiplier; otherwise they stay at the base LR.
+   candidate registered just before it (``norm_follow="previous"``, the authors' rule, right for
+   conv -> BatchNorm and post-LN transformers) or just after it (``"next"``, for pre-LN blocks
+   that register each norm before the layer it feeds, as GPT-2 and timm's ViT do): if that
+   candidate is balanced, the norm's parameters take its multiplier; otherwise they stay at the
+   base LR.
    A balanced module's own bias always follows its weight.
 
 A weight computed by a ``torch.nn.utils.parametrize`` parametrization (``parametrizations.
@@ -150,17 +153,20 @@ def discover_layers(model: nn.Module, config: TempBalanceConfig) -> LayerPlan:
 
     modules = list(model.named_modules())
     candidates: list[tuple[str, nn.Module]] = []
-    last_candidate: dict[str, str] = {}  # module name -> its last candidate (for norm_follow)
+    # module name -> its first / last candidate (a module of expert stacks has several)
+    first_candidate: dict[str, str] = {}
+    last_candidate: dict[str, str] = {}
     for name, m in modules:
         if _kind(m) in config.layer_types and (
                 parametrize.is_parametrized(m, weight_name(m))  # (reading it could change it)
                 or isinstance(getattr(m, weight_name(m), None), torch.Tensor)):
-            candidates.append((name, m))
-            last_candidate[name] = name
+            found: list[tuple[str, nn.Module]] = [(name, m)]
         elif "linear" in config.layer_types and is_experts(m):
-            for pname, stack in expert_stacks(m):
-                candidates.append((f"{name}.{pname}" if name else pname, stack))
-                last_candidate[name] = candidates[-1][0]
+            found = [(f"{name}.{pname}" if name else pname, stack) for pname, stack in expert_stacks(m)]
+        else:
+            continue
+        candidates += found
+        first_candidate[name], last_candidate[name] = found[0][0], found[-1][0]
     skipped: dict[str, str] = {
         name: ("separate q, k and v projection weights (kdim or vdim differ from embed_dim); only "
                "the packed in_proj_weight is supported")
@@ -208,15 +214,25 @@ def discover_layers(model: nn.Module, config: TempBalanceConfig) -> LayerPlan:
             layers.append(layer)
             by_name[name] = layer
 
-    if config.norm_follow == "previous":
-        previous: str | None = None
+    if config.norm_follow != "none":
+        # The candidate just before each norm ("previous") or just after it ("next", walking
+        # the modules backwards), in registration order.
+        follows: dict[str, str | None] = {}
+        nearest: str | None = None
+        walk = modules if config.norm_follow == "previous" else modules[::-1]
+        marks = last_candidate if config.norm_follow == "previous" else first_candidate
+        for name, module in walk:
+            if name in marks:
+                nearest = marks[name]
+            elif is_norm(module):
+                follows[name] = nearest
         for name, module in modules:
-            if name in last_candidate:
-                previous = last_candidate[name]
-            elif is_norm(module) and previous in by_name:
-                for param in module.parameters(recurse=False):
-                    if param.requires_grad and id(param) not in claimed and id(param) in canonical:
-                        claimed.add(id(param))
-                        by_name[previous].param_names.append(canonical[id(param)])
+            target = follows.get(name)
+            if target not in by_name:
+                continue
+            for param in module.parameters(recurse=False):
+                if param.requires_grad and id(param) not in claimed and id(param) in canonical:
+                    claimed.add(id(param))
+                    by_name[target].param_names.append(canonical[id(param)])
 
     return LayerPlan(layers, skipped)

@@ -43,7 +43,7 @@ BAD = [
     ("exclude", {"exclude": ["*fc"]}),
     ("min_eigs", {"min_eigs": -1}),
     ("min_eigs", {"min_eigs": 2.5}),
-    ("norm_follow", {"norm_follow": "next"}),
+    ("norm_follow", {"norm_follow": "following"}),
     ("dtype", {"dtype": "float16"}),
     ("eig_rtol", {"eig_rtol": 1.0}),
     ("eig_rtol", {"eig_rtol": -1e-6}),

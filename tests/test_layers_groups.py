@@ -198,6 +198,39 @@ def test_gpt2_embeddings_balanced_tied_head_skipped():
     check_groups(model, tb, owners)
 
 
+def test_gpt2_norms_follow_the_next_layer_they_feed():
+    # GPT-2 is pre-LN: ln_1 feeds attn.c_attn and ln_2 feeds mlp.c_fc, registered right after
+    # them. ln_f feeds the (tied, skipped) head: nothing balanced follows it.
+    model = tiny_gpt2()
+    tb = TempBalance(model, exclude_first_last=False, norm_follow="next")
+    assert tb.plan.names == [*GPT2_LINEARS, "lm_head"]
+    owners = expected_owners(model, tb.plan.names, {
+        "transformer.h.0.ln_1": "transformer.h.0.attn.c_attn",
+        "transformer.h.0.ln_2": "transformer.h.0.mlp.c_fc",
+        "transformer.h.1.ln_1": "transformer.h.1.attn.c_attn",
+        "transformer.h.1.ln_2": "transformer.h.1.mlp.c_fc",
+        "transformer.ln_f": "lm_head",
+    }, extra={"transformer.wte.weight": "lm_head"})
+    check_groups(model, tb, owners)
+
+
+def test_norm_follow_next_takes_the_first_of_several_candidates_in_a_module():
+    class Experts(nn.Module):  # two expert stacks in one module: a norm before it feeds the first
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.randn(2, 128, 64))
+            self.down_proj = nn.Parameter(torch.randn(2, 64, 64))
+
+    model = nn.Sequential(nn.Linear(8, 64), nn.LayerNorm(64), Experts(), nn.LayerNorm(64),
+                          nn.Linear(64, 64), nn.Linear(64, 2))
+    nxt = TempBalance(model, norm_follow="next").plan
+    owner = {p: la.name for la in nxt.layers for p in la.param_names}
+    assert owner["1.weight"] == "2.gate_up_proj" and owner["3.weight"] == "4"
+    prev = TempBalance(model, norm_follow="previous").plan
+    owner = {p: la.name for la in prev.layers for p in la.param_names}
+    assert "1.weight" not in owner and owner["3.weight"] == "2.down_proj"  # layer 0 is excluded
+
+
 def test_frozen_parameters_are_excluded():
     model = tiny_gpt2()
     model.transformer.h[0].mlp.c_fc.weight.requires_grad_(False)
