@@ -332,7 +332,7 @@ def _analyze(items: list[_Item], config: TempBalanceConfig, dtype: Any, keep_esd
                 named = dict(zip(metrics, row))
                 results[i] = LayerAnalysis(
                     name=item.name, type=item.type, shape=item.shape,
-                    num_eigs=num_eigs(item.shape),
+                    num_eigs=num_eigs(item.layer),
                     alpha=named.pop("alpha_hill"), xmin=fit.xmin, n_tail=fit.n_tail,
                     spectral_norm=named.pop("spectral_norm"),
                     alpha_weighted=named.pop("alpha_weighted"),

@@ -29,7 +29,6 @@ never analysed:
 from __future__ import annotations
 
 import heapq
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from types import SimpleNamespace
@@ -44,6 +43,7 @@ from .spectral.matrices import (
     ExpertStack,
     eval_parametrization,
     is_transposed_conv1d,
+    stack_shape,
     weight_name,
     weight_of,
 )
@@ -127,11 +127,8 @@ def layer_cost(module: nn.Module | torch.Tensor) -> float:
     so sharded weights cost the same on every rank.
     """
     shape = tuple(module.shape) if isinstance(module, torch.Tensor) else _full_shape(module)
-    if len(shape) < 2:
-        return 0.0
-    if isinstance(module, ExpertStack):  # (k, m, n): k matrices of m x n
-        return shape[0] * gram_eig_cost(shape[1], shape[2])
-    return math.prod(shape[2:]) * gram_eig_cost(shape[0], shape[1])
+    k, m, n = stack_shape(module, shape)
+    return k * gram_eig_cost(m, n)
 
 
 def partition_by_cost(costs: Sequence[float], parts: int) -> list[list[int]]:

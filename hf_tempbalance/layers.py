@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .config import TempBalanceConfig
-from .spectral.matrices import ExpertStack, is_transposed_conv1d, num_eigs, weight_name, weight_of
+from .spectral.matrices import ExpertStack, is_transposed_conv1d, num_eigs, weight_name
 
 __all__ = ["BalancedLayer", "LayerPlan", "discover_layers", "is_norm", "weight_sources", "is_experts",
            "expert_stacks"]
@@ -106,16 +106,6 @@ def _companions(layer: nn.Module) -> list[nn.Parameter]:
         return [p for pname, p in layer.owner.named_parameters(recurse=False)
                 if pname.startswith(layer.param_name + "_")]
     return list(layer.parameters(recurse=False))
-
-
-def _esd_size(module: nn.Module) -> int:
-    if isinstance(module, ExpertStack):
-        k, m, n = module.weight.shape
-        return k * min(m, n)
-    weight = weight_of(module)
-    if is_transposed_conv1d(module):
-        return min(weight.shape)
-    return num_eigs(tuple(weight.shape))
 
 
 @dataclass
@@ -203,7 +193,7 @@ def discover_layers(model: nn.Module, config: TempBalanceConfig) -> LayerPlan:
             skipped[name] = "frozen weight"
         elif tied is not None:
             skipped[name] = f"weight tied to already balanced {canonical.get(id(tied), '?')}"
-        elif (n := _esd_size(module)) < config.min_eigs:
+        elif (n := num_eigs(module)) < config.min_eigs:
             skipped[name] = f"{n} eigenvalues < min_eigs={config.min_eigs}"
         else:
             layer = BalancedLayer(name, module, n)

@@ -146,3 +146,11 @@ def test_an_expert_stack_costs_its_matrices_for_the_rank_split():
                         TempBalanceConfig(min_eigs=10)).plan.layers[0].module
     d, r = 32, 96
     assert layer_cost(stack) == pytest.approx(3 * (2 * r * d * d + 4 / 3 * d ** 3))
+
+
+def test_analysis_counts_each_stacks_eigenvalues():
+    from hf_tempbalance import analyze_model
+
+    report = analyze_model(tiny_mixtral(), layers="all", keep_esds=True, progress=False)
+    down = report["model.layers.0.mlp.experts.down_proj"]  # 4 experts of (64, 80)
+    assert down.num_eigs == len(down.eigs) == 4 * 64

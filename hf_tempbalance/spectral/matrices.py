@@ -27,7 +27,7 @@ Nothing here imports Transformers: ``Conv1D`` is recognised by its class name an
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 __all__ = ["weight_of", "weight_name", "weight_matrices", "is_transposed_conv1d", "num_eigs",
-           "eval_parametrization", "ExpertStack"]
+           "stack_shape", "eval_parametrization", "ExpertStack"]
 
 def is_transposed_conv1d(module: nn.Module) -> bool:
     """True for Transformers' ``Conv1D`` (GPT-2 family), whose weight is stored ``in x out``."""
@@ -153,10 +153,29 @@ def weight_matrices(layer: nn.Module | torch.Tensor) -> torch.Tensor:
     )
 
 
-def num_eigs(shape: torch.Size | tuple[int, ...]) -> int:
-    """Number of eigenvalues in the pooled ESD of a weight of this (matrix-stack) shape."""
+def stack_shape(layer: nn.Module | torch.Tensor,
+                shape: Sequence[int] | None = None) -> tuple[int, int, int]:
+    """``(k, m, n)``: the layer's ESD comes from ``k`` matrices of ``m x n`` (as
+    :func:`weight_matrices` slices it, up to the orientation of each matrix).
+
+    Computed from the weight's shape alone, so it costs nothing and needs no data: ``shape``
+    (default: the weight's own) may be a declared full shape of a sharded weight. A weight of
+    fewer than two dimensions holds no matrix: ``(0, 0, 0)``.
+    """
+    if shape is None:
+        shape = (layer if isinstance(layer, torch.Tensor) else weight_of(layer)).shape
+    shape = tuple(shape)
+    if isinstance(layer, ExpertStack):
+        k, m, n = shape
+        return k, m, n
     if len(shape) == 2:
-        return min(shape)
+        return 1, shape[0], shape[1]
     if len(shape) >= 3:
-        return math.prod(shape[2:]) * min(shape[0], shape[1])
-    return 0
+        return math.prod(shape[2:]), shape[0], shape[1]
+    return 0, 0, 0  # no matrix at all (e.g. the empty placeholder DeepSpeed ZeRO-3 leaves)
+
+
+def num_eigs(layer: nn.Module | torch.Tensor) -> int:
+    """Number of eigenvalues in the pooled ESD of a layer (or weight tensor): ``k · min(m, n)``."""
+    k, m, n = stack_shape(layer)
+    return k * min(m, n)
