@@ -52,7 +52,7 @@ from bench_common import (  # noqa: E402
 from hf_tempbalance import TempBalance  # noqa: E402
 from hf_tempbalance.spectral import DEFAULT_RTOL, esd_reference  # noqa: E402
 from hf_tempbalance.spectral.hill_reference import hill_alpha_reference  # noqa: E402
-from hf_tempbalance.spectral.matrices import ExpertStack, weight_matrices  # noqa: E402
+from hf_tempbalance.spectral.matrices import weight_matrices  # noqa: E402
 
 DEFAULT_MODELS = ("resnet18", "resnet34", "vgg16", "gpt2", "llama")
 
@@ -61,12 +61,9 @@ def per_layer_alphas(modules: list[nn.Module], rtol: float = DEFAULT_RTOL) -> li
     """The straightforward implementation: one SVD and one fit per layer, a host sync each."""
     alphas = []
     for module in modules:
-        w = module.weight.detach().float()
-        if isinstance(module, ExpertStack):  # (experts, m, n): already one matrix per expert
-            pass
-        elif w.ndim > 2:  # (out, in, *kernel) -> (kernel positions, out, in), as the authors do
-            w = w.flatten(2).permute(2, 0, 1)
+        # (kernel positions or experts, out, in): the slices the authors take, one matrix each.
         # (Transformers' Conv1D stores W transposed; the singular values are the same.)
+        w = weight_matrices(module).float()
         eigs = torch.linalg.svdvals(w).square().flatten().sort().values
         eigs = eigs[eigs > rtol * eigs[-1]]
         n_total = eigs.numel()

@@ -260,7 +260,7 @@ def _exact_threshold(stacks: list[torch.Tensor], rows: list[torch.Tensor], scale
 
     tasks = []
     for (_, m, n), items in candidates.items():
-        cost = 2.0 * max(m, n) * min(m, n) ** 2 + min(m, n) ** 3 / 3  # Gram + LDLᵀ, float64
+        cost = gram_eig_cost(m, n)  # only orders the work (LDLᵀ is cheaper than eigvalsh)
         for part in range(min(workers, len(items))):
             share = items[part::min(workers, len(items))]
             tasks.append((cost * len(share), share))
