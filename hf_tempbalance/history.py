@@ -83,9 +83,8 @@ def history_before(step: int, updates: int, *paths: str | os.PathLike | None,
     rows of a file that held fewer updates (possibly none).
     """
     best: list[dict[str, Any]] = []
-    looked = []
-    for path in dict.fromkeys(os.path.abspath(p) for p in paths if p):
-        looked.append(path)
+    looked = list(dict.fromkeys(os.path.abspath(p) for p in paths if p))  # in order, once each
+    for path in looked:
         if not os.path.exists(path):
             continue
         rows = [r for r in read_history(path) if r["step"] < step]

@@ -172,6 +172,13 @@ def discover_layers(model: nn.Module, config: TempBalanceConfig) -> LayerPlan:
     by_name: dict[str, BalancedLayer] = {}
     claimed: set[int] = set()
 
+    def claim(layer: BalancedLayer, params) -> None:
+        """Give ``layer`` each trainable parameter no layer has yet (once, by identity)."""
+        for param in params:
+            if param.requires_grad and id(param) not in claimed and id(param) in canonical:
+                claimed.add(id(param))
+                layer.param_names.append(canonical[id(param)])
+
     for name, module in candidates:
         sources = weight_sources(module)
         if any(isinstance(p, nn.parameter.UninitializedParameter) for p in sources):
@@ -197,10 +204,7 @@ def discover_layers(model: nn.Module, config: TempBalanceConfig) -> LayerPlan:
             skipped[name] = f"{n} eigenvalues < min_eigs={config.min_eigs}"
         else:
             layer = BalancedLayer(name, module, n)
-            for param in [*sources, *_companions(module)]:
-                if param.requires_grad and id(param) not in claimed and id(param) in canonical:
-                    claimed.add(id(param))
-                    layer.param_names.append(canonical[id(param)])
+            claim(layer, [*sources, *_companions(module)])
             layers.append(layer)
             by_name[name] = layer
 
@@ -217,12 +221,7 @@ def discover_layers(model: nn.Module, config: TempBalanceConfig) -> LayerPlan:
             elif is_norm(module):
                 follows[name] = nearest
         for name, module in modules:
-            target = follows.get(name)
-            if target not in by_name:
-                continue
-            for param in module.parameters(recurse=False):
-                if param.requires_grad and id(param) not in claimed and id(param) in canonical:
-                    claimed.add(id(param))
-                    by_name[target].param_names.append(canonical[id(param)])
+            if follows.get(name) in by_name:
+                claim(by_name[follows[name]], module.parameters(recurse=False))
 
     return LayerPlan(layers, skipped)
