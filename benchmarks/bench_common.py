@@ -136,6 +136,21 @@ def run_with_threads(args: argparse.Namespace, run: Callable[[argparse.Namespace
         torch.set_num_threads(threads)
 
 
+def start(args: argparse.Namespace, benchmark: str) -> torch.device:
+    """The device of ``--device``, announced with the machine it runs on."""
+    device = resolve_device(args.device)
+    print(f"# {benchmark} on {machine(device)}", flush=True)
+    return device
+
+
+def report(args: argparse.Namespace, device: torch.device, title: str, headers: list[str],
+           rows: list[list[Any]], **data: Any) -> None:
+    """Print the results table under ``title``; write them to ``--json`` if given."""
+    print(f"\n{title}:\n")
+    print(markdown_table(headers, rows))
+    write_json(args.json, device, **data)
+
+
 def write_json(path: Path | None, device: torch.device, **data: Any) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,12 +26,10 @@ from bench_common import (  # noqa: E402
     MODELS,
     add_common_args,
     build_model,
-    machine,
-    markdown_table,
     median,
-    resolve_device,
+    report,
     run_with_threads,
-    write_json,
+    start,
 )
 
 from hf_tempbalance import TempBalance, TempBalanceCallback, TempBalanceConfig  # noqa: E402
@@ -82,8 +80,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    device = resolve_device(args.device)
-    print(f"# checkpoint_state on {machine(device)}", flush=True)
+    device = start(args, "checkpoint_state")
     results = []
     for steps in args.steps:
         res = bench(args.model, args.interval, steps, args.repeats)
@@ -96,10 +93,9 @@ def run(args: argparse.Namespace) -> list[dict]:
               f"{r['with_s']:.3f}", f"{r['without_MB']:.3f}", f"{r['without_s']:.4f}",
               f"{r['with_MB'] / r['without_MB']:.0f}x", f"{r['with_s'] / r['without_s']:.0f}x"]
              for r in results]
-    print(f"\ntrainer_state.json per checkpoint, update every {args.interval} steps "
-          f"(median of {args.repeats} saves):\n")
-    print(markdown_table(headers, table))
-    write_json(args.json, device, interval=args.interval, results=results)
+    report(args, device, f"trainer_state.json per checkpoint, update every {args.interval} steps "
+           f"(median of {args.repeats} saves)", headers, table, interval=args.interval,
+           results=results)
     return results
 
 

@@ -41,12 +41,11 @@ from bench_common import (  # noqa: E402
     add_common_args,
     build_model,
     machine,
-    markdown_table,
     median,
-    resolve_device,
+    report,
     run_with_threads,
+    start,
     timed,
-    write_json,
 )
 
 from hf_tempbalance import TempBalance  # noqa: E402
@@ -137,9 +136,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    device = resolve_device(args.device)
-
-    print(f"# esd_speed on {machine(device)}", flush=True)
+    device = start(args, "esd_speed")
     results = []
     for name in args.models:
         res = bench_model(name, device, args.repeats, args.llama_layers)
@@ -157,9 +154,8 @@ def run(args: argparse.Namespace) -> list[dict]:
              f"{r['engine_max_rel_diff_fp64']:.1e}",
              f"{r['per_layer_max_rel_diff_fp64']:.1e}", f"{r['engine_peak_extra_MiB']:.0f}"]
             for r in results]
-    print(f"\nMedians of {args.repeats} alternating repeats ({device.type}):\n")
-    print(markdown_table(headers, rows))
-    write_json(args.json, device, repeats=args.repeats, results=results)
+    report(args, device, f"Medians of {args.repeats} alternating repeats ({device.type})", headers,
+           rows, repeats=args.repeats, results=results)
     if args.png:
         plot(results, args.png, f"{machine(device)}; medians of {args.repeats}")
     return results

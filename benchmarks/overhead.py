@@ -36,14 +36,12 @@ from bench_common import (  # noqa: E402
     add_common_args,
     build_model,
     forward,
-    machine,
     make_batch,
-    markdown_table,
     median,
-    resolve_device,
+    report,
     run_with_threads,
+    start,
     timed,
-    write_json,
 )
 
 from hf_tempbalance import TempBalance  # noqa: E402
@@ -98,9 +96,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    device = resolve_device(args.device)
-
-    print(f"# overhead on {machine(device)}", flush=True)
+    device = start(args, "overhead")
     results = []
     for name in args.models:
         batch = args.batch_size if name in VISION else args.lm_batch_size
@@ -115,9 +111,8 @@ def run(args: argparse.Namespace) -> list[dict]:
              f"{r['update_s'] / r['step_s']:.2f}"]
             + [f"{100 * r['overhead'][str(k)]:.2f}%" for k in INTERVALS]
             + [f"{r['update_peak_extra_MiB']:.0f}"] for r in results]
-    print(f"\nTraining-time fraction spent in TempBalance updates ({device.type}):\n")
-    print(markdown_table(headers, rows))
-    write_json(args.json, device, results=results)
+    report(args, device, f"Training-time fraction spent in TempBalance updates ({device.type})",
+           headers, rows, results=results)
     return results
 
 

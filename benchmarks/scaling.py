@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
 
     import torch
-    from bench_common import machine, markdown_table, write_json
+    from bench_common import machine, report
 
     cpu = torch.device("cpu")
     print(f"# scaling on {machine(cpu)}", flush=True)
@@ -130,12 +130,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 results.append(res)
                 rows.append([model, res["layers"], p, t, f"{update_s:.3f}",
                              f"{res['ratio_to_1_process']:.2f}", f"{res['max_rel_diff']:.1e}"])
-    print(f"\nUpdate time (slowest rank), median over {args.rounds} alternating launches of the "
-          f"median of {args.repeats} updates; accelerate launch on CPU:\n")
-    print(markdown_table(["model", "layers", "processes", "threads each", "update (s)",
-                          f"time / 1 process x {args.threads} thread(s)",
-                          "metric rel. diff vs 1 process"], rows))
-    write_json(args.json, cpu, rounds=args.rounds, repeats=args.repeats, results=results)
+    report(args, cpu, f"Update time (slowest rank), median over {args.rounds} alternating launches "
+           f"of the median of {args.repeats} updates; accelerate launch on CPU",
+           ["model", "layers", "processes", "threads each", "update (s)",
+            f"time / 1 process x {args.threads} thread(s)", "metric rel. diff vs 1 process"],
+           rows, rounds=args.rounds, repeats=args.repeats, results=results)
     return results
 
 
