@@ -190,9 +190,9 @@ def check_unsharded(modules: Sequence[nn.Module] | Mapping[str, nn.Module],
             continue
         if hasattr(weight, "ds_id") or hasattr(weight, "ds_numel"):
             raise _refuse("its weight is partitioned by DeepSpeed ZeRO-3", label)
-        owner, attr = ((module.owner, module.param_name) if isinstance(module, ExpertStack)
-                       else (module, name))
-        registered = owner._parameters.get(attr) is weight
+        # A weight is a parameter or the output of a parametrization; FSDP1 (without
+        # use_orig_params) leaves a plain tensor view of its flat shard in its place.
+        registered = isinstance(weight, nn.Parameter)
         parametrized = parametrize.is_parametrized(module, name)
         if type(weight).__name__ == "FlatParameter" or getattr(weight, "_fsdp_flattened", False) \
                 or not (registered or parametrized):
