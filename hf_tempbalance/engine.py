@@ -44,6 +44,7 @@ from .spectral.metrics import layer_metrics
 __all__ = ["TempBalance"]
 
 _STATE_VERSION = 1
+_LISTED = 5  # layers named in one warning about invalid metrics
 
 
 class TempBalance:
@@ -76,8 +77,11 @@ class TempBalance:
         self.model = _unwrap_model(model)
         self.plan: LayerPlan = discover_layers(self.model, self.config)
         if not self.plan.layers and is_main_process():
-            warnings.warn("TempBalance found no layer to balance (see .plan.skipped); every LR stays "
-                          "at the base schedule.", stacklevel=2)
+            why = (self.plan.skipped_summary()
+                   or f"no layer of layer_types={self.config.layer_types} in the model")
+            warnings.warn(f"TempBalance found no layer to balance ({why}; all in .plan.skipped); "
+                          "every LR stays at the base schedule. See the config fields min_eigs, "
+                          "layer_types, include/exclude and exclude_first_last.", stacklevel=2)
         self.multipliers: dict[str, float] = {name: 1.0 for name in self.plan.names}
         self.metrics: dict[str, float] = {name: math.nan for name in self.plan.names}
         self.history: list[dict[str, Any]] = []
@@ -219,13 +223,7 @@ class TempBalance:
             new = assign_multipliers(values[ok], cfg.assign, cfg.s1, cfg.s2)
             for name, m in zip([n for n, good in zip(names, ok) if good], new):
                 self.multipliers[name] = float(m)
-        for name, good in zip(names, ok):
-            if not good and name not in self._warned and is_main_process():
-                self._warned.add(name)
-                warnings.warn(
-                    f"TempBalance: layer {name!r} has no valid {cfg.metric} (NaN/Inf or zero weights, "
-                    f"too few non-zero eigenvalues, or a flat spectrum); it keeps multiplier "
-                    f"{self.multipliers[name]:.4g}.", stacklevel=2)
+        self._warn_invalid([name for name, good in zip(names, ok) if not good])
         rows = []
         for name, value, good in zip(names, values.tolist(), ok.tolist()):
             self.metrics[name] = value
@@ -236,6 +234,21 @@ class TempBalance:
         self.num_updates += 1
         self._update_requested = False
         return rows
+
+    def _warn_invalid(self, invalid: list[str]) -> None:
+        # One warning per update for the layers not warned about before: a LoRA model starts
+        # with every lora_B at zero, and hundreds of separate warnings would bury the message.
+        new = [name for name in invalid if name not in self._warned]
+        if not new or not is_main_process():
+            return
+        self._warned.update(new)
+        shown = ", ".join(f"layer {name!r} ({self.multipliers[name]:.4g})" for name in new[:_LISTED])
+        more = f" and {len(new) - _LISTED} more" if len(new) > _LISTED else ""
+        warnings.warn(
+            f"TempBalance: no valid {self.config.metric} for {len(new)} layer(s) (NaN/Inf or zero "
+            f"weights, too few non-zero eigenvalues, or a flat spectrum); they keep their "
+            f"multipliers: {shown}{more}. Rows with valid=False in .history; warned once per layer.",
+            stacklevel=3)
 
     def summary(self) -> dict[str, float]:
         """Mean/min/max of the current metric over valid layers, min/max of the multipliers.

@@ -133,6 +133,17 @@ class LayerPlan:
         """Parameter name -> name of the balanced layer that owns it."""
         return {p: layer.name for layer in self.layers for p in layer.param_names}
 
+    def skipped_summary(self, most: int = 3) -> str:
+        """The commonest reasons for skipping, e.g. ``"8 eigenvalues < min_eigs=50 (12 layers,
+        e.g. 'h.0.q.lora_A'); frozen weight (3 layers, ...)"``; reasons that differ only in their
+        numbers count as one."""
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in self.skipped.items():
+            by_reason.setdefault(re.sub(r"\d+", "#", reason), []).append(name)
+        ranked = sorted(by_reason.values(), key=len, reverse=True)[:most]
+        return "; ".join(f"{self.skipped[names[0]]} ({len(names)} layer(s), e.g. {names[0]!r})"
+                         for names in ranked)
+
 
 def discover_layers(model: nn.Module, config: TempBalanceConfig) -> LayerPlan:
     """Find the balanced layers of ``model`` under ``config`` (see the module docstring)."""

@@ -318,6 +318,48 @@ def test_dead_or_rank1_layer_stays_at_one(kind):
         assert tb.num_steps == 2
 
 
+def test_layers_that_turn_invalid_together_share_one_warning():
+    # Like a LoRA model's lora_B matrices, all zero at the first update.
+    model = make_model()
+    tb = TempBalance(model, dtype="float64")
+    with torch.no_grad():
+        for name in ("2", "7"):
+            model.get_submodule(name).weight.zero_()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        tb.update()
+        tb.update()
+    messages = [str(w.message) for w in record if "TempBalance" in str(w.message)]
+    assert len(messages) == 1
+    assert "2 layer(s)" in messages[0] and layer_warnings(record, "2") == layer_warnings(record, "7") == 1
+
+    before = tb.multipliers["9"]
+    assert before in (0.5, 1.5)  # mapped against "5", the other valid layer
+    with torch.no_grad():  # a layer that fails later is reported then, on its own
+        model.get_submodule("9").weight.zero_()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        tb.update()
+    assert [layer_warnings(record, n) for n in ("2", "7", "9")] == [0, 0, 1]
+    # "9" keeps its last multiplier; "5", now alone, is neutral.
+    assert tb.multipliers == {"2": 1.0, "5": 1.0, "7": 1.0, "9": before}
+
+
+def test_nothing_to_balance_warns_with_the_commonest_reasons():
+    model = nn.Sequential(nn.Linear(8, 16), *(nn.Linear(16, 16) for _ in range(4)), nn.Linear(16, 2))
+    model[3].requires_grad_(False)
+    with pytest.warns(UserWarning, match="found no layer to balance") as record:
+        tb = TempBalance(model)
+    message = str(record[0].message)
+    assert tb.plan.names == []
+    # three layers too small, first and last excluded, one frozen: counted per reason, most first
+    assert ("16 eigenvalues < min_eigs=50 (3 layer(s), e.g. '1'); first/last layer "
+            "(exclude_first_last=True) (2 layer(s), e.g. '0'); frozen weight (1 layer(s), e.g. '3')"
+            in message)
+    with pytest.warns(UserWarning, match=r"no layer of layer_types=\('linear', 'conv'\)"):
+        TempBalance(nn.Sequential(nn.ReLU()))
+
+
 def test_orthogonal_init_gives_one_everywhere():
     model = make_model()
     for name in BALANCED:
