@@ -112,6 +112,15 @@ class TempBalance:
         groups are split by layer for the duration of each step.
         """
         inner = unwrap_optimizer(optimizer)
+        for i, group in enumerate(inner.param_groups):
+            if isinstance(group.get("lr"), bool) or not isinstance(group.get("lr"),
+                                                                   (int, float, torch.Tensor)):
+                raise ValueError(
+                    f"TempBalance sets each layer's LR to group['lr'] x multiplier, but param group {i} "
+                    f"of {type(inner).__name__} has lr={group.get('lr')!r}: this optimizer chooses its "
+                    "own step size (e.g. Adafactor with relative_step=True). Give it an explicit "
+                    "learning rate (Adafactor: lr=..., relative_step=False, scale_parameter=False, "
+                    "warmup_init=False).")
         # Refuse FSDP1 / ZeRO-3 shards here, at the start of training, not at the first update.
         check_unsharded({layer.name: layer.module for layer in self.plan.layers}, self.model,
                         allow_dtensor=self.snr is None)

@@ -360,6 +360,22 @@ def test_nothing_to_balance_warns_with_the_commonest_reasons():
         TempBalance(nn.Sequential(nn.ReLU()))
 
 
+def test_optimizer_without_a_learning_rate_is_refused_at_attach():
+    from transformers.optimization import Adafactor
+
+    model = make_model()
+    tb = TempBalance(model, interval=1)
+    # Adafactor's own schedule (relative_step=True) leaves group["lr"] at None: nothing to scale.
+    optimizer = Adafactor(tb.param_groups(), lr=None, relative_step=True, warmup_init=True)
+    with pytest.raises(ValueError, match=r"param group 0 of Adafactor has lr=None.*relative_step=False"):
+        tb.attach(optimizer)
+    # With an explicit LR it trains, and the step size is scaled like any other optimizer's.
+    optimizer = Adafactor(tb.param_groups(), lr=1e-3, relative_step=False, scale_parameter=False)
+    tb.attach(optimizer)
+    run_steps(tb, model, optimizer, 2)
+    assert tb.num_updates == 2 and min(tb.multipliers.values()) == pytest.approx(0.5)
+
+
 def test_orthogonal_init_gives_one_everywhere():
     model = make_model()
     for name in BALANCED:
