@@ -164,7 +164,9 @@ def test_analyze_safetensors_with_timm_arch_and_esd_plots(tmp_path):
 
 def test_pt_checkpoint_and_bare_tensors(tmp_path):
     model = small_resnet()
-    expected = analyze_model(model, layers="all").alphas
+    expected = analyze_model(model, layers="all").alphas  # the in-memory model: what loading must give
+    reference = {n: reference_metrics(m.weight)["alpha"] for n, m in conv_linear_layers(model)}
+    assert expected == pytest.approx(reference, rel=1e-4)
     # A DDP-style checkpoint: weights nested under "state_dict" with a "module." prefix.
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},

@@ -50,7 +50,6 @@ def test_overhead_runs_and_fractions_follow_the_formula(capsys):
     for k, fraction in res["overhead"].items():
         k = int(k)
         assert fraction == pytest.approx(res["update_s"] / (k * res["step_s"] + res["update_s"]))
-    assert res["overhead"]["391"] < res["overhead"]["100"] < res["overhead"]["10"]
     assert "| toy |" in capsys.readouterr().out
 
 

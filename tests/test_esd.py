@@ -116,6 +116,10 @@ def test_batched_equals_per_layer():
         single = esd(layer)
         assert got.shape == single.shape
         torch.testing.assert_close(got, single, rtol=1e-5, atol=1e-5 * single.max().item())
+        # and both are the real spectrum (singular values do not depend on orientation)
+        weight = layer if isinstance(layer, torch.Tensor) else layer.weight
+        expected = svd_esd(weight).to(got.dtype)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.max().item())
 
 
 def test_float32_matches_float64():

@@ -17,7 +17,9 @@ from hf_tempbalance.spectral.hill_reference import hill_alpha_reference
 def random_spectra():
     gen = torch.Generator().manual_seed(7)
     gauss = torch.randn(300, 120, generator=gen, dtype=torch.float64)
-    heavy = torch.distributions.StudentT(torch.tensor(2.5, dtype=torch.float64)).sample((250, 100))
+    with torch.random.fork_rng():  # StudentT.sample takes no generator: seed the global one here
+        torch.manual_seed(7)
+        heavy = torch.distributions.StudentT(torch.tensor(2.5, dtype=torch.float64)).sample((250, 100))
     conv = torch.randn(32, 16, 3, 3, generator=gen, dtype=torch.float64)
     lowrank = torch.randn(80, 10, generator=gen, dtype=torch.float64) @ torch.randn(
         10, 60, generator=gen, dtype=torch.float64)  # 50 exact zeros in its ESD

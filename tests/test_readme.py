@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from expected import numpy_hill
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -102,8 +103,9 @@ def test_diagnostics_snippet_runs_as_printed(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "layers.csv").is_file() and (tmp_path / "esd.png").stat().st_size > 0
     assert capsys.readouterr().out.strip()
     # The fit the README promises: TempBalanceConfig()'s, i.e. the median-xmin Hill alpha.
-    from hf_tempbalance.spectral import esd, hill_alpha
-    expected = hill_alpha(esd(model.layer3[1].conv2, dtype=torch.float64))
+    weight = model.layer3[1].conv2.weight.detach().double()  # (out, in, 3, 3): 9 out x in slices
+    eigs = torch.cat([torch.linalg.svdvals(weight[:, :, i, j]) ** 2 for i in range(3) for j in range(3)])
+    expected = numpy_hill(eigs.numpy())
     assert report["layer3.1.conv2"].alpha == pytest.approx(expected, rel=1e-4)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from expected import numpy_hill
 from torch import nn
 
 from hf_tempbalance import SpectralNormRegularizer, TempBalance
@@ -83,6 +84,10 @@ def test_engine_applies_snr_with_weight_decay():
     x, y = torch.randn(16, 10, generator=gen), torch.randint(0, 3, (16,), generator=gen)
     nn.functional.cross_entropy(model(x), y).backward()
     before = {n: (p.detach().clone(), p.grad.clone()) for n, p in model.named_parameters()}
+    # Eq. 2 with two layers: the larger alpha (plain NumPy Hill on the SVD) gets s2, the other s1.
+    alphas = {n: numpy_hill(torch.linalg.svdvals(model.get_submodule(n).weight.detach().double()) ** 2)
+              for n in ("2", "4")}
+    expected_m = {n: 1.5 if a == max(alphas.values()) else 0.5 for n, a in alphas.items()}
     snr_grads = {f"{i}.weight": expected_snr_grad(model[i].weight, strength) for i in (2, 4)}
     optimizer.step()
 
@@ -90,11 +95,11 @@ def test_engine_applies_snr_with_weight_decay():
     for name, param in model.named_parameters():
         w, g = before[name]
         decay = wd if param.ndim > 1 else 0.0
-        step_lr = lr * tb.multipliers.get(owner.get(name), 1.0)
+        step_lr = lr * expected_m.get(owner.get(name), 1.0)
         full_grad = g.double() + snr_grads.get(name, 0.0) + decay * w.double()
         torch.testing.assert_close(param.detach().double(), w.double() - step_lr * full_grad,
                                    rtol=1e-5, atol=1e-6, msg=name)
-    assert set(tb.multipliers.values()) == {0.5, 1.5}
+    assert tb.multipliers == expected_m
 
 
 def test_snr_alone_without_balancing():

@@ -100,6 +100,7 @@ class LRRecorder(TrainerCallback):
         base = self.scheduler.get_last_lr()
         self.base_trace.append(list(base))
         rows = []
+        self.param_labels = {id(p): g.get(GROUP_KEY) for g in optimizer.param_groups for p in g["params"]}
         for group in optimizer.param_groups:
             label = group.get(GROUP_KEY)
             parent = self.parent[id(group["params"][0])]
@@ -376,9 +377,14 @@ def test_small_cnn_through_trainer(tmp_path):
     recorder.check()
     engine = recorder.engine
     assert engine.plan.names == ["features.3", "features.6"]  # first conv and head excluded
-    # BatchNorm follows its conv: its parameters are split into the conv's group at step time.
-    bn_labels = {label for rows in recorder.records for label, *_ in rows}
-    assert {"features.3", "features.6"} <= bn_labels
+    # BatchNorm follows its conv: its parameters are split into the conv's group at step time
+    # (whose LR check() has compared with base x multiplier); the excluded first conv's stays out.
+    model = recorder.trainer.model
+    label = {name: recorder.param_labels[id(p)] for name, p in model.named_parameters()}
+    assert {n: label[n] for n in label if n.startswith(("features.1.", "features.4.", "features.7."))} == {
+        "features.1.weight": None, "features.1.bias": None,
+        "features.4.weight": "features.3", "features.4.bias": "features.3",
+        "features.7.weight": "features.6", "features.7.bias": "features.6"}
 
 
 def test_bert_style_model_through_trainer(tmp_path):

@@ -493,6 +493,8 @@ def test_trainer_class_carries_its_config_to_ddp_workers():
 @pytest.mark.slow
 def test_recipe_end_to_end(tmp_path):
     voc = random_voc(tmp_path / "VOC2007", 4, 2, seed=1)  # cat and dog are VOC classes
+    font = Path(yolo_voc.USER_CONFIG_DIR) / "Arial.ttf"
+    font.unlink(missing_ok=True)  # the config dir outlives test runs: make this run install it
     results = yolo_voc.main([
         "--method", "tb", "--seed", "5", "--voc-root", str(voc), "--data_dir", str(tmp_path / "data"),
         "--output_dir", str(tmp_path / "runs"), "--model", "yolov8n.pt", "--epochs", "1", "--batch", "2",
@@ -508,4 +510,4 @@ def test_recipe_end_to_end(tmp_path):
     assert saved["dataset"].startswith("VOC2007 (trainval: 4 images")
     rows = read_history(run / HISTORY_FILE)
     assert rows and {r["epoch"] for r in rows} == {1} and {r["update"] for r in rows} == {0}
-    assert (Path(yolo_voc.USER_CONFIG_DIR) / "Arial.ttf").exists()  # offline font in place
+    assert font.exists()  # offline font in place
