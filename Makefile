@@ -5,7 +5,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # Torch is installed first and pinned: on CPU-only machines a bare `torch` requirement can pull a
-# multi-GB CUDA build from the index; these releases are the verified pair (see DEVELOPERS.md).
+# multi-GB CUDA build from the index; these releases are the verified pair
+# (the newest that pip takes from the wheels on the development machine's disk).
 TORCH  := torch==2.14.1 torchvision==0.29.1
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 YOLO_OFFLINE=1 YOLO_AUTOINSTALL=0 \
            HF_HUB_DISABLE_TELEMETRY=1 WANDB_DISABLED=true TOKENIZERS_PARALLELISM=false

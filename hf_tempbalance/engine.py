@@ -146,6 +146,14 @@ class TempBalance:
         self._layout = None
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if (self.interval is None and self.num_steps == self.config.start_step
+                and not self._update_requested and self.config.balance_lr and is_main_process()):
+            # Otherwise a plain loop that forgot both would run at the base LR without a word.
+            warnings.warn("TempBalance: interval='epoch' without steps_per_epoch, and no "
+                          "request_update() before the first step: the multipliers are recomputed "
+                          "only when request_update() is called. Pass TempBalance(..., "
+                          "steps_per_epoch=len(loader)), call tb.request_update() at the start of "
+                          "each epoch, or set interval=N steps.", stacklevel=3)
         if self.config.balance_lr and self.update_due():
             rows = self.update()
             base = self._base_lrs(optimizer)

@@ -36,7 +36,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -263,6 +263,20 @@ def tempbalance_config(args: TempBalanceArguments) -> TempBalanceConfig:
                              exclude=tuple(args.tb_exclude), exclude_first_last=False)
 
 
+def refuse_unused_flags(args: PTBTrainingArguments) -> None:
+    """This loop counts optimizer steps and always uses Adam; a flag it would ignore is an error."""
+    defaults = {f.name: f.default for f in fields(PTBTrainingArguments)}
+    ignored = [f"--{name} {getattr(value, 'value', value)}" for name in ("optim", "num_train_epochs")
+               if str(getattr(value := getattr(args, name), "value", value)) != str(defaults[name])]
+    ignored += [f"--{name} epoch" for name in ("eval_strategy", "save_strategy", "logging_strategy")
+                if getattr(getattr(args, name), "value", None) == "epoch"]
+    if ignored:
+        raise ValueError(f"{', '.join(ignored)}: not used by this recipe, which trains with Adam (the "
+                         "paper's; --adam_beta1/2, --adam_epsilon, --weight_decay apply) for "
+                         "--max_steps steps and evaluates / saves / logs every --eval_steps / "
+                         "--save_steps / --logging_steps steps.")
+
+
 def parse_args(argv: Sequence[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataArguments, TempBalanceArguments, PTBTrainingArguments))
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
@@ -279,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          "streams; raise --per_device_train_batch_size or add processes instead.")
     if args.max_steps < 1:
         raise ValueError("--max_steps must be >= 1 (paper: 40000)")
+    refuse_unused_flags(args)
     accelerator = Accelerator(cpu=args.use_cpu, log_with=args.report_to or None,
                               mixed_precision=None if not (args.bf16 or args.fp16)
                               else ("bf16" if args.bf16 else "fp16"))

@@ -240,7 +240,8 @@ def test_epoch_interval_and_request_update():
     tb = TempBalance(model)  # interval="epoch", no steps_per_epoch: only on request
     optimizer = torch.optim.SGD(tb.param_groups(lr=BASE_LR))
     tb.attach(optimizer)
-    run_steps(tb, model, optimizer, 9, request_at=(5,))
+    with pytest.warns(UserWarning, match="without steps_per_epoch"):  # nothing due at step 0
+        run_steps(tb, model, optimizer, 9, request_at=(5,))
     assert update_steps(tb) == [5]
 
     tb_epochs = TempBalance(make_model(), steps_per_epoch=4)
@@ -358,6 +359,23 @@ def test_nothing_to_balance_warns_with_the_commonest_reasons():
             in message)
     with pytest.warns(UserWarning, match=r"no layer of layer_types=\('linear', 'conv'\)"):
         TempBalance(nn.Sequential(nn.ReLU()))
+
+
+@pytest.mark.parametrize("setup", ["nothing", "steps_per_epoch", "request", "interval"])
+def test_epoch_interval_with_no_way_to_know_epochs_warns_at_the_first_step(setup):
+    model = make_model()
+    kwargs = {"steps_per_epoch": 3} if setup == "steps_per_epoch" else {}
+    tb = TempBalance(model, interval=2 if setup == "interval" else "epoch", **kwargs)
+    optimizer = torch.optim.SGD(tb.param_groups(lr=BASE_LR))
+    tb.attach(optimizer)
+    if setup == "request":
+        tb.request_update()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        run_steps(tb, model, optimizer, 2)
+    warned = [w for w in record if "without steps_per_epoch" in str(w.message)]
+    assert len(warned) == (setup == "nothing")
+    assert tb.num_updates == (0 if setup == "nothing" else 1)
 
 
 def test_optimizer_without_a_learning_rate_is_refused_at_attach():

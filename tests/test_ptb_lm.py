@@ -204,6 +204,19 @@ def test_bad_inputs_have_clear_errors():
         tiny_config(contraction="fast")
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--optim", "sgd"], "--optim sgd"), (["--num_train_epochs", "5"], "--num_train_epochs 5"),
+    (["--eval_strategy", "epoch"], "--eval_strategy epoch"),
+    (["--gradient_accumulation_steps", "2"], "--gradient_accumulation_steps must be 1")])
+def test_recipe_refuses_training_flags_it_would_ignore(tmp_path, flags, named):
+    # Refused before any data is read (the data dir does not exist).
+    with pytest.raises(ValueError, match=re.escape(named)):
+        ptb_lm.main(["--data_dir", str(tmp_path / "none"), "--output_dir", str(tmp_path), *flags])
+    with pytest.raises(FileNotFoundError):  # the paper's defaults pass the check
+        ptb_lm.main(["--data_dir", str(tmp_path / "none"), "--output_dir", str(tmp_path),
+                     "--eval_strategy", "steps"])
+
+
 # ------------------------------------------------------------------------------ data protocol
 def test_reading_vocab_and_unknown_words(tmp_path):
     assert ptb_lm.tokenize_lines([" a b ", "", "c a"]) == ["a", "b", "<eos>", "c", "a", "<eos>"]

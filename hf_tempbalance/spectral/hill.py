@@ -11,8 +11,10 @@ estimator uses ``n - 1`` points strictly above :math:`\lambda_{\min}` (``include
 
 Choice of :math:`\lambda_{\min}` (``xmin``):
 
-* ``"median"`` (paper default): :math:`i = \lfloor N/2 \rfloor`, i.e. ``k = n/2`` in Eq. 3. Cheap and
-  stable; the paper's Fig. 8 shows it trains best.
+* ``"median"`` (paper default): :math:`i = \lfloor N/2 \rfloor` (the authors' index), so the tail
+  holds :math:`\lceil N/2 \rceil` points with :math:`\lambda_{\min}`, i.e. ``k = ceil(N/2) - 1``
+  points above it in Eq. 3's notation (the paper writes ``k = n/2``). Cheap and stable; the paper's
+  Fig. 8 shows it trains best.
 * ``"ks"`` (goodness of fit, Clauset et al. 2009): the :math:`\lambda_i` minimising the
   Kolmogorov-Smirnov distance between the empirical tail CDF and the fitted power law, over every
   candidate ``i <= N - 2``. Vectorised over candidates (chunked to bound memory).
