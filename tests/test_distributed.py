@@ -18,7 +18,6 @@ import json
 import math
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +42,7 @@ from hf_tempbalance.history import read_history
 
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
+from launching import free_port, run_launcher  # noqa: E402
 from tb_record import BASE_LR, INTERVAL, TinyClassifier  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -245,12 +245,6 @@ def test_check_accelerator_refuses_silent_failures(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------- launched runs
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(cmd: list[str], tmp_path: Path, timeout: int = 300, *, use_cpu: bool = True,
            expect_ok: bool = True) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
@@ -261,7 +255,7 @@ def launch(cmd: list[str], tmp_path: Path, timeout: int = 300, *, use_cpu: bool 
                PYTHONWARNINGS="ignore::DeprecationWarning", WANDB_DISABLED="true")
     if use_cpu:
         env["ACCELERATE_USE_CPU"] = "true"
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = run_launcher(cmd, env=env, cwd=REPO, timeout=timeout)
     if expect_ok:
         assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
@@ -439,3 +433,15 @@ def test_fsdp2_two_processes_gathers_whole_layers_and_refuses_fsdp1(tmp_path):
 
 def test_world_is_single_without_a_process_group():
     assert tbdist.world() == (0, 1) and tbdist.is_main_process()
+
+
+def test_launcher_retries_once_on_a_port_taken_in_between(tmp_path):
+    # A stand-in launcher: fails like torchrun's bind the first time, then reports its port.
+    script = ("import sys, pathlib; mark = pathlib.Path(sys.argv[1])\n"
+              "if not mark.exists(): mark.touch(); print('EADDRINUSE: Address already in use'); sys.exit(1)\n"
+              "print(sys.argv[3])")
+    cmd = [sys.executable, "-c", script, str(tmp_path / "tried"), "--master_port", "1"]
+    proc = run_launcher(cmd, env=dict(os.environ), cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() not in ("", "1")  # a fresh port
+    failing = [sys.executable, "-c", "import sys; sys.exit(3)", "--master_port", "1"]
+    assert run_launcher(failing, env=dict(os.environ), cwd=tmp_path, timeout=60).returncode == 3

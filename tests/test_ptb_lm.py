@@ -9,7 +9,6 @@ import math
 import os
 import random
 import re
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -23,6 +22,7 @@ if str(RECIPES) not in sys.path:
     sys.path.insert(0, str(RECIPES))
 
 import ptb_lm  # noqa: E402
+from launching import free_port, run_launcher  # noqa: E402
 from models.tensorized_transformer import (  # noqa: E402
     TensorizedTransformerConfig,
     TensorizedTransformerForCausalLM,
@@ -408,14 +408,6 @@ def test_recipe_end_to_end_and_resume_reproduces_the_run(tmp_path, fresh_acceler
     assert [r["multiplier"] for r in again] == pytest.approx([r["multiplier"] for r in rows], rel=1e-9)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, fresh_accelerate):
@@ -434,7 +426,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, fr
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), str(ROOT / "tests" / "scripts" / "ptb_lm_lr_record.py"),
            str(record), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    proc = run_launcher(cmd, env=env, cwd=ROOT, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["num_processes"] == 2 and two["train_streams"] == single["train_streams"] == 4
