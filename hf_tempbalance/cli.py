@@ -239,7 +239,10 @@ def run_plot(args: argparse.Namespace) -> dict[str, object]:
     for run, label in zip(args.runs, labels):
         if os.path.exists(os.path.join(run, HISTORY_FILE)):
             try:
-                grids[label] = history_grid(read_history(run))
+                rows = read_history(run)
+                # An empty history (balance_lr=False: the SNR-alone baseline) is a baseline run.
+                if rows:
+                    grids[label] = history_grid(rows)
             except (ValueError, KeyError) as err:
                 raise CliError(f"cannot read the history of {run}: {err}") from err
     if not grids and len(args.runs) + len(args.baseline_alphas) < 2:

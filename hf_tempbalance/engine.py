@@ -89,6 +89,8 @@ class TempBalance:
         self.num_updates = 0
         self.last_computed: list[str] = []  # layers this process computed itself in the last update
         self._update_requested = False
+        # Step of the last update the interval schedule made (None: none yet); see update_due().
+        self._last_scheduled: int | None = None
         self._warned: set[str] = set()
         self._hooks: list[Any] = []
         self._layout: StepLayout | None = None
@@ -108,10 +110,17 @@ class TempBalance:
     def attach(self, optimizer: Any) -> TempBalance:
         """Register the step hooks on ``optimizer`` (Accelerate/other wrappers are unwrapped).
 
-        Any optimizer works: labelled groups (:meth:`param_groups`) are scaled in place, other
+        One optimizer at a time (attaching again to the same one re-registers the hooks; another
+        one needs :meth:`detach` first). Any optimizer works: labelled groups (:meth:`param_groups`) are scaled in place, other
         groups are split by layer for the duration of each step.
         """
         inner = unwrap_optimizer(optimizer)
+        if self._layout is not None and self._layout.optimizer is not inner:
+            raise ValueError(
+                f"this TempBalance is already attached to a {type(self._layout.optimizer).__name__}; "
+                "it follows the steps of one optimizer (attaching a second would silently leave the "
+                "first at the base LR). Call detach() first to move it, or use one optimizer for "
+                "all balanced layers.")
         for i, group in enumerate(inner.param_groups):
             if isinstance(group.get("lr"), bool) or not isinstance(group.get("lr"),
                                                                    (int, float, torch.Tensor)):
@@ -155,6 +164,8 @@ class TempBalance:
                           "steps_per_epoch=len(loader)), call tb.request_update() at the start of "
                           "each epoch, or set interval=N steps.", stacklevel=3)
         if self.config.balance_lr and self.update_due():
+            if self.interval is not None and self.num_steps >= self.config.start_step:
+                self._last_scheduled = self.num_steps
             rows = self.update()
             base = self._base_lrs(optimizer)
             for row in rows:
@@ -195,14 +206,24 @@ class TempBalance:
         self._update_requested = True
 
     def update_due(self, step: int | None = None) -> bool:
-        """Whether the multipliers are recomputed before optimizer step ``step`` (default: next)."""
+        """Whether the multipliers are recomputed before optimizer step ``step`` (default: next).
+
+        Due on request, and once in every window of ``interval`` steps from ``start_step``:
+        at steps ``start_step + j·interval``, or at the first step that really runs after one of
+        them when that one never reached the optimizer (a step the Trainer's fp16 GradScaler
+        skipped still advances ``global_step``, the engine's clock under the Trainer).
+        """
         step = self.num_steps if step is None else step
-        if step < self.config.start_step:
+        start = self.config.start_step
+        if step < start:
             return False
         if self._update_requested:
             return True
         interval = self.interval
-        return interval is not None and (step - self.config.start_step) % interval == 0
+        if interval is None:
+            return False
+        last = -1 if self._last_scheduled is None else (self._last_scheduled - start) // interval
+        return (step - start) // interval > last
 
     # ------------------------------------------------------------------ the update
     @torch.no_grad()
@@ -316,6 +337,7 @@ class TempBalance:
             "num_steps": self.num_steps,
             "num_updates": self.num_updates,
             "update_requested": self._update_requested,
+            "last_scheduled_step": self._last_scheduled,
             "steps_per_epoch": self.steps_per_epoch,
         }
         if include_history:
@@ -340,7 +362,14 @@ class TempBalance:
         self.num_steps = int(state["num_steps"])
         self.num_updates = int(state["num_updates"])
         self._update_requested = bool(state["update_requested"])
-        self.steps_per_epoch = state.get("steps_per_epoch", self.steps_per_epoch)
+        # An epoch length known now (this run's data loader) wins over the saved one: a run
+        # resumed with another batch size or process count has other epochs.
+        self.steps_per_epoch = self.steps_per_epoch or state.get("steps_per_epoch")
+        if "last_scheduled_step" in state:
+            last = state["last_scheduled_step"]
+            self._last_scheduled = None if last is None else int(last)
+        else:  # saved before this key existed: every window up to the last step was served
+            self._last_scheduled = self.num_steps - 1 if self.num_steps > self.config.start_step else None
         if "history" in state:
             self.history = [dict(row) for row in state["history"]]
 

@@ -118,28 +118,33 @@ class StepLayout:
     def __init__(self, optimizer: torch.optim.Optimizer, owner: dict[int, str]) -> None:
         self.optimizer = optimizer
         self.owner = owner
-        self._splits: dict[int, tuple[int, list[tuple[str | None, list]]]] = {}
+        # id(group) -> (its params list, that list's length, params bucketed by layer). The list
+        # itself is kept and compared by identity: a group dict made by load_state_dict() can
+        # reuse a freed group's id, and must not inherit its buckets.
+        self._splits: dict[int, tuple[list, int, list[tuple[str | None, list]]]] = {}
         self._original: list[dict] | None = None
         self._scaled: list[tuple[dict, Any]] = []
         self._children: list[tuple[dict, dict]] = []
 
-    def _split(self, group: dict) -> list[tuple[str | None, list]]:
+    def _split(self, group: dict, splits: dict) -> list[tuple[str | None, list]]:
         """Params of an unlabelled group bucketed by owning layer (cached per params list)."""
         params = group["params"]
         cached = self._splits.get(id(group))
-        if cached is None or cached[0] != len(params):
+        if cached is None or cached[0] is not params or cached[1] != len(params):
             buckets: dict[str | None, list] = {}
             for param in params:
                 buckets.setdefault(self.owner.get(id(param)), []).append(param)
-            cached = (len(params), list(buckets.items()))
-            self._splits[id(group)] = cached
-        return cached[1]
+            cached = (params, len(params), list(buckets.items()))
+        splits[id(group)] = cached
+        return cached[2]
 
     def enter(self, multiplier: Callable[[str | None], float]) -> None:
         """Apply ``lr × multiplier(layer)`` to every group (splitting unlabelled ones)."""
+        # A step that raised never ran the post-hook: restore first, or the LRs would compound.
+        self.exit()
         groups = self.optimizer.param_groups
         self._original, self._scaled, self._children = list(groups), [], []
-        layout = []
+        layout, splits = [], {}
         for group in groups:
             if GROUP_KEY in group:
                 factor = multiplier(group[GROUP_KEY])
@@ -148,15 +153,20 @@ class StepLayout:
                     group["lr"] = group["lr"] * factor
                 layout.append(group)
                 continue
-            buckets = self._split(group)
+            buckets = self._split(group, splits)
             if len(buckets) == 1 and buckets[0][0] is None:
                 layout.append(group)
                 continue
             for layer, params in buckets:
-                child = {**group, "params": params, GROUP_KEY: layer,
-                         "lr": group["lr"] * multiplier(layer)}
+                # Tensors in a group (timm's Lamb keeps its step count there) are copied per child:
+                # shared, each child's in-place update would count once per child.
+                child = {key: value.clone() if isinstance(value, torch.Tensor) else value
+                         for key, value in group.items()}
+                child.update(params=params, lr=group["lr"] * multiplier(layer))
+                child[GROUP_KEY] = layer
                 layout.append(child)
                 self._children.append((group, child))
+        self._splits = splits  # only the current groups: nothing accumulates across reloads
         if self._children:
             groups[:] = layout
 
@@ -167,8 +177,15 @@ class StepLayout:
         for group, lr in self._scaled:
             group["lr"] = lr
         for parent, child in self._children:
+            # Every child made the same step from the same state: any one holds the new value.
             for key, value in child.items():
-                if key not in self._SKIP:
+                if key in self._SKIP:
+                    continue
+                old = parent.get(key)
+                if isinstance(old, torch.Tensor) and isinstance(value, torch.Tensor) \
+                        and old.shape == value.shape:
+                    old.copy_(value)  # keep the parent's tensor (a compiled step may hold it)
+                else:
                     parent[key] = value
         if self._children:
             self.optimizer.param_groups[:] = self._original

@@ -350,10 +350,14 @@ def test_plot_alpha_distributions_tb_vs_baseline(tb_run, tmp_path):
               for label, mods in modules.items()}
 
     # Both runs measured from their saved final models (bare state dicts: --arch), on the
-    # layers TempBalance balanced.
+    # layers TempBalance balanced. The baseline has the empty history file that a Trainer run
+    # with balance_lr=False (SNR alone) leaves: still a baseline, not an error.
+    (base_dir / HISTORY_FILE).touch()
     args = build_parser().parse_args(["plot", str(tb_dir), str(base_dir), "--out", str(out),
                                       "--arch", "timm:test_resnet", "--device", "cpu"])
-    plot = run_plot(args)["alpha_distributions.png"]
+    written = run_plot(args)
+    assert "tb_heatmaps.png" in written and "baseline_heatmaps.png" not in written
+    plot = written["alpha_distributions.png"]
     assert is_png(out / "alpha_distributions.png")
     edges = plot.data["edges"]
     for ax, label in zip(plot.figure.axes, ("tb", "baseline")):

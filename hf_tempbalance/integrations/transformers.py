@@ -129,8 +129,7 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
             engine.steps_per_epoch = _steps_per_epoch(args, train_dataloader)
         saved, saved_path = self._saved_state(state)
         if saved is not None:
-            engine.load_state_dict(saved)
-            engine.steps_per_epoch = engine.steps_per_epoch or _steps_per_epoch(args, train_dataloader)
+            engine.load_state_dict(saved)  # keeps this run's epoch length when it knows one
         engine.num_steps = state.global_step
         engine.attach(optimizer)
         self._warn_if_too_few_updates(state)
