@@ -141,6 +141,12 @@ class TempBalance:
             warnings.warn(f"optimizer groups are labelled with layers this TempBalance does not balance "
                           f"({unknown[:3]}...): they stay at the base LR. Build the groups and the "
                           "engine from the same model and TempBalanceConfig.", stacklevel=2)
+        if type(inner).__name__ == "ZeroRedundancyOptimizer" and any(
+                GROUP_KEY not in g and any(id(p) in owner for p in g["params"])
+                for g in inner.param_groups):
+            # Its step() asserts that the groups match those of its local shard optimizer.
+            raise ValueError("ZeroRedundancyOptimizer cannot have its param groups split during a "
+                             "step: build it from tb.param_groups(...) (one group per balanced layer).")
         self.detach()
         self._layout = StepLayout(inner, owner)
         self._hooks = [inner.register_step_pre_hook(self._pre_step),

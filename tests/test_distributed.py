@@ -445,3 +445,32 @@ def test_launcher_retries_once_on_a_port_taken_in_between(tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip() not in ("", "1")  # a fresh port
     failing = [sys.executable, "-c", "import sys; sys.exit(3)", "--master_port", "1"]
     assert run_launcher(failing, env=dict(os.environ), cwd=tmp_path, timeout=60).returncode == 3
+
+
+def test_zero_redundancy_optimizer_needs_labelled_groups(monkeypatch):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = TinyClassifier()
+        tb = TempBalance(model, TempBalanceConfig(interval=1))
+        plain = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.SGD, lr=BASE_LR)
+        with pytest.raises(ValueError, match=r"ZeroRedundancyOptimizer .* tb.param_groups"):
+            tb.attach(plain)
+        optimizer = ZeroRedundancyOptimizer(tb.param_groups(lr=BASE_LR), optimizer_class=torch.optim.SGD,
+                                            lr=BASE_LR)
+        tb.attach(optimizer)
+        model(torch.randn(8, 24))["logits"].square().mean().backward()
+        before = {n: (p.detach().clone(), p.grad.clone()) for n, p in model.named_parameters()}
+        optimizer.step()
+        owner = tb.plan.owner_of()
+        for name, param in model.named_parameters():  # plain SGD: w - lr·m·g
+            w, g = before[name]
+            lr = BASE_LR * tb.multipliers.get(owner.get(name), 1.0)
+            torch.testing.assert_close(param.detach(), w - lr * g, msg=name)
+        assert len(set(tb.multipliers.values())) > 1
+    finally:
+        dist.destroy_process_group()
