@@ -141,6 +141,9 @@ class TempBalance:
             warnings.warn(f"optimizer groups are labelled with layers this TempBalance does not balance "
                           f"({unknown[:3]}...): they stay at the base LR. Build the groups and the "
                           "engine from the same model and TempBalanceConfig.", stacklevel=2)
+        if isinstance(inner, torch.optim.LBFGS):
+            raise ValueError("LBFGS steps every parameter with the LR of its single param group: "
+                             "per-layer learning rates are impossible with it. Use another optimizer.")
         if type(inner).__name__ == "ZeroRedundancyOptimizer" and any(
                 GROUP_KEY not in g and any(id(p) in owner for p in g["params"])
                 for g in inner.param_groups):

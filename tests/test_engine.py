@@ -521,6 +521,8 @@ def test_optimizer_without_a_learning_rate_is_refused_at_attach():
     optimizer = Adafactor(tb.param_groups(), lr=None, relative_step=True, warmup_init=True)
     with pytest.raises(ValueError, match=r"param group 0 of Adafactor has lr=None.*relative_step=False"):
         tb.attach(optimizer)
+    with pytest.raises(ValueError, match="LBFGS .* per-layer learning rates are impossible"):
+        tb.attach(torch.optim.LBFGS(model.parameters()))
     # With an explicit LR it trains, and the step size is scaled like any other optimizer's.
     optimizer = Adafactor(tb.param_groups(), lr=1e-3, relative_step=False, scale_parameter=False)
     tb.attach(optimizer)
