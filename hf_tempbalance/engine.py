@@ -151,6 +151,16 @@ class TempBalance:
             raise ValueError("ZeroRedundancyOptimizer cannot have its param groups split during a "
                              "step: build it from tb.param_groups(...) (one group per balanced layer).")
         self.detach()
+        # Two engines scaling one optimizer would multiply their multipliers (e.g. a Trainer
+        # re-entered after an exception skipped on_train_end): the newest one wins.
+        others = {id(hook.__self__): hook.__self__
+                  for hook in getattr(inner, "_optimizer_step_pre_hooks", {}).values()
+                  if isinstance(getattr(hook, "__self__", None), TempBalance)
+                  and hook.__self__ is not self}
+        for other in others.values():
+            warnings.warn("another TempBalance was attached to this optimizer; it is detached now "
+                          "(one TempBalance per optimizer).", stacklevel=2)
+            other.detach()
         self._layout = StepLayout(inner, owner)
         self._hooks = [inner.register_step_pre_hook(self._pre_step),
                        inner.register_step_post_hook(self._post_step)]

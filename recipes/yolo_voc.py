@@ -270,7 +270,9 @@ def train_and_evaluate(margs: ModelArguments, dargs: DataArguments, targs: Train
         "mAP50-95": float(metrics.box.map), "mAP50": float(metrics.box.map50),
         "precision": float(metrics.box.mp), "recall": float(metrics.box.mr),
         "evaluated": "weights/last.pt (EMA, final epoch) on the test set, difficult objects ignored",
-        "dataset": data_note, "model": model_note, "optimizer": targs.optimizer, "lr0": targs.lr0,
+        # What trained: optimizer="auto" makes Ultralytics choose both (and record them in args).
+        "dataset": data_note, "model": model_note, "optimizer": str(model.trainer.args.optimizer),
+        "lr0": float(model.trainer.args.lr0), "requested_optimizer": targs.optimizer,
         "weight_decay": targs.weight_decay, "batch": targs.batch, "imgsz": targs.imgsz,
         "amp": bool(amp), "tempbalance": tb_config.to_dict() if tb_config else None,
         "history": str(run_dir / HISTORY_FILE) if tb_config else None,

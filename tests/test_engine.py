@@ -232,6 +232,19 @@ def test_a_second_optimizer_is_refused_until_detach():
     assert tb.num_steps == 2
 
 
+def test_a_second_engine_on_the_same_optimizer_replaces_the_first():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=BASE_LR)
+    first = TempBalance(model, interval=1).attach(optimizer)
+    second = TempBalance(model, interval=1)
+    with pytest.warns(UserWarning, match="another TempBalance was attached to this optimizer"):
+        second.attach(optimizer)
+    spy = Spy(model, optimizer, second)
+    train_step(model, optimizer, 0)
+    assert first.num_steps == 0 and second.num_steps == 1
+    assert spy.lrs[0]["2.weight"] == pytest.approx(BASE_LR * second.multipliers["2"])  # not x m twice
+
+
 class CountingSGD(torch.optim.SGD):
     """Keeps a per-group step count as timm's Lamb does (a tensor, updated in place), and one as
     a plain int (rebound each step)."""

@@ -33,6 +33,7 @@ from transformers import (  # noqa: E402
 )
 
 from hf_tempbalance import (  # noqa: E402
+    TempBalance,
     TempBalanceCallback,
     TempBalanceConfig,
     TempBalanceTrainer,
@@ -84,13 +85,15 @@ class LRRecorder(TrainerCallback):
         self.inner = unwrap_optimizer(optimizer)
         self.parent = {id(p): i for i, g in enumerate(self.inner.param_groups) for p in g["params"]}
         self.step = state.global_step
-        self.hooked = False
+        if getattr(self, "handle", None) is not None:  # a second train(): hook again, after TB's
+            self.handle.remove()
+        self.hooked, self.handle = False, None
 
     def on_step_begin(self, args, state, control, **kwargs):
         # Registered at the first step, i.e. after every on_train_begin: after TempBalance's hook
         # whatever the callback order (restoring callback states re-appends TempBalance's).
         if not self.hooked:
-            self.inner.register_step_pre_hook(self._hook)
+            self.handle = self.inner.register_step_pre_hook(self._hook)
             self.hooked = True
 
     def _hook(self, optimizer, args, kwargs):
@@ -367,6 +370,32 @@ class TinyCNN(nn.Module):
         return {"loss": loss, "logits": logits}
 
 
+def test_train_again_after_an_exception_does_not_compound(tmp_path):
+    # A train() that raises (Ctrl-C, OOM under auto_find_batch_size) skips on_train_end, so the
+    # first engine's hooks are still on the optimizer when train() runs again.
+    class CrashOnce(TrainerCallback):
+        crashed = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3 and not self.crashed:
+                CrashOnce.crashed = True
+                raise RuntimeError("interrupted")
+
+    recorder = LRRecorder(interval=2)
+    callback = TempBalanceCallback(TempBalanceConfig(dtype="float64", min_eigs=10, interval=2))
+    trainer = Trainer(model=tiny_gpt2(), args=make_args(tmp_path, max_steps=6), train_dataset=lm_data(32),
+                      callbacks=[callback, recorder, CrashOnce()])
+    recorder.trainer = trainer
+    with pytest.raises(RuntimeError, match="interrupted"):
+        trainer.train()
+    first = callback.engine
+    assert first._hooks  # still attached: on_train_end never ran
+    recorder.records.clear()
+    trainer.train()
+    recorder.check()  # the LRs used are scheduler LR x this engine's multipliers, not x m_old x m_new
+    assert callback.engine is not first and not first._hooks and len(recorder.records) == 6
+
+
 def test_small_cnn_through_trainer(tmp_path):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -407,7 +436,6 @@ def test_bf16_mixed_precision_and_compiled_model_names(tmp_path):
     run(tmp_path, recorder=recorder, tb={"interval": 2}, max_steps=4, bf16=True)
     recorder.check(rtol=1e-9)
     # torch.compile wraps the module; the engine balances the same layers under the same names.
-    from hf_tempbalance import TempBalance
 
     model = tiny_gpt2()
     compiled = torch.compile(model)

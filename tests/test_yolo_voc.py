@@ -438,7 +438,15 @@ def test_callback_entry_point_scales_lrs(tiny_data, tmp_path):
     assert base == pytest.approx(args["lr0"])
     for layer, m in tb.multipliers.items():
         assert applied[-1][layer] == pytest.approx(args["lr0"] * m)
-    assert len(read_history(Path(model.trainer.save_dir) / HISTORY_FILE)) == len(tb.plan.layers)
+    history = Path(model.trainer.save_dir) / HISTORY_FILE
+    assert len(read_history(history)) == len(tb.plan.layers)
+
+    # A new run into the same save_dir (exist_ok=True) starts a new history, as results.csv does.
+    again = YOLO("yolov8n.yaml")
+    add_tempbalance(again, TempBalanceConfig(s1=0.5, s2=1.5))
+    again.train(**args)
+    assert Path(again.trainer.save_dir) == history.parent
+    assert [r["update"] for r in read_history(history)] == [0] * len(tb.plan.layers)
 
 
 def test_engine_state_travels_in_the_optimizer_state_dict(monkeypatch):
@@ -507,6 +515,10 @@ def test_recipe_end_to_end(tmp_path):
     assert 0.0 <= saved["mAP50"] <= 1.0 and 0.0 <= saved["mAP50-95"] <= saved["mAP50"]
     assert saved["model"] == "yolov8n.yaml (from scratch)"  # offline, no weights on disk
     assert saved["tempbalance"]["s1"] == 0.6 and saved["tempbalance"]["s2"] == 1.4
+    # the optimizer and LR that trained, as Ultralytics recorded them in the checkpoint's train_args
+    import torch
+    train_args = torch.load(run / "weights" / "last.pt", weights_only=False)["train_args"]
+    assert (saved["optimizer"], saved["lr0"]) == (train_args["optimizer"], train_args["lr0"]) == ("Adam", 0.001)
     assert saved["dataset"].startswith("VOC2007 (trainval: 4 images")
     rows = read_history(run / HISTORY_FILE)
     assert rows and {r["epoch"] for r in rows} == {1} and {r["update"] for r in rows} == {0}

@@ -124,6 +124,8 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
                      "On CPU pass --use_cpu true (TrainingArguments(use_cpu=True)) or set "
                      "ACCELERATE_USE_CPU=true; on GPUs check that the launcher sees them.")
         self._place_before_reporters()
+        if self.engine is not None:  # a train() that raised never reached on_train_end
+            self.engine.detach()
         self.engine = engine = TempBalance(model, self.config)
         if self.config.interval == "epoch":
             engine.steps_per_epoch = _steps_per_epoch(args, train_dataloader)

@@ -89,6 +89,11 @@ class TempBalanceHook:
         self.tb.attach(optimizer)
         save_dir = getattr(trainer, "save_dir", None)
         self._path = Path(save_dir) / HISTORY_FILE if save_dir is not None else None
+        if RANK in {-1, 0} and self._path is not None and self._path.exists() \
+                and not getattr(getattr(trainer, "args", None), "resume", False):
+            # A new run in an existing save_dir (exist_ok=True) starts a new history, as
+            # Ultralytics starts a new results.csv; a resumed one is cut back in _load_state.
+            rewrite_history([], self._path)
         # The engine state travels inside the optimizer state dict, so it lands in every
         # Ultralytics checkpoint (last.pt, best.pt, epochN.pt) and comes back on resume.
         optimizer.register_state_dict_post_hook(self._save_state)
