@@ -263,6 +263,21 @@ def tempbalance_config(args: TempBalanceArguments) -> TempBalanceConfig:
                              exclude=tuple(args.tb_exclude), exclude_first_last=False)
 
 
+def every(value: float | None, max_steps: int) -> int:
+    """Steps between two logs / evaluations / saves: ``TrainingArguments`` semantics, where a
+    value below 1 is a fraction of ``max_steps`` (0 / None: never)."""
+    if not value:
+        return 0
+    return max(1, math.ceil(max_steps * value)) if value < 1 else int(value)
+
+
+def rotate_checkpoints(out_dir: Path, limit: int) -> None:
+    """Keep the ``limit`` newest ``checkpoint-N`` folders (``--save_total_limit``)."""
+    checkpoints = sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    for old in checkpoints[:-limit]:
+        shutil.rmtree(old)
+
+
 def refuse_unused_flags(args: PTBTrainingArguments) -> None:
     """This loop counts optimizer steps and always uses Adam; a flag it would ignore is an error."""
     defaults = {f.name: f.default for f in fields(PTBTrainingArguments)}
@@ -295,6 +310,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise ValueError("--max_steps must be >= 1 (paper: 40000)")
     refuse_unused_flags(args)
     accelerator = Accelerator(cpu=args.use_cpu, log_with=args.report_to or None,
+                              project_dir=args.output_dir,  # where TensorBoard & co. write
                               mixed_precision=None if not (args.bf16 or args.fp16)
                               else ("bf16" if args.bf16 else "fp16"))
     check_accelerator(accelerator)  # refuses N launched processes that each train alone
@@ -340,14 +356,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Stepped by hand once per optimizer step: a prepared scheduler would advance once per process.
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
                               num_warmup_steps=args.get_warmup_steps(args.max_steps),
-                              num_training_steps=args.max_steps)
+                              num_training_steps=args.max_steps,
+                              scheduler_specific_kwargs=args.lr_scheduler_kwargs or None)
+    log_every = max(1, every(args.logging_steps, args.max_steps))
+    eval_every = every(args.eval_steps, args.max_steps) or args.max_steps
+    save_every = every(args.save_steps, args.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
     if args.report_to:
+        hparams = {**asdict(model_args), **asdict(data_args), **asdict(tb_args),
+                   "learning_rate": args.learning_rate, "max_steps": args.max_steps, "seed": args.seed}
+        # TensorBoard's hparams take scalars only (lists and None become text).
         accelerator.init_trackers(args.run_name or "ptb_lm", config={
-            **asdict(model_args), **asdict(data_args), **asdict(tb_args),
-            "learning_rate": args.learning_rate, "max_steps": args.max_steps, "seed": args.seed})
+            k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in hparams.items()})
     tempbalance = None
     if tb is not None:
         # Writes the history file on the main process; its checkpoint state leaves the history to
@@ -394,9 +416,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if tempbalance is not None:
             tempbalance.log()  # new history rows (with the scheduler's base_lr) -> the file
         bar.update(1)
-        if state.step % max(1, int(args.logging_steps)) == 0:
+        if state.step % log_every == 0:
             bar.set_postfix(loss=f"{running / running_n:.3f}", lr=f"{base_lr:.3g}")
-        if state.step % max(1, int(args.eval_steps or args.max_steps)) == 0 or state.step == args.max_steps:
+        if state.step % eval_every == 0 or state.step == args.max_steps:
             valid_nll, _ = evaluate(accelerator.unwrap_model(model), valid, data_args.bptt, accelerator, data_args.max_eval_windows)
             train_loss = running / max(running_n, 1)
             running, running_n = 0.0, 0
@@ -412,11 +434,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             accelerator.print(f"step {state.step}: train loss {train_loss:.3f} | valid ppl "
                               f"{math.exp(valid_nll):.2f} (best {math.exp(state.best_valid_nll):.2f} "
                               f"at {state.best_step})")
-        if args.save_steps and state.step % max(1, int(args.save_steps)) == 0 and state.step < args.max_steps:
+        if save_every and state.step % save_every == 0 and state.step < args.max_steps:
             checkpoint = out_dir / f"checkpoint-{state.step}"
             accelerator.save_state(str(checkpoint))
             if accelerator.is_main_process and (out_dir / "best").is_dir():
                 shutil.copytree(out_dir / "best", checkpoint / "best", dirs_exist_ok=True)
+            if accelerator.is_main_process and args.save_total_limit:
+                rotate_checkpoints(out_dir, args.save_total_limit)
     bar.close()
     runtime = time.time() - start_time
 
@@ -443,6 +467,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    "training": {"learning_rate": args.learning_rate, "max_steps": args.max_steps,
                                 "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value",
                                                                  args.lr_scheduler_type)),
+                                "lr_scheduler_kwargs": dict(args.lr_scheduler_kwargs or {}),
                                 "warmup_steps": args.get_warmup_steps(args.max_steps),
                                 "max_grad_norm": args.max_grad_norm, "adam_epsilon": args.adam_epsilon,
                                 "adam_betas": [args.adam_beta1, args.adam_beta2],

@@ -370,6 +370,25 @@ def recipe_args(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
+def test_recipe_training_flags_act_as_in_transformers(tmp_path, fresh_accelerate):
+    """Fractional eval/save steps, save_total_limit, scheduler kwargs and TensorBoard reporting."""
+    data = make_corpus(tmp_path / "data")
+    out = tmp_path / "run"
+    results = ptb_lm.main(recipe_args(
+        data, out, "--max_steps", "4", "--eval_steps", "0.5", "--save_steps", "1",
+        "--save_total_limit", "1", "--lr_scheduler_type", "polynomial",
+        "--lr_scheduler_kwargs", '{"power": 2.0, "lr_end": 0.0}', "--report_to", "tensorboard"))
+    assert [e["step"] for e in results["evals"]] == [2, 4]  # 0.5 of 4 steps: every 2
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]  # the newest one
+    # polynomial decay to 0 with power 2 (no warm-up): lr(t) = lr0 (1 - t/T)^2, at the step
+    # each evaluation follows (t = 1 and 3)
+    lr0 = 1e-3
+    assert [e["lr"] for e in results["evals"]] == pytest.approx([lr0 * (1 - t / 4) ** 2 for t in (1, 3)])
+    assert results["config"]["training"]["lr_scheduler_kwargs"] == {"power": 2.0, "lr_end": 0.0}
+    assert list(out.rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
 def test_recipe_end_to_end_and_resume_reproduces_the_run(tmp_path, fresh_accelerate):
     data = make_corpus(tmp_path / "data")
     full = ptb_lm.main(recipe_args(data, tmp_path / "full", "--max_steps", "6", "--eval_steps", "3",
