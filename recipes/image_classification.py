@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from hf_tempbalance import TempBalanceCallback
+from hf_tempbalance import TempBalanceCallback, TempBalanceConfig
 from hf_tempbalance.history import HISTORY_FILE, read_history
 from hf_tempbalance.metrics import load_metric
 
@@ -113,7 +113,8 @@ class MethodArguments:
     lookahead_k: int = field(default=5, metadata={"help": "Lookahead: fast steps per sync"})
     lookahead_alpha: float = field(default=0.5, metadata={"help": "Lookahead: slow step size"})
     rerun: bool = field(default=False, metadata={
-        "help": "in a grid, rerun runs whose results.json already exists (default: reuse them)"})
+        "help": "in a grid, rerun runs whose results.json already exists (default: reuse those made "
+                "with the same settings; a run whose settings changed is trained again)"})
 
 
 #: The paper's training setting (Appendix D) as parser defaults; any flag overrides them.
@@ -192,13 +193,15 @@ def _predicted_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 def epoch_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per-epoch rows from ``trainer.state.log_history``: train loss, LR, test loss and accuracy."""
-    rows: dict[int, dict[str, Any]] = {}
+    rows: dict[float, dict[str, Any]] = {}
     keys = {"loss": "train_loss", "learning_rate": "learning_rate", "eval_loss": "test_loss",
             "eval_accuracy": "test_accuracy"}
     for entry in log_history:
         if "epoch" not in entry:
             continue
-        epoch = int(round(entry["epoch"]))
+        # The Trainer logs the epoch as a float: 2.5 at the end of `--epochs 2.5` is its own row.
+        epoch = round(float(entry["epoch"]), 4)
+        epoch = int(epoch) if epoch.is_integer() else epoch
         for key, name in keys.items():
             if key in entry:
                 rows.setdefault(epoch, {"epoch": epoch})[name] = entry[key]
@@ -217,6 +220,40 @@ def prepare_data(data_args: DataArguments):
     return spec, with_image_transforms(train, spec, True), with_image_transforms(test, spec, False)
 
 
+def method_tempbalance_config(method: str, dataset: str, model_args: ModelArguments,
+                              method_args: MethodArguments) -> TempBalanceConfig | None:
+    """The TempBalance settings of ``method`` (None without TempBalance): the paper's ranges and
+    SNR strengths unless the flags say otherwise."""
+    s1, s2 = paper_tb_range(method, dataset, model_args.model)
+    interval = method_args.tb_interval
+    tb_config = tempbalance_config(
+        method, s1=method_args.s1 or s1, s2=method_args.s2 or s2,
+        snr_strength=(method_args.snr_strength if method_args.snr_strength is not None
+                      else paper_snr_strength(method, dataset, model_args.model)),
+        interval=int(interval) if interval.isdigit() else interval)
+    # Per-layer values go to the history file; the console logs keep the summary only.
+    return tb_config.replace(log_layers=False) if tb_config is not None else None
+
+
+def run_settings(method: str, model_args: ModelArguments, method_args: MethodArguments,
+                 args: TrainingArguments, train_samples: int, test_samples: int,
+                 dataset: str) -> dict[str, Any]:
+    """What decides a run's result besides chance: a finished run is reused only if they match."""
+    tb_config = method_tempbalance_config(method, dataset, model_args, method_args)
+    return json.loads(json.dumps({
+        "dataset": dataset, "model": model_args.model, "width": model_args.width,
+        "drop_rate": model_args.drop_rate, "method": method, "seed": args.seed,
+        "lr": args.learning_rate, "epochs": args.num_train_epochs, "max_steps": args.max_steps,
+        "batch_size": args.per_device_train_batch_size, "weight_decay": args.weight_decay,
+        "optim": str(getattr(args.optim, "value", args.optim)), "optim_args": args.optim_args,
+        "train_samples": train_samples, "test_samples": test_samples,
+        # the optimizers' own knobs; TempBalance's (s1, s2, interval, snr) are in "tempbalance"
+        "method_args": {k: v for k, v in dataclasses.asdict(method_args).items()
+                        if k.startswith(("sgdr_", "lookahead_"))},
+        "tempbalance": tb_config.to_dict() if tb_config is not None else None,
+    }, default=str))
+
+
 def train_one(method: str, model_args: ModelArguments, data_args: DataArguments,
               method_args: MethodArguments, args: TrainingArguments, data=None) -> dict[str, Any]:
     """Train and evaluate one (method, lr, seed); write and return its ``results.json`` content.
@@ -233,16 +270,7 @@ def train_one(method: str, model_args: ModelArguments, data_args: DataArguments,
         method, model, args, num_examples=len(train), sgdr_t0=method_args.sgdr_t0,
         sgdr_t_mult=method_args.sgdr_t_mult, lookahead_k=method_args.lookahead_k,
         lookahead_alpha=method_args.lookahead_alpha)
-    s1, s2 = paper_tb_range(method, spec.name, model_args.model)
-    interval = method_args.tb_interval
-    tb_config = tempbalance_config(
-        method, s1=method_args.s1 or s1, s2=method_args.s2 or s2,
-        snr_strength=(method_args.snr_strength if method_args.snr_strength is not None
-                      else paper_snr_strength(method, spec.name, model_args.model)),
-        interval=int(interval) if interval.isdigit() else interval)
-    if tb_config is not None:
-        # Per-layer values go to the history file; the console logs keep the summary only.
-        tb_config = tb_config.replace(log_layers=False)
+    tb_config = method_tempbalance_config(method, spec.name, model_args, method_args)
     callbacks = [TempBalanceCallback(tb_config)] if tb_config else []
 
     trainer = Trainer(
@@ -267,6 +295,7 @@ def train_one(method: str, model_args: ModelArguments, data_args: DataArguments,
         "test_accuracy": accuracies[-1], "best_test_accuracy": max(accuracies),
         "train_runtime_s": train_result.metrics.get("train_runtime"),
         "output_dir": args.output_dir, "history": history,
+        "settings": run_settings(method, model_args, method_args, args, len(train), len(test), spec.name),
     }
     if tb_config is not None:
         engine = callbacks[0].engine
@@ -320,12 +349,17 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
         out = args.output_dir if single else os.path.join(args.output_dir, method, f"lr{lr:g}",
                                                           f"seed{seed}")
         done = os.path.join(out, RESULTS_FILE)
+        run_args = dataclasses.replace(args, learning_rate=lr, seed=seed, output_dir=out)
         if not single and not method_args.rerun and os.path.exists(done):
             with open(done, encoding="utf-8") as fh:
-                results.append(json.load(fh))
-            logger.info("reusing %s (--rerun to train it again)", done)
-            continue
-        run_args = dataclasses.replace(args, learning_rate=lr, seed=seed, output_dir=out)
+                previous = json.load(fh)
+            settings = run_settings(method, model_args, method_args, run_args, len(data[1]),
+                                    len(data[2]), spec.name)
+            if previous.get("settings") == settings:
+                results.append(previous)
+                logger.info("reusing %s (--rerun to train it again)", done)
+                continue
+            logger.info("%s was made with other settings: training it again", done)
         results.append(train_one(method, model_args, data_args, method_args, run_args, data))
     if args.should_save and not single:
         title = (f"{spec.name} / {model_args.model} (width {model_args.width:g}), "

@@ -434,11 +434,12 @@ def test_sweep_end_to_end_and_demo(tmp_path: Path, monkeypatch) -> None:
     """A 2-method x 2-seed grid through main(), then the demo, on hand-made IDX files."""
     _fake_fashion_mnist(tmp_path / "data", n_train=16, n_test=10)
     out = tmp_path / "grid"
-    results = ic.main(["--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "data"),
-                       "--model", "resnet18", "--width", "0.125", "--method", "cal", "tb",
-                       "--seeds", "1", "2", "--lr", "0.05", "--max_steps", "2",
-                       "--per_device_train_batch_size", "8", "--tb-interval", "1",
-                       "--output-dir", str(out), "--disable_tqdm", "true", "--use_cpu", "true"])
+    argv = ["--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "data"),
+            "--model", "resnet18", "--width", "0.125", "--method", "cal", "tb",
+            "--seeds", "1", "2", "--lr", "0.05", "--max_steps", "2",
+            "--per_device_train_batch_size", "8", "--tb-interval", "1",
+            "--output-dir", str(out), "--disable_tqdm", "true", "--use_cpu", "true"]
+    results = ic.main(argv)
     assert [(r["method"], r["seed"]) for r in results] == [("cal", 1), ("tb", 1), ("cal", 2), ("tb", 2)]
     for r in results:
         assert (out / r["method"] / "lr0.05" / f"seed{r['seed']}" / "results.json").exists()
@@ -446,16 +447,24 @@ def test_sweep_end_to_end_and_demo(tmp_path: Path, monkeypatch) -> None:
     mean_cal = 100 * np.mean([r["test_accuracy"] for r in results if r["method"] == "cal"])
     assert f"{mean_cal:.2f} ± " in table
     assert (out / "sweep_bars.png").exists()
-    # A second call over the same grid reuses every results.json instead of training again.
-    def no_training(*args, **kwargs):
-        raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(ic, "train_one", no_training)
-    again = ic.main(["--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "data"),
-                     "--model", "resnet18", "--width", "0.125", "--method", "cal", "tb",
-                     "--seeds", "1", "2", "--lr", "0.05", "--max_steps", "2",
-                     "--output-dir", str(out), "--disable_tqdm", "true", "--use_cpu", "true"])
-    assert again == json.loads(json.dumps(results))
+    # A second call over the same grid reuses every results.json instead of training again ...
+    trained = []
+
+    def record_training(method, model_args, data_args, method_args, args, data=None):
+        trained.append((method, args.seed, args.per_device_train_batch_size, args.max_steps))
+        return {**results[0], "method": method, "seed": args.seed}  # what the table needs
+
+    monkeypatch.setattr(ic, "train_one", record_training)
+    again = ic.main(argv)
+    assert trained == [] and again == json.loads(json.dumps(results))
+    # ... but a run whose settings changed is trained again: here every run (other steps),
+    # then only TB's runs (another TempBalance interval; CAL has no TempBalance settings).
+    ic.main([*argv, "--max_steps", "3"])
+    assert trained == [(m, seed, 8, 3) for seed in (1, 2) for m in ("cal", "tb")]
+    trained.clear()
+    ic.main([*argv[:argv.index("--tb-interval")], "--tb-interval", "2", *argv[argv.index("--tb-interval") + 2:]])
+    assert trained == [("tb", 1, 8, 2), ("tb", 2, 8, 2)]
     monkeypatch.undo()
 
     import demo
@@ -474,3 +483,15 @@ def test_sweep_end_to_end_and_demo(tmp_path: Path, monkeypatch) -> None:
     text = demo.report(demo_results)
     diff = 100 * (demo_results[1]["test_accuracy"] - demo_results[0]["test_accuracy"])
     assert f"TB - CAL = {diff:+.2f} points" in text
+
+
+def test_epoch_history_keeps_a_fractional_last_epoch():
+    # The Trainer's log_history of `--epochs 2.5` with eval_strategy="epoch": evaluations at
+    # epochs 1 and 2, and the final one at 2.5, which must not overwrite epoch 2's.
+    logs = [{"loss": 2.0, "learning_rate": 0.1, "epoch": 1.0}, {"eval_loss": 1.9, "eval_accuracy": 0.3, "epoch": 1.0},
+            {"loss": 1.5, "learning_rate": 0.05, "epoch": 2.0}, {"eval_loss": 1.4, "eval_accuracy": 0.5, "epoch": 2.0},
+            {"eval_loss": 1.3, "eval_accuracy": 0.55, "epoch": 2.5}, {"train_runtime": 3.0, "epoch": 2.5}]
+    assert ic.epoch_history(logs) == [
+        {"epoch": 1, "train_loss": 2.0, "learning_rate": 0.1, "test_loss": 1.9, "test_accuracy": 0.3},
+        {"epoch": 2, "train_loss": 1.5, "learning_rate": 0.05, "test_loss": 1.4, "test_accuracy": 0.5},
+        {"epoch": 2.5, "test_loss": 1.3, "test_accuracy": 0.55}]
