@@ -243,6 +243,23 @@ def test_tempbalance_trainer_builds_labelled_groups(tmp_path, optim):
             assert g["weight_decay"] == (0.1 if names[id(p)] in decay else 0.0)
 
 
+def test_tempbalance_trainer_keeps_an_optimizers_own_groups(tmp_path):
+    # Groups passed through optimizer_cls_and_kwargs["params"] (the user's, or GaLore's) are the
+    # user's layout: kept as given, split per layer at each step only.
+    model = tiny_gpt2()
+    blocks = [p for n, p in model.named_parameters() if ".h." in n]
+    rest = [p for n, p in model.named_parameters() if ".h." not in n]
+    own = [{"params": blocks, "lr": 2e-3}, {"params": rest, "lr": 5e-4}]
+    recorder = LRRecorder(interval=2)
+    trainer = run(tmp_path, model=model, trainer_cls=TempBalanceTrainer, recorder=recorder,
+                  tb={"interval": 2}, max_steps=4,
+                  trainer_kwargs={"optimizer_cls_and_kwargs": (torch.optim.SGD, {"params": own, "lr": 1e-3})})
+    recorder.check()  # the LR of each split group = its scheduler LR x its layer's multiplier
+    groups = unwrap_optimizer(trainer.optimizer).param_groups
+    assert [len(g["params"]) for g in groups] == [len(blocks), len(rest)]
+    assert [g["initial_lr"] for g in groups] == [2e-3, 5e-4]
+
+
 def test_optimizer_cls_and_kwargs_helper(tmp_path):
     model = tiny_gpt2()
     args = make_args(tmp_path, max_steps=4, optim="sgd")

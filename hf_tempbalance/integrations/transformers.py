@@ -36,6 +36,13 @@ from typing import Any
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler, ExportableState
+from transformers.utils import logging as hf_logging
+
+try:  # Transformers >= 5: optimizer factories (Muon, Dion) are called with the model
+    from transformers.trainer_optimizer import is_optimizer_factory
+except ImportError:  # pragma: no cover - older Transformers have none
+    def is_optimizer_factory(optimizer_cls: Any) -> bool:
+        return False
 
 from ..config import TempBalanceConfig
 from ..distributed import check_launch
@@ -43,6 +50,11 @@ from ..engine import TempBalance
 from ..history import HISTORY_FILE, append_history, history_before, rewrite_history
 
 __all__ = ["TempBalanceCallback", "TempBalanceTrainer", "tempbalance_optimizer_cls_and_kwargs"]
+
+logger = hf_logging.get_logger(__name__)
+
+# optimizer_kwargs keys with which the Trainer's optimizer takes something else than our groups
+_OWN_LAYOUT = {"params", "model", "optimizer_dict"}
 
 def _as_config(config: TempBalanceConfig | dict | None, overrides: dict[str, Any]) -> TempBalanceConfig:
     if config is None:
@@ -282,13 +294,25 @@ class TempBalanceTrainer(Trainer):
                      if isinstance(cb, TempBalanceCallback)), None)
 
     def create_optimizer(self, model: nn.Module | None = None):
-        if self.optimizer is None:
-            opt_model = self.model if model is None else model
-            if self.optimizer_cls_and_kwargs is not None:
-                optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
-            else:
-                optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-            optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k not in ("params", "model")}
-            groups = _labelled_groups(opt_model, self.args, self.tempbalance.config)
-            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-        return self.optimizer
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if is_optimizer_factory(optimizer_cls) or _OWN_LAYOUT & optimizer_kwargs.keys():
+            # The optimizer brings its own layout (user or GaLore groups, LOMO's model, Muon's
+            # factory): keep it; the callback splits its groups by layer at each step.
+            logger.info("TempBalanceTrainer: the optimizer builds its own parameter groups; "
+                        "TempBalance splits them per layer during each step.")
+            return super().create_optimizer(model)
+        # The Trainer's own create_optimizer with our groups as "params" (its usual override for
+        # GaLore), so everything else it does (bitsandbytes overrides, ...) still happens.
+        groups = _labelled_groups(opt_model, self.args, self.tempbalance.config)
+        saved = self.optimizer_cls_and_kwargs
+        self.optimizer_cls_and_kwargs = (optimizer_cls, {**optimizer_kwargs, "params": groups})
+        try:
+            return super().create_optimizer(model)
+        finally:
+            self.optimizer_cls_and_kwargs = saved
