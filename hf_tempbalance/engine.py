@@ -35,7 +35,14 @@ from torch import nn
 from .assign import assign_multipliers, valid_for
 from .config import TempBalanceConfig
 from .distributed import check_unsharded, is_main_process, sharded_metrics
-from .groups import DEFAULT_NO_DECAY, GROUP_KEY, StepLayout, build_param_groups, unwrap_optimizer
+from .groups import (
+    DEFAULT_NO_DECAY,
+    GROUP_KEY,
+    StepLayout,
+    build_param_groups,
+    check_optimizer,
+    unwrap_optimizer,
+)
 from .layers import LayerPlan, discover_layers
 from .snr import SpectralNormRegularizer
 from .spectral.matrices import weight_of
@@ -111,8 +118,9 @@ class TempBalance:
         """Register the step hooks on ``optimizer`` (Accelerate/other wrappers are unwrapped).
 
         One optimizer at a time (attaching again to the same one re-registers the hooks; another
-        one needs :meth:`detach` first). Any optimizer works: labelled groups (:meth:`param_groups`) are scaled in place, other
-        groups are split by layer for the duration of each step.
+        one needs :meth:`detach` first). Labelled groups (:meth:`param_groups`) are scaled in
+        place, other groups are split by layer for the duration of each step; optimizers that
+        cannot work that way are refused (:func:`groups.check_optimizer`).
         """
         inner = unwrap_optimizer(optimizer)
         if self._layout is not None and self._layout.optimizer is not inner:
@@ -121,15 +129,6 @@ class TempBalance:
                 "it follows the steps of one optimizer (attaching a second would silently leave the "
                 "first at the base LR). Call detach() first to move it, or use one optimizer for "
                 "all balanced layers.")
-        for i, group in enumerate(inner.param_groups):
-            if isinstance(group.get("lr"), bool) or not isinstance(group.get("lr"),
-                                                                   (int, float, torch.Tensor)):
-                raise ValueError(
-                    f"TempBalance sets each layer's LR to group['lr'] x multiplier, but param group {i} "
-                    f"of {type(inner).__name__} has lr={group.get('lr')!r}: this optimizer chooses its "
-                    "own step size (e.g. Adafactor with relative_step=True). Give it an explicit "
-                    "learning rate (Adafactor: lr=..., relative_step=False, scale_parameter=False, "
-                    "warmup_init=False).")
         # Refuse FSDP1 / ZeRO-3 shards here, at the start of training, not at the first update.
         check_unsharded({layer.name: layer.module for layer in self.plan.layers}, self.model,
                         allow_dtensor=self.snr is None)
@@ -141,30 +140,24 @@ class TempBalance:
             warnings.warn(f"optimizer groups are labelled with layers this TempBalance does not balance "
                           f"({unknown[:3]}...): they stay at the base LR. Build the groups and the "
                           "engine from the same model and TempBalanceConfig.", stacklevel=2)
-        if isinstance(inner, torch.optim.LBFGS):
-            raise ValueError("LBFGS steps every parameter with the LR of its single param group: "
-                             "per-layer learning rates are impossible with it. Use another optimizer.")
-        if type(inner).__name__ == "ZeroRedundancyOptimizer" and any(
-                GROUP_KEY not in g and any(id(p) in owner for p in g["params"])
-                for g in inner.param_groups):
-            # Its step() asserts that the groups match those of its local shard optimizer.
-            raise ValueError("ZeroRedundancyOptimizer cannot have its param groups split during a "
-                             "step: build it from tb.param_groups(...) (one group per balanced layer).")
+        check_optimizer(inner, owner)
         self.detach()
-        # Two engines scaling one optimizer would multiply their multipliers (e.g. a Trainer
-        # re-entered after an exception skipped on_train_end): the newest one wins.
-        others = {id(hook.__self__): hook.__self__
-                  for hook in getattr(inner, "_optimizer_step_pre_hooks", {}).values()
-                  if isinstance(getattr(hook, "__self__", None), TempBalance)
-                  and hook.__self__ is not self}
-        for other in others.values():
-            warnings.warn("another TempBalance was attached to this optimizer; it is detached now "
-                          "(one TempBalance per optimizer).", stacklevel=2)
-            other.detach()
+        self._detach_others(inner)
         self._layout = StepLayout(inner, owner)
         self._hooks = [inner.register_step_pre_hook(self._pre_step),
                        inner.register_step_post_hook(self._post_step)]
         return self
+
+    def _detach_others(self, optimizer: torch.optim.Optimizer) -> None:
+        """Detach any other TempBalance hooked on ``optimizer``: two would multiply their
+        multipliers (e.g. a Trainer re-entered after an exception skipped on_train_end)."""
+        hooks = getattr(optimizer, "_optimizer_step_pre_hooks", {}).values()
+        others = {id(h.__self__): h.__self__ for h in hooks
+                  if isinstance(getattr(h, "__self__", None), TempBalance) and h.__self__ is not self}
+        for other in others.values():
+            warnings.warn("another TempBalance was attached to this optimizer; it is detached now "
+                          "(one TempBalance per optimizer).", stacklevel=3)
+            other.detach()
 
     def detach(self) -> None:
         """Remove the step hooks (LRs are left at the scheduler's values)."""

@@ -29,7 +29,8 @@ from torch import nn
 
 from .layers import LayerPlan
 
-__all__ = ["GROUP_KEY", "DEFAULT_NO_DECAY", "build_param_groups", "StepLayout", "unwrap_optimizer"]
+__all__ = ["GROUP_KEY", "DEFAULT_NO_DECAY", "build_param_groups", "StepLayout", "check_optimizer",
+           "unwrap_optimizer"]
 
 GROUP_KEY = "tempbalance_layer"
 
@@ -103,6 +104,33 @@ def build_param_groups(
             group["lr"] = lr
         groups.append(group)
     return groups
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer, owner: dict[int, str]) -> None:
+    """Refuse optimizers whose LRs TempBalance cannot set per layer, naming the fix.
+
+    Args:
+        optimizer: the innermost ``torch.optim.Optimizer``.
+        owner: ``id(param) -> balanced layer name`` (as for :class:`StepLayout`).
+    """
+    name = type(optimizer).__name__
+    for i, group in enumerate(optimizer.param_groups):
+        lr = group.get("lr")
+        if isinstance(lr, bool) or not isinstance(lr, int | float | torch.Tensor):
+            raise ValueError(
+                f"TempBalance sets each layer's LR to group['lr'] x multiplier, but param group {i} "
+                f"of {name} has lr={lr!r}: this optimizer chooses its own step size (e.g. Adafactor "
+                "with relative_step=True). Give it an explicit learning rate (Adafactor: lr=..., "
+                "relative_step=False, scale_parameter=False, warmup_init=False).")
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise ValueError("LBFGS steps every parameter with the LR of its single param group: "
+                         "per-layer learning rates are impossible with it. Use another optimizer.")
+    if name == "ZeroRedundancyOptimizer" and any(
+            GROUP_KEY not in g and any(id(p) in owner for p in g["params"])
+            for g in optimizer.param_groups):
+        # Its step() asserts that its groups match those of its local shard optimizer.
+        raise ValueError("ZeroRedundancyOptimizer cannot have its param groups split during a "
+                         "step: build it from tb.param_groups(...) (one group per balanced layer).")
 
 
 class StepLayout:

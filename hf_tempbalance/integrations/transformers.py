@@ -56,6 +56,7 @@ logger = hf_logging.get_logger(__name__)
 # optimizer_kwargs keys with which the Trainer's optimizer takes something else than our groups
 _OWN_LAYOUT = {"params", "model", "optimizer_dict"}
 
+
 def _as_config(config: TempBalanceConfig | dict | None, overrides: dict[str, Any]) -> TempBalanceConfig:
     if config is None:
         config = TempBalanceConfig()
