@@ -360,6 +360,14 @@ def test_logged_keys_reach_tensorboard(tmp_path):
         last_update = max(s for s in by_update if s <= step - 1)  # log after optimizer step step-1
         assert value == pytest.approx(by_update[last_update], rel=1e-6)
     assert len(logged) == 8
+    # trainer.state.log_history (and so trainer_state.json) gets the summary, not every layer
+    train_logs = [row for row in trainer.state.log_history if "loss" in row]
+    assert len(train_logs) == 8
+    for row in train_logs:
+        last = max(s for s in by_update if s <= row["step"] - 1)
+        values = [r["value"] for r in engine.history if r["step"] == last]
+        assert row["tempbalance/alpha_hill_mean"] == pytest.approx(np.mean(values), rel=1e-9)
+        assert not any(key.startswith("tempbalance/multiplier/") for key in row)
 
 
 def test_history_file_on_main_process(tmp_path):

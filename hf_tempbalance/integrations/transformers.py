@@ -225,7 +225,13 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
 
     def on_log(self, args, state, control, logs: dict | None = None, **kwargs):
         if logs is not None and "loss" in logs:  # training logs only, not eval/final summaries
-            logs.update(self.log_values())
+            values = self.log_values()
+            logs.update(values)
+            # The Trainer stored its copy of these logs before calling us: give it the summary
+            # too (the per-layer values would bloat trainer_state.json; the history file has them).
+            if values and state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
+                summary = self.engine.log_values(per_layer=False)
+                state.log_history[-1].update(summary)
 
 
 def place_before_reporters(handler: CallbackHandler, callback: TrainerCallback) -> None:
