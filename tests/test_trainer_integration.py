@@ -580,3 +580,32 @@ def test_without_a_history_file_the_checkpoint_carries_the_history(tmp_path):
     assert not (tmp_path / HISTORY_FILE).exists()
     key = [(r["step"], r["layer"], r["multiplier"]) for r in tb_callback(straight).engine.history]
     assert [(r["step"], r["layer"], r["multiplier"]) for r in tb_callback(resumed).engine.history] == key
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """An iterable data set: the Trainer knows no epoch length, so "epoch" means epoch begins."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+@pytest.mark.parametrize("checkpoint", [4, 6])  # mid-epoch, and at the end of the first epoch
+def test_iterable_dataset_epochs_survive_a_resume(tmp_path, checkpoint):
+    # 24 rows / batch 4 = 6 steps an epoch. The resumed Trainer re-enters its epoch (another
+    # on_epoch_begin mid-way), which must not add an update the uninterrupted run never made.
+    data = Stream(lm_data(24))
+    straight = run(tmp_path / "straight", data=data, max_steps=14)
+    run(tmp_path / "run", data=data, max_steps=14, save_strategy="steps", save_steps=checkpoint)
+    resumed = run(tmp_path / "run", data=data, max_steps=14,
+                  resume=str(tmp_path / "run" / f"checkpoint-{checkpoint}"))
+    steps, multipliers = {}, {}
+    for name, trainer in (("straight", straight), ("resumed", resumed)):
+        rows = read_history(trainer.args.output_dir)
+        steps[name] = [r["step"] for r in rows]
+        multipliers[name] = [r["multiplier"] for r in rows]
+    assert sorted(set(steps["straight"])) == [0, 6, 12]
+    assert steps["resumed"] == steps["straight"]
+    assert multipliers["resumed"] == pytest.approx(multipliers["straight"], rel=1e-9)

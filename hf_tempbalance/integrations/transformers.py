@@ -99,6 +99,7 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
         self.history_path: str | None = None  # the history file the checkpointed run wrote
         self._written = 0
         self._epoch = 0.0
+        self._reentered_epoch = False  # the next on_epoch_begin continues a checkpointed epoch
 
     # ------------------------------------------------------------------ ExportableState
     def state(self) -> dict:
@@ -145,6 +146,9 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
         saved, saved_path = self._saved_state(state)
         if saved is not None:
             engine.load_state_dict(saved)  # keeps this run's epoch length when it knows one
+        # A resumed Trainer re-enters the epoch it was in (on_epoch_begin again, mid-epoch): that
+        # epoch's start was handled before the checkpoint (a pending request is in its state).
+        self._reentered_epoch = saved is not None and state.global_step > 0
         engine.num_steps = state.global_step
         engine.attach(optimizer)
         self._warn_if_too_few_updates(state)
@@ -194,7 +198,8 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
     def on_epoch_begin(self, args, state, control, **kwargs):
         # Only when the epoch length is unknown (an IterableDataset): otherwise the step clock
         # decides, which keeps a resumed run (that re-enters its epoch mid-way) identical.
-        if self.engine is not None and self.engine.interval is None:
+        reentered, self._reentered_epoch = self._reentered_epoch, False
+        if self.engine is not None and self.engine.interval is None and not reentered:
             self.engine.request_update()
 
     def on_step_begin(self, args, state, control, **kwargs):
