@@ -24,6 +24,7 @@ pass ``steps_per_epoch``.
 from __future__ import annotations
 
 import math
+import types
 import warnings
 from collections.abc import Collection, Iterable
 from typing import Any
@@ -146,24 +147,52 @@ class TempBalance:
         self._layout = StepLayout(inner, owner)
         self._hooks = [inner.register_step_pre_hook(self._pre_step),
                        inner.register_step_post_hook(self._post_step)]
+        self._guard_step(inner)
         return self
+
+    def _guard_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Undo the step's layout as soon as ``optimizer.step()`` raises.
+
+        torch runs no post-hook after an exception, so without this the groups stay split /
+        scaled until the next step, and whatever reads them in between (a Trainer re-entered
+        after an OOM builds its new scheduler from them) sees the wrong layout. The wrapper is a
+        bound method that carries the attributes of the one it wraps, so LR schedulers created
+        before or after it keep working (they wrap ``step`` the same way). It stays after
+        :meth:`detach`, as a pass-through.
+        """
+        previous = optimizer.step
+        if getattr(previous, "_tempbalance_guard", False):
+            return  # guarded already (re-attach): the guard looks up the current layout
+
+        def step(opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return previous(*args, **kwargs)
+            except BaseException:
+                for engine in _attached_engines(opt):
+                    if engine._layout is not None:
+                        engine._layout.exit()
+                raise
+
+        step.__dict__.update(getattr(previous, "__dict__", {}))  # e.g. _wrapped_by_lr_sched
+        step._tempbalance_guard = True
+        optimizer.step = types.MethodType(step, optimizer)
 
     def _detach_others(self, optimizer: torch.optim.Optimizer) -> None:
         """Detach any other TempBalance hooked on ``optimizer``: two would multiply their
         multipliers (e.g. a Trainer re-entered after an exception skipped on_train_end)."""
-        hooks = getattr(optimizer, "_optimizer_step_pre_hooks", {}).values()
-        others = {id(h.__self__): h.__self__ for h in hooks
-                  if isinstance(getattr(h, "__self__", None), TempBalance) and h.__self__ is not self}
-        for other in others.values():
+        for other in [e for e in _attached_engines(optimizer) if e is not self]:
             warnings.warn("another TempBalance was attached to this optimizer; it is detached now "
                           "(one TempBalance per optimizer).", stacklevel=3)
             other.detach()
 
     def detach(self) -> None:
-        """Remove the step hooks (LRs are left at the scheduler's values)."""
+        """Remove the step hooks; the optimizer's groups and LRs are the scheduler's again (also
+        after a step that raised inside ``optimizer.step()``, whose post-hook never ran)."""
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        if self._layout is not None:
+            self._layout.exit()
         self._layout = None
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -176,9 +205,9 @@ class TempBalance:
                           "steps_per_epoch=len(loader)), call tb.request_update() at the start of "
                           "each epoch, or set interval=N steps.", stacklevel=3)
         if self.config.balance_lr and self.update_due():
-            if self.interval is not None and self.num_steps >= self.config.start_step:
-                self._last_scheduled = self.num_steps
             rows = self.update()
+            if self.interval is not None and self.num_steps >= self.config.start_step:
+                self._last_scheduled = self.num_steps  # this window is served
             base = self._base_lrs(optimizer)
             for row in rows:
                 row["base_lr"] = base.get(row["layer"])
@@ -218,22 +247,26 @@ class TempBalance:
         self._update_requested = True
 
     def update_due(self, step: int | None = None) -> bool:
-        """Whether the multipliers are recomputed before optimizer step ``step`` (default: next).
+        """Whether the multipliers are recomputed before optimizer step ``step`` (default: the
+        next one, :attr:`num_steps`).
 
         Due on request, and once in every window of ``interval`` steps from ``start_step``:
-        at steps ``start_step + j·interval``, or at the first step that really runs after one of
-        them when that one never reached the optimizer (a step the Trainer's fp16 GradScaler
-        skipped still advances ``global_step``, the engine's clock under the Trainer).
+        at steps ``start_step + j·interval``, or, for the next step, also when the window's
+        first step never reached the optimizer (a step the Trainer's fp16 GradScaler skipped
+        still advances ``global_step``, the engine's clock under the Trainer). For any other
+        ``step`` the answer is the plain schedule.
         """
         step = self.num_steps if step is None else step
         start = self.config.start_step
         if step < start:
             return False
-        if self._update_requested:
+        if self._update_requested and step == self.num_steps:
             return True
         interval = self.interval
         if interval is None:
             return False
+        if step != self.num_steps:
+            return (step - start) % interval == 0
         last = -1 if self._last_scheduled is None else (self._last_scheduled - start) // interval
         return (step - start) // interval > last
 
@@ -389,6 +422,13 @@ class TempBalance:
         return (f"TempBalance({len(self.plan.layers)} layers, metric={self.config.metric}, "
                 f"assign={self.config.assign}, s=({self.config.s1}, {self.config.s2}), "
                 f"interval={self.config.interval}, updates={self.num_updates})")
+
+
+def _attached_engines(optimizer: torch.optim.Optimizer) -> list[TempBalance]:
+    """The TempBalance engines whose step pre-hook is registered on ``optimizer``."""
+    hooks = getattr(optimizer, "_optimizer_step_pre_hooks", {}).values()
+    return list({id(h.__self__): h.__self__ for h in hooks
+                 if isinstance(getattr(h, "__self__", None), TempBalance)}.values())
 
 
 def _unwrap_model(model: nn.Module) -> nn.Module:

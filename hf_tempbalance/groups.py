@@ -151,7 +151,7 @@ class StepLayout:
         # reuse a freed group's id, and must not inherit its buckets.
         self._splits: dict[int, tuple[list, int, list[tuple[str | None, list]]]] = {}
         self._original: list[dict] | None = None
-        self._scaled: list[tuple[dict, Any]] = []
+        self._scaled: list[tuple[dict, Any, Any]] = []  # (group, its LR, the LR set for the step)
         self._children: list[tuple[dict, dict]] = []
 
     def _split(self, group: dict, splits: dict) -> list[tuple[str | None, list]]:
@@ -177,8 +177,8 @@ class StepLayout:
             if GROUP_KEY in group:
                 factor = multiplier(group[GROUP_KEY])
                 if factor != 1.0:
-                    self._scaled.append((group, group["lr"]))
-                    group["lr"] = group["lr"] * factor
+                    self._scaled.append((group, group["lr"], group["lr"] * factor))
+                    group["lr"] = self._scaled[-1][2]
                 layout.append(group)
                 continue
             buckets = self._split(group, splits)
@@ -202,8 +202,11 @@ class StepLayout:
         """Undo :meth:`enter`: restore the owner's groups and LRs, keep group-level state."""
         if self._original is None:
             return
-        for group, lr in self._scaled:
-            group["lr"] = lr
+        for group, lr, scaled in self._scaled:
+            # After a step that raised, a scheduler may have written a new LR since: keep it.
+            # (Identity, not equality: the scheduler's new LR can equal the scaled one.)
+            if group["lr"] is scaled:
+                group["lr"] = lr
         for parent, child in self._children:
             # Every child made the same step from the same state: any one holds the new value.
             for key, value in child.items():

@@ -246,6 +246,11 @@ def run_settings(method: str, model_args: ModelArguments, method_args: MethodArg
         "lr": args.learning_rate, "epochs": args.num_train_epochs, "max_steps": args.max_steps,
         "batch_size": args.per_device_train_batch_size, "weight_decay": args.weight_decay,
         "optim": str(getattr(args.optim, "value", args.optim)), "optim_args": args.optim_args,
+        "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+        "lr_scheduler_kwargs": args.lr_scheduler_kwargs, "warmup_steps": args.warmup_steps,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "max_grad_norm": args.max_grad_norm, "label_smoothing_factor": args.label_smoothing_factor,
+        "processes": args.world_size, "bf16": args.bf16, "fp16": args.fp16,
         "train_samples": train_samples, "test_samples": test_samples,
         # the optimizers' own knobs; TempBalance's (s1, s2, interval, snr) are in "tempbalance"
         "method_args": {k: v for k, v in dataclasses.asdict(method_args).items()

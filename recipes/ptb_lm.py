@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -273,7 +274,9 @@ def every(value: float | None, max_steps: int) -> int:
 
 def rotate_checkpoints(out_dir: Path, limit: int) -> None:
     """Keep the ``limit`` newest ``checkpoint-N`` folders (``--save_total_limit``)."""
-    checkpoints = sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    steps = {int(m.group(1)): p for p in out_dir.glob("checkpoint-*")
+             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))}
+    checkpoints = [steps[k] for k in sorted(steps)]
     for old in checkpoints[:-limit]:
         shutil.rmtree(old)
 

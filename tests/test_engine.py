@@ -245,6 +245,86 @@ def test_a_second_engine_on_the_same_optimizer_replaces_the_first():
     assert spy.lrs[0]["2.weight"] == pytest.approx(BASE_LR * second.multipliers["2"])  # not x m twice
 
 
+class FailingSGD(torch.optim.SGD):
+    """Raises inside step() (after the pre-hooks, like an OOM while allocating its state)."""
+
+    fail = False
+
+    def step(self, closure=None):
+        if self.fail:
+            raise RuntimeError("out of memory")
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("groups", ["labelled", "owner"])
+def test_detach_after_a_step_that_raised_inside_restores_the_groups(groups):
+    model = make_model()
+    tb = TempBalance(model, interval=100)
+    optimizer = FailingSGD(tb.param_groups(lr=BASE_LR) if groups == "labelled" else model.parameters(),
+                           lr=BASE_LR)
+    n_groups = len(optimizer.param_groups)
+    tb.attach(optimizer)
+    train_step(model, optimizer, 0)
+    optimizer.fail = True
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train_step(model, optimizer, 1)
+    # restored at once, before anything (a checkpoint, a new scheduler) reads the groups
+    assert len(optimizer.param_groups) == n_groups
+    assert {g["lr"] for g in optimizer.param_groups} == {BASE_LR}
+    tb.detach()  # e.g. the Trainer callback replacing its engine on the next train()
+    assert len(optimizer.state_dict()["param_groups"]) == n_groups
+    optimizer.fail = False
+    train_step(model, optimizer, 2)  # the guard stays as a pass-through
+    assert {g["lr"] for g in optimizer.param_groups} == {BASE_LR}
+
+
+@pytest.mark.parametrize("order", ["scheduler first", "attach first"])
+def test_schedulers_made_before_or_after_attach_work_without_warnings(order):
+    model = make_model()
+    tb = TempBalance(model, interval=2)
+    optimizer = torch.optim.SGD(tb.param_groups(lr=BASE_LR))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "optimizer.step() has been overridden"
+        if order == "attach first":
+            tb.attach(optimizer)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5**t)
+        if order == "scheduler first":
+            tb.attach(optimizer)
+        spy = Spy(model, optimizer, tb)
+        for t in range(3):
+            train_step(model, optimizer, t)
+            scheduler.step()
+    owner = tb.plan.owner_of()
+    for t, lrs in enumerate(spy.lrs):
+        m = spy.mults[t]
+        assert lrs == pytest.approx({n: BASE_LR * 0.5**t * m.get(owner.get(n), 1.0) for n in lrs})
+
+
+def test_a_scheduler_step_after_a_failed_step_is_kept():
+    model = make_model()
+    tb = TempBalance(model, interval=100)
+    optimizer = FailingSGD(tb.param_groups(lr=BASE_LR), lr=BASE_LR)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5**t)
+    tb.attach(optimizer)
+    spy = Spy(model, optimizer, tb)
+    train_step(model, optimizer, 0)
+    scheduler.step()
+    optimizer.fail = True
+    with pytest.raises(RuntimeError):
+        train_step(model, optimizer, 1)
+    scheduler.step()  # the loop goes on: LR 0.25 from here
+    optimizer.fail = False
+    train_step(model, optimizer, 2)
+    owner = tb.plan.owner_of()
+    expected = {n: BASE_LR * 0.25 * tb.multipliers.get(owner.get(n), 1.0) for n in spy.lrs[0]}
+    assert spy.lrs[-1] == pytest.approx(expected, rel=1e-12)
+
+
+def test_update_due_for_a_later_step_is_the_plain_schedule():
+    tb = TempBalance(make_model(), interval=2, start_step=1)
+    assert [tb.update_due(s) for s in range(7)] == [False, True, False, True, False, True, False]
+
+
 class CountingSGD(torch.optim.SGD):
     """Keeps a per-group step count as timm's Lamb does (a tensor, updated in place), and one as
     a plain int (rebound each step)."""

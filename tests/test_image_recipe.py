@@ -465,6 +465,9 @@ def test_sweep_end_to_end_and_demo(tmp_path: Path, monkeypatch) -> None:
     trained.clear()
     ic.main([*argv[:argv.index("--tb-interval")], "--tb-interval", "2", *argv[argv.index("--tb-interval") + 2:]])
     assert trained == [("tb", 1, 8, 2), ("tb", 2, 8, 2)]
+    trained.clear()
+    ic.main([*argv, "--lr_scheduler_type", "linear"])  # the recipe's default is cosine
+    assert len(trained) == 4
     monkeypatch.undo()
 
     import demo

@@ -217,6 +217,14 @@ def test_recipe_refuses_training_flags_it_would_ignore(tmp_path, flags, named):
                      "--eval_strategy", "steps"])
 
 
+def test_rotate_checkpoints_keeps_the_newest_numbered_ones(tmp_path):
+    for name in ("checkpoint-5", "checkpoint-20", "checkpoint-100", "checkpoint-best", "best"):
+        (tmp_path / name).mkdir()
+    ptb_lm.rotate_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "checkpoint-100", "checkpoint-20",
+                                                           "checkpoint-best"]
+
+
 # ------------------------------------------------------------------------------ data protocol
 def test_reading_vocab_and_unknown_words(tmp_path):
     assert ptb_lm.tokenize_lines([" a b ", "", "c a"]) == ["a", "b", "<eos>", "c", "a", "<eos>"]

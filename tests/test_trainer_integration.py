@@ -395,16 +395,26 @@ class TinyCNN(nn.Module):
         return {"loss": loss, "logits": logits}
 
 
-def test_train_again_after_an_exception_does_not_compound(tmp_path):
+@pytest.mark.parametrize("where", ["after the step", "inside the step"])
+def test_train_again_after_an_exception_does_not_compound(tmp_path, where):
     # A train() that raises (Ctrl-C, OOM under auto_find_batch_size) skips on_train_end, so the
-    # first engine's hooks are still on the optimizer when train() runs again.
+    # first engine's hooks are still on the optimizer when train() runs again; raised inside
+    # optimizer.step() (after TempBalance's pre-hook) it also leaves the groups split.
     class CrashOnce(TrainerCallback):
         crashed = False
 
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 3 and not self.crashed:
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            if state.global_step == 3 and not CrashOnce.crashed:
                 CrashOnce.crashed = True
-                raise RuntimeError("interrupted")
+                if where == "after the step":
+                    raise RuntimeError("interrupted")
+                inner = unwrap_optimizer(optimizer)
+
+                def fail(*_):
+                    handle.remove()
+                    raise RuntimeError("interrupted")
+
+                handle = inner.register_step_pre_hook(fail)  # runs after TempBalance's
 
     recorder = LRRecorder(interval=2)
     callback = TempBalanceCallback(TempBalanceConfig(dtype="float64", min_eigs=10, interval=2))
@@ -419,6 +429,8 @@ def test_train_again_after_an_exception_does_not_compound(tmp_path):
     trainer.train()
     recorder.check()  # the LRs used are scheduler LR x this engine's multipliers, not x m_old x m_new
     assert callback.engine is not first and not first._hooks and len(recorder.records) == 6
+    # the Trainer's own two groups (decay / no decay), as any checkpoint must hold them
+    assert len(trainer.optimizer.state_dict()["param_groups"]) == 2
 
 
 def test_small_cnn_through_trainer(tmp_path):
