@@ -168,7 +168,9 @@ class StepLayout:
 
     def enter(self, multiplier: Callable[[str | None], float]) -> None:
         """Apply ``lr × multiplier(layer)`` to every group (splitting unlabelled ones)."""
-        # A step that raised never ran the post-hook: restore first, or the LRs would compound.
+        # Normally a no-op. A step that raised is undone by TempBalance's guard on step(); where
+        # that guard was replaced (Accelerate's fp16 path re-sets step()), undo it here, or the
+        # LRs would compound.
         self.exit()
         groups = self.optimizer.param_groups
         self._original, self._scaled, self._children = list(groups), [], []
@@ -207,8 +209,9 @@ class StepLayout:
             # (Identity, not equality: the scheduler's new LR can equal the scaled one.)
             if group["lr"] is scaled:
                 group["lr"] = lr
-        for parent, child in self._children:
-            # Every child made the same step from the same state: any one holds the new value.
+        # Every child of a group made the same step from the same state, so one of them (the
+        # last) holds the group's new values: write back once per group, not once per child.
+        for parent, child in {id(parent): (parent, child) for parent, child in self._children}.values():
             for key, value in child.items():
                 if key in self._SKIP:
                     continue
