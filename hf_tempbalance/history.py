@@ -15,7 +15,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 __all__ = ["HISTORY_FILE", "append_history", "read_history", "rewrite_history", "history_before"]
@@ -69,25 +69,30 @@ def rewrite_history(rows: Iterable[dict[str, Any]], path: str | os.PathLike) -> 
     append_history(rows, path)
 
 
-def history_before(step: int, updates: int, *paths: str | os.PathLike | None,
+def history_before(step: int, updates: int,
+                   *sources: Sequence[dict[str, Any]] | str | os.PathLike | None,
                    multipliers: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
-    """The history rows of the updates made before optimizer step ``step``, from a file.
+    """The history rows of the updates made before optimizer step ``step``.
 
     What a run resumed from a checkpoint taken after ``step`` optimizer steps continues from:
-    rows that a longer earlier run wrote after the checkpoint are left out. ``paths`` are the
-    history files to look in, in order (typically the resumed run's own, then the one the
-    checkpointed run wrote); the first that holds all ``updates`` updates the checkpoint
-    followed wins, and with ``multipliers`` (the checkpoint's) only if its last update gave
-    exactly those, so a file of another run in the same directory is not taken for this one.
-    If none does (a removed file, another machine), this warns and returns the most complete
-    rows of a file that held fewer updates (possibly none).
+    rows that a longer earlier run wrote after the checkpoint are left out. ``sources`` are
+    looked at in order: lists of rows at hand (e.g. the history a checkpoint carried) and
+    history files (typically the resumed run's own, then the one the checkpointed run wrote);
+    the first that holds all ``updates`` updates the checkpoint followed wins, and with
+    ``multipliers`` (the checkpoint's) only if its last update gave exactly those, so a file of
+    another run in the same directory is not taken for this one. If none does (a removed file,
+    another machine), this warns and returns the most complete rows of a source that held fewer
+    updates (possibly none).
     """
     best: list[dict[str, Any]] = []
-    looked = list(dict.fromkeys(os.path.abspath(p) for p in paths if p))  # in order, once each
-    for path in looked:
-        if not os.path.exists(path):
-            continue
-        rows = [r for r in read_history(path) if r["step"] < step]
+    looked: list[str] = []
+    for source in _distinct(sources):
+        if isinstance(source, str):
+            looked.append(source)
+            if not os.path.exists(source):
+                continue
+            source = read_history(source)
+        rows = [r for r in source if r["step"] < step]
         if len({r["update"] for r in rows}) != updates:
             best = max(best, rows, key=len)
         elif _ends_with(rows, multipliers):
@@ -99,6 +104,21 @@ def history_before(step: int, updates: int, *paths: str | os.PathLike | None,
         f"{len({r['update'] for r in best})} of them, or rows of another run); the history file "
         "continues from what was found.", stacklevel=3)
     return best
+
+
+def _distinct(sources) -> list:
+    """Row lists as given, paths made absolute and each looked at once, in order; None dropped."""
+    out, seen = [], set()
+    for source in sources:
+        if source is None or (isinstance(source, str | os.PathLike) and not source):
+            continue
+        if isinstance(source, str | os.PathLike):
+            source = os.path.abspath(source)
+            if source in seen:
+                continue
+            seen.add(source)
+        out.append(source)
+    return out
 
 
 def _ends_with(rows: list[dict[str, Any]], multipliers: Mapping[str, float] | None) -> bool:

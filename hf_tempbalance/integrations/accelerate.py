@@ -126,10 +126,10 @@ class AcceleratedTempBalance:
         step, updates, multipliers = self._takeover or (0, 0, None)
         before = [r for r in tb.history if r["step"] < step]
         if self.path is not None and self.accelerator.is_main_process:
-            if len({r["update"] for r in before}) != updates:  # the checkpoint left them to the file
-                before = history_before(step, updates, self.path, self._saved_path,
-                                        multipliers=multipliers)
-                tb.history = before + [r for r in tb.history if r["step"] >= step]
+            # The engine's own rows when the checkpoint carried them, else the history files'.
+            before = history_before(step, updates, before, self.path, self._saved_path,
+                                    multipliers=multipliers)
+            tb.history = before + [r for r in tb.history if r["step"] >= step]
             rewrite_history(before, self.path)
         self._written = len(before)
 

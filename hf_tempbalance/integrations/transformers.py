@@ -156,11 +156,11 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
             path = os.path.abspath(os.path.join(args.output_dir, self.history_file))
             self.history_path = path
             if state.is_world_process_zero:
-                if saved is not None and "history" not in saved:
-                    engine.history = history_before(state.global_step, engine.num_updates,
-                                                    path, saved_path, multipliers=engine.multipliers)
-                # Rewrite on every start: a resumed run continues from the checkpoint's history,
-                # not from rows a longer earlier run wrote after it.
+                # The rows before the checkpoint: carried by it, else from the history files.
+                # Rewritten on every start: a resumed run continues from the checkpoint's
+                # history, not from rows a longer earlier run wrote after it.
+                engine.history = history_before(state.global_step, engine.num_updates, engine.history,
+                                                path, saved_path, multipliers=engine.multipliers)
                 rewrite_history(engine.history, path)
         self._written = len(engine.history)
 
