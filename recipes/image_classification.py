@@ -238,7 +238,8 @@ def method_tempbalance_config(method: str, dataset: str, model_args: ModelArgume
 def run_settings(method: str, model_args: ModelArguments, method_args: MethodArguments,
                  args: TrainingArguments, train_samples: int, test_samples: int,
                  dataset: str) -> dict[str, Any]:
-    """What decides a run's result besides chance: a finished run is reused only if they match."""
+    """What decides a run's result besides chance, as recorded at the top of its results.json: a
+    finished run is reused only if they all match."""
     tb_config = method_tempbalance_config(method, dataset, model_args, method_args)
     return json.loads(json.dumps({
         "dataset": dataset, "model": model_args.model, "width": model_args.width,
@@ -252,10 +253,10 @@ def run_settings(method: str, model_args: ModelArguments, method_args: MethodArg
         "max_grad_norm": args.max_grad_norm, "label_smoothing_factor": args.label_smoothing_factor,
         "processes": args.world_size, "bf16": args.bf16, "fp16": args.fp16,
         "train_samples": train_samples, "test_samples": test_samples,
-        # the optimizers' own knobs; TempBalance's (s1, s2, interval, snr) are in "tempbalance"
+        # the optimizers' own knobs; TempBalance's (s1, s2, interval, snr) are in "tempbalance_config"
         "method_args": {k: v for k, v in dataclasses.asdict(method_args).items()
                         if k.startswith(("sgdr_", "lookahead_"))},
-        "tempbalance": tb_config.to_dict() if tb_config is not None else None,
+        "tempbalance_config": tb_config.to_dict() if tb_config is not None else None,
     }, default=str))
 
 
@@ -292,15 +293,13 @@ def train_one(method: str, model_args: ModelArguments, data_args: DataArguments,
 
     accuracies = [row["test_accuracy"] for row in history if "test_accuracy" in row]
     results: dict[str, Any] = {
-        "dataset": spec.name, "model": model_args.model, "timm_model": net.pretrained_cfg.get(
-            "architecture", model_args.model), "width": model_args.width, "method": method,
-        "seed": args.seed, "lr": args.learning_rate, "epochs": args.num_train_epochs,
-        "batch_size": args.per_device_train_batch_size, "weight_decay": args.weight_decay,
-        "train_samples": len(train), "test_samples": len(test), "steps": trainer.state.global_step,
+        # dataset, model, method, seed, lr, epochs, batch size, ... (what a rerun must match)
+        **run_settings(method, model_args, method_args, args, len(train), len(test), spec.name),
+        "timm_model": net.pretrained_cfg.get("architecture", model_args.model),
+        "steps": trainer.state.global_step,
         "test_accuracy": accuracies[-1], "best_test_accuracy": max(accuracies),
         "train_runtime_s": train_result.metrics.get("train_runtime"),
         "output_dir": args.output_dir, "history": history,
-        "settings": run_settings(method, model_args, method_args, args, len(train), len(test), spec.name),
     }
     if tb_config is not None:
         engine = callbacks[0].engine
@@ -360,7 +359,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
                 previous = json.load(fh)
             settings = run_settings(method, model_args, method_args, run_args, len(data[1]),
                                     len(data[2]), spec.name)
-            if previous.get("settings") == settings:
+            if all(previous.get(key) == value for key, value in settings.items()):
                 results.append(previous)
                 logger.info("reusing %s (--rerun to train it again)", done)
                 continue
