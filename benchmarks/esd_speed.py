@@ -49,14 +49,14 @@ from bench_common import (  # noqa: E402
 )
 
 from hf_tempbalance import TempBalance  # noqa: E402
-from hf_tempbalance.spectral import DEFAULT_RTOL, esd_reference  # noqa: E402
+from hf_tempbalance.spectral import esd_reference  # noqa: E402
 from hf_tempbalance.spectral.hill_reference import hill_alpha_reference  # noqa: E402
 from hf_tempbalance.spectral.matrices import weight_matrices  # noqa: E402
 
 DEFAULT_MODELS = ("resnet18", "resnet34", "vgg16", "gpt2", "llama")
 
 
-def per_layer_alphas(modules: list[nn.Module], rtol: float = DEFAULT_RTOL) -> list[float]:
+def per_layer_alphas(modules: list[nn.Module]) -> list[float]:
     """The straightforward implementation: one SVD and one fit per layer, a host sync each."""
     alphas = []
     for module in modules:
@@ -64,7 +64,6 @@ def per_layer_alphas(modules: list[nn.Module], rtol: float = DEFAULT_RTOL) -> li
         # (Transformers' Conv1D stores W transposed; the singular values are the same.)
         w = weight_matrices(module).float()
         eigs = torch.linalg.svdvals(w).square().flatten().sort().values
-        eigs = eigs[eigs > rtol * eigs[-1]]
         n_total = eigs.numel()
         i = n_total // 2
         n = n_total - i

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from .config import TempBalanceConfig
 from .distributed import layer_cost, world
 from .layers import discover_layers
-from .spectral import DEFAULT_RTOL, batched_esd, compute_metric, hill_fit, resolve_dtype
+from .spectral import batched_esd, compute_metric, hill_fit, resolve_dtype
 from .spectral.matrices import is_transposed_conv1d, num_eigs, weight_matrices, weight_of
 
 __all__ = ["LayerAnalysis", "AnalysisSummary", "ModelAnalysis", "analyze_model",
@@ -320,9 +320,7 @@ def _analyze(items: list[_Item], config: TempBalanceConfig, dtype: Any, keep_esd
     results: list[LayerAnalysis | None] = [None] * len(items)
     with tqdm(total=len(items), unit="layer", desc="ESD", disable=not progress) as bar:
         for chunk in _chunks(items):
-            # The exact-threshold check at the fits' own threshold, as in training (layer_metrics).
-            eig_list = batched_esd([items[i].layer for i in chunk], dtype=dtype,
-                                   rtol=DEFAULT_RTOL if config.eig_rtol is None else config.eig_rtol)
+            eig_list = batched_esd([items[i].layer for i in chunk], dtype=dtype)
             # One host transfer per chunk for the metrics; hill_fit adds the tail start and size.
             values = torch.stack([
                 torch.stack([compute_metric(e, m, **fit_kw).to(torch.float64) for m in metrics])

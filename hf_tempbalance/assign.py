@@ -9,8 +9,9 @@ schedule gives. With ``L`` layers whose metric values are ``α_1..α_L``:
 * ``sqrt`` (App. C):  :math:`m_i = \sqrt{\alpha_i} / \frac1L\sum_j \sqrt{\alpha_j}`  (mean 1).
 * ``log2`` (App. C):  :math:`m_i = \log\alpha_i / \frac1L\sum_j \log\alpha_j`  (mean 1; needs α > 1,
   which Hill alphas always are; other values make the layer invalid).
-* ``step`` (App. C): the layer with the ``k``-th smallest α gets
-  :math:`m_i = s_1 + (k-1)\frac{s_2 - s_1}{L - 1}` (ties broken by layer order; all equal: 1.0).
+* ``step`` (App. C, as the authors compute it): the layer with the ``k``-th smallest α gets
+  :math:`m_i = s_1 + (k-1)\frac{s_2 - s_1}{L}`, so the top layer gets
+  :math:`s_1 + (s_2 - s_1)\frac{L-1}{L} < s_2` (ties broken by layer order; all equal: 1.0).
 
 Larger metric -> larger multiplier in every case (an under-trained layer learns faster).
 All maps are scale-free in α except ``log2``/``sqrt``, which are invariant to scaling of α only
@@ -56,7 +57,7 @@ def _step(values: np.ndarray, s1: float, s2: float) -> np.ndarray:
         return np.ones_like(values)
     ranks = np.empty(len(values))
     ranks[np.argsort(values, kind="stable")] = np.arange(len(values))
-    return s1 + ranks * (s2 - s1) / (len(values) - 1)
+    return s1 + ranks * (s2 - s1) / len(values)
 
 
 ASSIGN_FUNCTIONS: dict[str, Callable[[np.ndarray, float, float], np.ndarray]] = {

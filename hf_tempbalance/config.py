@@ -15,7 +15,7 @@ __all__ = ["TempBalanceConfig", "LAYER_TYPES", "NORM_FOLLOW"]
 
 #: Module kinds that layer discovery can balance. ``linear`` includes Transformers' ``Conv1D``.
 LAYER_TYPES = ("linear", "conv", "embedding")
-NORM_FOLLOW = ("previous", "next", "none")
+NORM_FOLLOW = ("authors", "previous", "next", "none")
 
 
 @dataclass
@@ -39,12 +39,21 @@ class TempBalanceConfig:
         exclude_first_last: drop the first and the last candidate module in registration order,
             as the authors' code does (the stem and the classifier have few eigenvalues).
         min_eigs: modules with fewer ESD eigenvalues stay at the base LR (authors' later code: 50).
-        norm_follow: ``previous``: a BatchNorm/LayerNorm/GroupNorm/RMSNorm takes the multiplier
-            of the balanced module registered just before it (authors); ``next``: of the one
-            registered just after it (pre-LN blocks); ``none``: base LR.
+        norm_follow: which balanced module a norm layer's parameters follow (else base LR).
+            ``authors`` (their runs): a BatchNorm follows the module named like it with ``bn``
+            replaced by ``conv`` (so ResNet shortcut BNs stay at the base LR and a pre-activation
+            block's ``bn1`` follows ``conv1`` after it); any other norm (LayerNorm, GroupNorm,
+            RMSNorm) follows the module registered just before it, if no norm came in between.
+            ``previous``: every norm follows the module registered just before it (conv ->
+            BatchNorm nets named otherwise, e.g. timm's VGG ``features.N``; post-LN blocks);
+            ``next``: the one registered just after it (pre-LN blocks); ``none``: base LR.
         dtype: precision of the eigensolver, ``float32`` (default) or ``float64``.
-        eig_rtol: eigenvalues ``<= eig_rtol · λ_max`` are dropped as zeros (None: the
-            default 2e-6, see :data:`hf_tempbalance.spectral.DEFAULT_RTOL`).
+        eig_rtol: opt-in filter: eigenvalues ``<= eig_rtol · λ_max`` are dropped before the fit.
+            None (default): every eigenvalue counts, as in the authors' runs; a layer whose
+            median eigenvalue is at the eigensolver's noise floor is invalid instead.
+        conv_norm: factor on conv layers' eigenvalues, i.e. their ESD is that of
+            ``√conv_norm · W`` (authors: 0.5). Alpha is scale-free; ``spectral_norm`` and
+            ``alpha_weighted`` of conv layers depend on it, and so do their LRs.
         include_xmin: count λ_min among the Hill tail points (authors; textbook: False).
         snr_strength: λ_sr of spectral-norm regularisation (Eq. 4) on the balanced layers
             (0 disables; paper grid 1e-3..1.5e-2), applied whatever the weight decay.
@@ -66,9 +75,10 @@ class TempBalanceConfig:
     exclude: tuple[str, ...] = ()
     exclude_first_last: bool = True
     min_eigs: int = 50
-    norm_follow: str = "previous"
+    norm_follow: str = "authors"
     dtype: str = "float32"
     eig_rtol: float | None = None
+    conv_norm: float = 0.5
     include_xmin: bool = True
     snr_strength: float = 0.0
     snr_iterations: int = 5
@@ -120,6 +130,8 @@ class TempBalanceConfig:
             bad("dtype", "choose 'float32' or 'float64'")
         if self.eig_rtol is not None and not (0 <= self.eig_rtol < 1):
             bad("eig_rtol", "must be None or in [0, 1)")
+        if not (isinstance(self.conv_norm, (int, float)) and 0 < self.conv_norm < float("inf")):
+            bad("conv_norm", "must be a positive number (authors: 0.5; 1 for the plain weight)")
         if not (isinstance(self.snr_strength, (int, float)) and self.snr_strength >= 0):
             bad("snr_strength", "must be >= 0 (0 disables spectral-norm regularisation)")
         if not (isinstance(self.snr_iterations, int) and self.snr_iterations >= 1):

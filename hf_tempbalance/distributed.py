@@ -247,7 +247,7 @@ def _gathered(module: nn.Module, keep: bool) -> nn.Module | torch.Tensor | None:
 
 def sharded_metrics(
     modules: Sequence[nn.Module],
-    compute: Callable[[Sequence[nn.Module | torch.Tensor]], list[list[float]]],
+    compute: Callable[[Sequence[nn.Module | torch.Tensor], Sequence[int]], list[list[float]]],
     num_values: int,
     device: torch.device | None = None,
 ) -> tuple[list[list[float]], list[int]]:
@@ -255,8 +255,9 @@ def sharded_metrics(
 
     Args:
         modules: the balanced layers, identical (and in the same order) on every rank.
-        compute: maps a list of layers (modules, or whole weight tensors for DTensor layers)
-            to one row of ``num_values`` floats per layer.
+        compute: ``compute(layers, indices)`` maps a list of layers (modules, or whole weight
+            tensors for DTensor layers) and their indices in ``modules`` to one row of
+            ``num_values`` floats per layer.
         num_values: floats per layer.
         device: where the weights live (a hint for the collective's device; default: the first
             layer's weight device).
@@ -272,7 +273,7 @@ def sharded_metrics(
         mine = partition_by_cost([layer_cost(m) for m in modules], size)[rank]
     owned = set(mine)
     inputs = [_gathered(m, i in owned) for i, m in enumerate(modules)]
-    local = compute([inputs[i] for i in mine]) if mine else []
+    local = compute([inputs[i] for i in mine], mine) if mine else []
     if size == 1:
         return [list(map(float, row)) for row in local], mine
     hint = device if device is not None else (weight_of(modules[0]).device if modules else torch.device("cpu"))

@@ -44,7 +44,7 @@ from .groups import (
     check_optimizer,
     unwrap_optimizer,
 )
-from .layers import LayerPlan, discover_layers
+from .layers import LayerPlan, discover_layers, kind_of, weight_sources
 from .snr import SpectralNormRegularizer
 from .spectral.matrices import weight_of
 from .spectral.metrics import layer_metrics
@@ -102,8 +102,12 @@ class TempBalance:
         self._warned: set[str] = set()
         self._hooks: list[Any] = []
         self._layout: StepLayout | None = None
-        self.snr = (SpectralNormRegularizer([layer.module for layer in self.plan.layers],
-                                            self.config.snr_strength, self.config.snr_iterations)
+        # Every trainable weight matrix of the configured kinds, balanced or not (the first and
+        # last layers too), as the authors' SGDSNR regularises every weight with >= 2 dims.
+        regularised = [module for _, module in self.plan.candidates
+                       if any(p.requires_grad for p in weight_sources(module))]
+        self.snr = (SpectralNormRegularizer(regularised, self.config.snr_strength,
+                                            self.config.snr_iterations)
                     if self.config.snr_strength > 0 else None)
 
     # ------------------------------------------------------------------ optimizer groups
@@ -281,9 +285,13 @@ class TempBalance:
                         allow_dtensor=self.snr is None)
         cfg = self.config
 
-        def compute(subset):
+        # (the authors' conv_norm: their conv ESDs are of √0.5·W)
+        scales = [cfg.conv_norm if kind_of(m) == "conv" else 1.0 for m in modules]
+
+        def compute(subset, indices):
             values = layer_metrics(subset, (cfg.metric,), xmin=cfg.xmin, dtype=cfg.dtype,
-                                   rtol=cfg.eig_rtol, include_xmin=cfg.include_xmin)[cfg.metric]
+                                   rtol=cfg.eig_rtol, include_xmin=cfg.include_xmin,
+                                   scales=[scales[i] for i in indices])[cfg.metric]
             return [[v] for v in values]
 
         device = weight_of(modules[0]).device

@@ -15,12 +15,21 @@ Walks ``model.named_modules()`` in registration order (the order the authors' co
 3. Name filters (``include``/``exclude`` regexes, ``re.search``), then frozen weights, weights tied
    to an earlier balanced module, and ESDs smaller than ``min_eigs`` are skipped, each with a
    recorded reason (:attr:`LayerPlan.skipped`).
-4. A norm module (BatchNorm, LayerNorm, GroupNorm, InstanceNorm, any ``*RMSNorm``) follows the
-   candidate registered just before it (``norm_follow="previous"``, the authors' rule, right for
-   conv -> BatchNorm and post-LN transformers) or just after it (``"next"``, for pre-LN blocks
-   that register each norm before the layer it feeds, as GPT-2 and timm's ViT do): if that
-   candidate is balanced, the norm's parameters take its multiplier; otherwise they stay at the
-   base LR.
+4. Norm modules (BatchNorm, LayerNorm, GroupNorm, InstanceNorm, any ``*RMSNorm``) take the
+   multiplier of one candidate, if that candidate is balanced, else stay at the base LR.
+   Which one (``norm_follow``):
+
+   * ``"authors"`` (default; the rules of the authors' runs): a BatchNorm follows the candidate
+     named like it with ``bn`` replaced by ``conv`` (their CIFAR ``batchnorm_type='name'``:
+     ``layer1.0.bn1`` -> ``layer1.0.conv1``; a ResNet shortcut BN ``shortcut.1`` has no such
+     partner and stays at the base LR; a pre-activation WRN block's ``bn1`` follows the
+     ``conv1`` registered after it). Any other norm follows the candidate registered just
+     before it, provided no other such norm came in between (their LM's ``--layernorm True``).
+   * ``"previous"``: the candidate registered just before it (conv -> BatchNorm nets named
+     otherwise, e.g. ``features.0``/``features.1``, and post-LN transformers).
+   * ``"next"``: the candidate registered just after it (pre-LN blocks that register each norm
+     before the layer it feeds, as GPT-2 and timm's ViT do).
+
    A balanced module's own bias always follows its weight.
 
 A weight computed by a ``torch.nn.utils.parametrize`` parametrization (``parametrizations.
@@ -45,8 +54,8 @@ from torch.nn.utils import parametrize
 from .config import TempBalanceConfig
 from .spectral.matrices import ExpertStack, is_transposed_conv1d, num_eigs, weight_name
 
-__all__ = ["BalancedLayer", "LayerPlan", "discover_layers", "is_norm", "weight_sources", "is_experts",
-           "expert_stacks"]
+__all__ = ["BalancedLayer", "LayerPlan", "discover_layers", "is_norm", "kind_of", "weight_sources",
+           "is_experts", "expert_stacks"]
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 if hasattr(nn, "RMSNorm"):
@@ -66,7 +75,8 @@ def _is_router(module: nn.Module) -> bool:
     return type(module).__name__.endswith("Router") and weight is not None and weight.ndim == 2
 
 
-def _kind(module: nn.Module) -> str | None:
+def kind_of(module: nn.Module) -> str | None:
+    """The discovery kind of a module: ``linear``, ``conv``, ``embedding`` or None."""
     if isinstance(module, nn.Linear | nn.MultiheadAttention) or is_transposed_conv1d(module) \
             or _is_router(module):
         return "linear"
@@ -120,10 +130,12 @@ class BalancedLayer:
 
 @dataclass
 class LayerPlan:
-    """Result of discovery: balanced layers in registration order, and why others were skipped."""
+    """Result of discovery: balanced layers in registration order, why others were skipped, and
+    every candidate (balanced or not) in registration order."""
 
     layers: list[BalancedLayer]
     skipped: dict[str, str]
+    candidates: list[tuple[str, nn.Module]] = field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
@@ -158,7 +170,7 @@ def discover_layers(model: nn.Module, config: TempBalanceConfig) -> LayerPlan:
     first_candidate: dict[str, str] = {}
     last_candidate: dict[str, str] = {}
     for name, m in modules:
-        if _kind(m) in config.layer_types and (
+        if kind_of(m) in config.layer_types and (
                 parametrize.is_parametrized(m, weight_name(m))  # (reading it could change it)
                 or isinstance(getattr(m, weight_name(m), None), torch.Tensor)):
             found: list[tuple[str, nn.Module]] = [(name, m)]
@@ -220,19 +232,36 @@ def discover_layers(model: nn.Module, config: TempBalanceConfig) -> LayerPlan:
             by_name[name] = layer
 
     if config.norm_follow != "none":
-        # The candidate just before each norm ("previous") or just after it ("next", walking
-        # the modules backwards), in registration order.
-        follows: dict[str, str | None] = {}
-        nearest: str | None = None
-        walk = modules if config.norm_follow == "previous" else modules[::-1]
-        marks = last_candidate if config.norm_follow == "previous" else first_candidate
-        for name, module in walk:
-            if name in marks:
-                nearest = marks[name]
-            elif is_norm(module):
-                follows[name] = nearest
+        follows = _norm_partners(modules, config.norm_follow, first_candidate, last_candidate)
         for name, module in modules:
             if follows.get(name) in by_name:
                 claim(by_name[follows[name]], module.parameters(recurse=False))
 
-    return LayerPlan(layers, skipped)
+    return LayerPlan(layers, skipped, candidates)
+
+
+def _norm_partners(modules: list[tuple[str, nn.Module]], rule: str, first_candidate: dict[str, str],
+                   last_candidate: dict[str, str]) -> dict[str, str | None]:
+    """Norm module name -> the candidate it follows under ``rule`` (see the module docstring)."""
+    follows: dict[str, str | None] = {}
+    if rule == "next":
+        nearest = None
+        for name, module in reversed(modules):
+            if name in first_candidate:
+                nearest = first_candidate[name]
+            elif is_norm(module):
+                follows[name] = nearest
+        return follows
+    candidate_names = set(last_candidate.values()) | set(first_candidate.values())
+    nearest = None
+    for name, module in modules:
+        if name in last_candidate:
+            nearest = last_candidate[name]
+        elif rule == "authors" and isinstance(module, nn.modules.batchnorm._BatchNorm):
+            partner = name.replace("bn", "conv")
+            follows[name] = partner if partner in candidate_names else None
+        elif is_norm(module):
+            follows[name] = nearest
+            if rule == "authors":
+                nearest = None  # a second norm in a row follows nothing
+    return follows

@@ -103,23 +103,26 @@ def plot_esd(
         eigs = eigs.eigs
     import torch
 
-    kept = filter_eigs(torch.as_tensor(np.asarray(eigs, dtype=np.float64)), rtol).numpy()
+    values = torch.as_tensor(np.asarray(eigs, dtype=np.float64))
+    fit = hill_fit(values, xmin_method, rtol=rtol, include_xmin=include_xmin)  # as in training
+    kept = filter_eigs(values, rtol).numpy()
+    kept = kept[kept > 0]  # the fit counts zeros; log axes cannot draw them
     if kept.size < 2:
         raise ValueError(f"an ESD needs at least 2 non-zero eigenvalues to plot, got {kept.size}")
-    fit = hill_fit(torch.as_tensor(kept), xmin_method, rtol=rtol, include_xmin=include_xmin)
     lo, hi = kept[0], kept[-1]
     if bins is None:
         bins = int(np.clip(round(2 * math.sqrt(kept.size)), 10, 100))
     edges = np.geomspace(lo, hi, bins + 1) if hi > lo else np.array([lo * 0.9, hi * 1.1])
     density, edges = np.histogram(kept, bins=edges, density=True)
-    fit_x = np.geomspace(fit.xmin, hi, 100) if hi > fit.xmin else np.array([fit.xmin])
+    fit_x = np.geomspace(fit.xmin, hi, 100) if hi > fit.xmin > 0 else np.array([fit.xmin])
     fit_y = ((fit.n_tail / kept.size) * (fit.alpha - 1.0) / fit.xmin
              * (fit_x / fit.xmin) ** (-fit.alpha))
 
     fig = _new_figure(5.0, 3.8)
     ax = fig.add_subplot()
     ax.stairs(density, edges, fill=True, color="tab:blue", alpha=0.55, label="ESD")
-    ax.axvline(fit.xmin, color="tab:red", linestyle="--", label=rf"$\lambda_{{\min}}$ = {fit.xmin:.3g}")
+    if fit.xmin > 0:
+        ax.axvline(fit.xmin, color="tab:red", linestyle="--", label=rf"$\lambda_{{\min}}$ = {fit.xmin:.3g}")
     if math.isfinite(fit.alpha):
         ax.plot(fit_x, fit_y, color="black", linewidth=1.5, label=rf"power law, $\alpha$ = {fit.alpha:.2f}")
     ax.set_xscale("log")

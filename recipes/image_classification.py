@@ -48,6 +48,7 @@ from image_methods import (
     build_optimizer,
     get_method,
     paper_lr,
+    paper_norm_follow,
     paper_snr_strength,
     paper_tb_range,
     tempbalance_config,
@@ -230,7 +231,8 @@ def method_tempbalance_config(method: str, dataset: str, model_args: ModelArgume
         method, s1=method_args.s1 or s1, s2=method_args.s2 or s2,
         snr_strength=(method_args.snr_strength if method_args.snr_strength is not None
                       else paper_snr_strength(method, dataset, model_args.model)),
-        interval=int(interval) if interval.isdigit() else interval)
+        interval=int(interval) if interval.isdigit() else interval,
+        norm_follow=paper_norm_follow(model_args.model))
     # Per-layer values go to the history file; the console logs keep the summary only.
     return tb_config.replace(log_layers=False) if tb_config is not None else None
 

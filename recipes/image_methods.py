@@ -141,14 +141,28 @@ def paper_snr_strength(method: str, dataset: str, model: str) -> float:
     return pair[1] if method == "tb+snr" else pair[0]
 
 
+def paper_norm_follow(model: str) -> str:
+    """The norm rule that gives the authors' BatchNorm LRs on this recipe's version of ``model``.
+
+    Their runs pair each BN with the conv named like it (``bn`` -> ``conv``). The ResNets and
+    WRNs here keep their names (``layer1.0.bn1``/``conv1``; shortcut BNs have no partner and stay
+    at the base LR, as theirs do), so the library's default ``"authors"`` rule applies. timm's VGG
+    names its layers ``features.N``, where the same pairing is "the conv just before" (theirs are
+    ``features.conv_i``/``bn_i``).
+    """
+    return "previous" if _family(model) == "vgg" else "authors"
+
+
 def tempbalance_config(method: str, *, s1: float, s2: float, snr_strength: float,
-                       interval: int | str = "epoch") -> TempBalanceConfig | None:
+                       interval: int | str = "epoch", norm_follow: str = "authors",
+                       ) -> TempBalanceConfig | None:
     """The callback's config for ``method`` (None when the method does not use TempBalance)."""
     spec = get_method(method)
     if not (spec.tempbalance or spec.snr):
         return None
     return TempBalanceConfig(s1=s1, s2=s2, interval=interval, balance_lr=spec.tempbalance,
-                             snr_strength=snr_strength if spec.snr else 0.0)
+                             snr_strength=snr_strength if spec.snr else 0.0,
+                             norm_follow=norm_follow)
 
 
 def steps_per_epoch(num_examples: int, args: Any) -> int:

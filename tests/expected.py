@@ -4,27 +4,32 @@ from __future__ import annotations
 
 import numpy as np
 
-from hf_tempbalance.spectral import DEFAULT_RTOL
+# The library's noise floor in float32 and float64 (hf_tempbalance.spectral.noise_floor), restated.
+NOISE_FLOOR = {np.dtype(np.float32): 2e-6, np.dtype(np.float64): 2e-6 * 2.0**-52 / 2.0**-23}
 
 
-def numpy_hill(eigs, include_xmin: bool = True, rtol: float = DEFAULT_RTOL) -> float:
-    """PL_Alpha_Hill, Eq. (3) with k = n/2, on the eigenvalues above ``rtol·λ_max``.
+def numpy_hill(eigs, include_xmin: bool = True, rtol: float | None = None) -> float:
+    """PL_Alpha_Hill, Eq. (3) with k = n/2, on every eigenvalue (or those above ``rtol·λ_max``).
 
     Sorted ascending λ_1..λ_N (1-based), xmin index i = floor(N/2) (0-based), so
     λ_min = λ_(i+1) and the tail has N - i points. Paper form:
     alpha = 1 + k / Σ_{j=1..k} ln(λ_(N-j+1) / λ_min) over the k points above λ_min (textbook),
     while the authors put the tail size N - i (λ_min included) in the numerator.
-    Returns nan with fewer than 2 eigenvalues left.
+    Returns nan with fewer than 2 eigenvalues, or when λ_min is at the noise floor.
     """
+    floor = NOISE_FLOOR[np.asarray(eigs).dtype if np.asarray(eigs).dtype == np.float32 else np.dtype(np.float64)]
     lam = np.sort(np.asarray(eigs, dtype=np.float64).ravel())
     if lam.size == 0:
         return float("nan")
-    lam = lam[lam > rtol * lam[-1]]
+    if rtol:
+        lam = lam[lam > rtol * lam[-1]]
     big_n = len(lam)
     if big_n < 2:
         return float("nan")
     i = big_n // 2
     lam_min = lam[i]
+    if lam_min <= floor * lam[-1]:
+        return float("nan")
     above = lam[i + 1:]  # k = N - i - 1 points strictly above λ_min
     log_sum = float(np.sum(np.log(above / lam_min)))
     numerator = (big_n - i) if include_xmin else len(above)

@@ -46,14 +46,14 @@ def test_step_is_rank_based():
     n = len(ALPHAS)
     for i, alpha in enumerate(ALPHAS):
         k = 1 + sum(other < alpha for other in ALPHAS)  # k-th smallest alpha
-        assert got[i] == pytest.approx(s1 + (k - 1) * (s2 - s1) / (n - 1))
+        assert got[i] == pytest.approx(s1 + (k - 1) * (s2 - s1) / n)  # the authors' i/n
     # only ranks matter
     assert assign_multipliers([a**3 for a in ALPHAS], "step") == pytest.approx(got)
 
 
 def test_step_ties_are_broken_by_layer_order():
     got = assign_multipliers([2.0, 3.0, 2.0], "step", 0.5, 1.5)
-    assert got == pytest.approx([0.5, 1.5, 1.0])
+    assert got == pytest.approx([0.5, 0.5 + 2 / 3, 0.5 + 1 / 3])
 
 
 @pytest.mark.parametrize("assign", list(ASSIGN_FUNCTIONS))

@@ -15,7 +15,7 @@ def test_paper_defaults():
     assert (cfg.s1, cfg.s2) == (0.5, 1.5)  # Section 3 / App. C: best around (0.5, 1.5)
     assert cfg.metric == "alpha_hill" and cfg.xmin == "median" and cfg.assign == "linear"
     assert cfg.interval == "epoch"  # Algorithm 1: once per epoch
-    assert cfg.exclude_first_last and cfg.min_eigs == 50 and cfg.norm_follow == "previous"
+    assert cfg.exclude_first_last and cfg.min_eigs == 50 and cfg.norm_follow == "authors"
     assert cfg.layer_types == ("linear", "conv") and cfg.include_xmin
 
 

@@ -189,7 +189,7 @@ def test_single_process_never_calls_torch_distributed(monkeypatch):
 
 def test_sharded_metrics_single_process_returns_compute_rows_unchanged():
     mods = [nn.Linear(8, 8), nn.Linear(8, 4)]
-    rows, mine = sharded_metrics(mods, lambda subset: [[float(m.out_features), 0.5] for m in subset], 2)
+    rows, mine = sharded_metrics(mods, lambda subset, _: [[float(m.out_features), 0.5] for m in subset], 2)
     assert rows == [[8.0, 0.5], [4.0, 0.5]] and mine == [0, 1]
 
 
@@ -200,7 +200,7 @@ def test_a_rank_without_layers_still_joins_the_all_reduce(monkeypatch):
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
     monkeypatch.setattr(dist, "all_reduce", lambda tensor, *a, **k: calls.append(tensor.clone()))
 
-    def compute(subset):
+    def compute(subset, indices):
         raise AssertionError("a rank without layers computed something")
 
     rows, mine = sharded_metrics([nn.Linear(64, 64) for _ in range(3)], compute, 2)
@@ -217,7 +217,7 @@ def test_sharded_metrics_writes_only_its_own_rows(monkeypatch):
     sent = []
     monkeypatch.setattr(dist, "all_reduce", lambda tensor, *a, **k: sent.append(tensor.clone()))
     mods = [nn.Linear(n, n) for n in (96, 64, 80)]
-    rows, mine = sharded_metrics(mods, lambda subset: [[float(m.in_features)] for m in subset], 1)
+    rows, mine = sharded_metrics(mods, lambda subset, _: [[float(m.in_features)] for m in subset], 1)
     assert mine == mine_expected and mine
     expected = [[float(mods[i].in_features)] if i in mine else [0.0] for i in range(3)]
     assert sent[0].tolist() == expected

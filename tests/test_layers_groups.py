@@ -112,19 +112,25 @@ def test_resnet18_discovery_and_groups():
         w = layer.module.weight
         assert layer.num_eigs == w.shape[2] * w.shape[3] * min(w.shape[0], w.shape[1])
 
-    def conv_of(bn: str) -> str:
-        return bn[:-1] + "0" if bn.endswith("downsample.1") else re.sub(r"bn(\d)$", r"conv\1", bn)
-
+    # The authors' rule: a BN follows the conv named like it (bn -> conv); downsample BNs have no
+    # such conv and stay at the base LR, as their ResNets' shortcut BNs do.
     norms = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
-    norm_owner = {n: conv_of(n) if conv_of(n) in tb.plan.names else None for n in norms}
+    renamed = {n: re.sub(r"bn(\d)$", r"conv\1", n) for n in norms}
+    norm_owner = {n: c if c in tb.plan.names else None for n, c in renamed.items()}
     assert norm_owner["bn1"] is None and norm_owner["layer1.0.bn2"] == "layer1.0.conv2"
-    assert norm_owner["layer3.0.downsample.1"] == "layer3.0.downsample.0"
+    assert norm_owner["layer3.0.downsample.1"] is None
     check_groups(model, tb, expected_owners(model, tb.plan.names, norm_owner))
+
+    # "previous": every BN follows the conv registered just before it, downsample BNs included.
+    previous = TempBalance(model, norm_follow="previous")
+    norm_owner = {n: c if c in tb.plan.names else None for n, c in renamed.items()}
+    norm_owner.update({n: n[:-1] + "0" for n in norms if n.endswith("downsample.1")})
+    check_groups(model, previous, expected_owners(model, previous.plan.names, norm_owner))
 
 
 def test_resnet18_min_eigs_and_norm_follow_none():
     model = resnet18()
-    tb = TempBalance(model, min_eigs=100)
+    tb = TempBalance(model, min_eigs=100, norm_follow="previous")
     # 1x1 downsample convs: 128x64 -> 64 eigenvalues (skipped), 256x128 -> 128, 512x256 -> 256.
     assert "layer2.0.downsample.0" not in tb.plan.names
     assert "min_eigs" in tb.plan.skipped["layer2.0.downsample.0"]
@@ -287,14 +293,20 @@ def llama_norms() -> dict[str, str | None]:
 def test_llama_rmsnorm_and_tied_embeddings():
     model = tiny_llama()
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    tb = TempBalance(model)
+    tb = TempBalance(model, norm_follow="previous")
     assert tb.plan.names == LLAMA_LINEARS[1:]
     assert "lm_head" in tb.plan.skipped
     owners = expected_owners(model, tb.plan.names, llama_norms())
     assert owners["model.layers.0.input_layernorm.weight"] == "model.layers.0.mlp.down_proj"
     check_groups(model, tb, owners)
+    # The default (authors' LM rule): a norm right after another norm follows nothing.
+    authors = TempBalance(model)
+    second = {n: None for n in llama_norms() if n.endswith(("post_attention_layernorm", "model.norm"))}
+    check_groups(model, authors, expected_owners(model, authors.plan.names,
+                                                 {**llama_norms(), **second}))
 
-    with_emb = TempBalance(model, layer_types=("linear", "embedding"), exclude_first_last=False)
+    with_emb = TempBalance(model, layer_types=("linear", "embedding"), exclude_first_last=False,
+                           norm_follow="previous")
     assert with_emb.plan.names == ["model.embed_tokens", *LLAMA_LINEARS]
     assert "tied" in with_emb.plan.skipped["lm_head"]
     check_groups(model, with_emb, expected_owners(model, with_emb.plan.names, llama_norms()))
@@ -303,11 +315,16 @@ def test_llama_rmsnorm_and_tied_embeddings():
 # ----------------------------------------------------------------------------- plain modules
 def test_plain_sequential():
     model = mlp()
-    tb = TempBalance(model)
+    # Default (authors'): BatchNorm 5 has no conv named like it (bn -> conv), so it stays at the
+    # base LR; LayerNorm 3 follows 2; LayerNorm 9 follows 8, which is not balanced.
+    authors = TempBalance(model)
+    check_groups(model, authors, expected_owners(model, authors.plan.names,
+                                                 {"3": "2", "5": None, "9": None}))
+    tb = TempBalance(model, norm_follow="previous")
     assert tb.plan.names == ["2", "4", "6"]
     assert "min_eigs" in tb.plan.skipped["8"]
     assert "first/last" in tb.plan.skipped["0"] and "first/last" in tb.plan.skipped["10"]
-    # LayerNorm 3 follows 2, BatchNorm 5 follows 4; LayerNorm 9 follows 8, which is not balanced.
+    # "previous": BatchNorm 5 follows 4.
     owners = expected_owners(model, tb.plan.names, {"3": "2", "5": "4", "9": None})
     assert owners["2.bias"] == "2" and owners["5.weight"] == "4" and owners["0.weight"] is None
     groups = check_groups(model, tb, owners)

@@ -32,7 +32,7 @@ def pooled(stack: torch.Tensor) -> torch.Tensor:
 
 def test_expert_stacks_are_balanced_with_pooled_spectra():
     model = tiny_mixtral()
-    tb = TempBalance(model, TempBalanceConfig(dtype="float64"))
+    tb = TempBalance(model, TempBalanceConfig(dtype="float64", norm_follow="previous"))
     for i in (0, 1):
         experts = f"model.layers.{i}.mlp.experts"
         assert f"{experts}.gate_up_proj" in tb.plan.names and f"{experts}.down_proj" in tb.plan.names

@@ -68,12 +68,13 @@ def test_deterministic_and_skips_layers_without_grad():
 
 
 def test_engine_applies_snr_with_weight_decay():
-    """Unlike the authors' code, SNR runs whatever the weight decay (here 5e-4)."""
+    """SNR runs whatever the weight decay (here 5e-4; the authors' code skipped it until April
+    2025) and, as theirs does, on every weight matrix: the first and last layers too."""
     gen = torch.Generator().manual_seed(3)
     model = nn.Sequential(nn.Linear(10, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
                           nn.Linear(64, 80), nn.Tanh(), nn.Linear(80, 3))
     with torch.no_grad():
-        for i, top in ((2, 3.0), (4, 5.0)):
+        for i, top in ((0, 2.0), (2, 3.0), (4, 5.0), (6, 4.0)):
             model[i].weight.copy_(gapped(tuple(model[i].weight.shape), top, gen))
     lr, wd, strength = 0.05, 5e-4, 0.01
     tb = TempBalance(model, snr_strength=strength, interval=1)
@@ -88,7 +89,7 @@ def test_engine_applies_snr_with_weight_decay():
     alphas = {n: numpy_hill(torch.linalg.svdvals(model.get_submodule(n).weight.detach().double()) ** 2)
               for n in ("2", "4")}
     expected_m = {n: 1.5 if a == max(alphas.values()) else 0.5 for n, a in alphas.items()}
-    snr_grads = {f"{i}.weight": expected_snr_grad(model[i].weight, strength) for i in (2, 4)}
+    snr_grads = {f"{i}.weight": expected_snr_grad(model[i].weight, strength) for i in (0, 2, 4, 6)}
     optimizer.step()
 
     owner = tb.plan.owner_of()

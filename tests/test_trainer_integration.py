@@ -438,8 +438,9 @@ def test_small_cnn_through_trainer(tmp_path):
     gen = torch.Generator().manual_seed(0)
     data = [{"pixel_values": torch.randn(1, 8, 8, generator=gen), "labels": int(i % 3)} for i in range(16)]
     recorder = LRRecorder(interval=2)
-    run(tmp_path, model=TinyCNN(), data=data, recorder=recorder, tb={"interval": 2}, max_steps=4,
-        optim="sgd", learning_rate=0.1)
+    # (features.N names: the BN pairing of the authors' rule, bn -> conv, needs "previous" here)
+    run(tmp_path, model=TinyCNN(), data=data, recorder=recorder,
+        tb={"interval": 2, "norm_follow": "previous"}, max_steps=4, optim="sgd", learning_rate=0.1)
     recorder.check()
     engine = recorder.engine
     assert engine.plan.names == ["features.3", "features.6"]  # first conv and head excluded

@@ -9,14 +9,15 @@ Framework-free (no Trainer, Accelerate or Ultralytics imports)::
 from .esd import batched_esd, esd, resolve_dtype
 from .esd_reference import esd_reference
 from .hill import (
-    DEFAULT_RTOL,
     FLAT_LOG_SPREAD,
+    NOISE_FLOOR,
     XMIN_METHODS,
     HillFit,
     filter_eigs,
     hill_alpha,
     hill_alpha_tensor,
     hill_fit,
+    noise_floor,
 )
 from .matrices import num_eigs, weight_matrices
 from .metrics import available_metrics, compute_metric, layer_metrics, register_metric
@@ -31,7 +32,8 @@ __all__ = [
     "hill_fit",
     "HillFit",
     "filter_eigs",
-    "DEFAULT_RTOL",
+    "NOISE_FLOOR",
+    "noise_floor",
     "FLAT_LOG_SPREAD",
     "XMIN_METHODS",
     "weight_matrices",

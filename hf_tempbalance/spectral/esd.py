@@ -18,9 +18,11 @@ flops and batches well, where an SVD of W costs more and does not (reference-not
 * on CPU the work is split across ``torch.get_num_threads()`` worker threads, each running its
   share single-threaded. LAPACK's own threading of one tridiagonal reduction synchronises its
   threads once per column and stalls badly when the cores are shared (other processes, data
-  loaders); whole matrices per thread scale with the cores and do not stall;
-* with ``rtol`` (as :func:`~hf_tempbalance.spectral.layer_metrics` passes it), float32
-  eigenvalues within rounding of the fits' zero threshold are put on the side float64 gives.
+  loaders); whole matrices per thread scale with the cores and do not stall.
+
+float32 eigenvalues are accurate to ~1e-7·λ_max, so the top half of a spectrum (what the median
+Hill fit reads) is accurate to a few 1e-6 relative; the bottom of a square slice is rounding
+noise, which the fits never read (see :data:`~hf_tempbalance.spectral.hill.NOISE_FLOOR`).
 
 The plain per-slice SVD it must agree with lives in :mod:`hf_tempbalance.spectral.esd_reference`.
 """
@@ -36,7 +38,6 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .hill import DEFAULT_RTOL
 from .matrices import weight_matrices
 
 __all__ = ["esd", "batched_esd", "resolve_dtype", "gram_eig_cost"]
@@ -49,10 +50,6 @@ _MAX_BATCH_ELEMENTS = 1 << 28
 _DIRECT_RANGE = (1e-8, 1e8)
 # Below this much work (flops, ~50 ms on one core) starting worker threads costs more than it saves.
 _MIN_PARALLEL_FLOPS = 1e9
-# Half-width of the band around rtol·λ_max, in float32 eps·λ_max times the slice's aspect ratio,
-# in which an eigenvalue's side of the threshold is checked in float64: measured float32 errors
-# of eigenvalues below 1e-5·λ_max are <= 0.5 eps·λ_max (mean 0.13) for square 256..1024 slices.
-_THRESHOLD_BAND = 1.0
 # Smallest block of a Gram formed by one matrix product (smaller blocks run below GEMM speed).
 _GRAM_BLOCK = 256
 
@@ -82,30 +79,26 @@ def gram_eig_cost(rows: int, cols: int) -> float:
     return 2.0 * r * d * d + 4.0 / 3.0 * d ** 3
 
 
-def esd(layer: nn.Module | torch.Tensor, dtype: torch.dtype | str = torch.float32, *,
-        rtol: float | None = DEFAULT_RTOL) -> torch.Tensor:
+def esd(layer: nn.Module | torch.Tensor, dtype: torch.dtype | str = torch.float32) -> torch.Tensor:
     """Ascending eigenvalues of WᵀW (the squared singular values of W) of one layer.
 
     Args:
         layer: ``nn.Linear``, ``nn.Conv1d/2d/3d`` (one ``out x in`` slice per kernel position,
             eigenvalues pooled), Transformers' ``Conv1D``, ``nn.Embedding``, or a weight tensor.
             fp16/bf16 weights are upcast.
-        dtype: ``float32`` (default; accurate to ~1e-5 relative on the top half of the spectrum)
+        dtype: ``float32`` (default; accurate to ~1e-6 relative on the top half of the spectrum)
             or ``float64``.
-        rtol: zero threshold of the fits that will read the ESD (see :func:`batched_esd`).
 
     Returns:
         1-D tensor of ``k · min(out, in)`` eigenvalues (units: squared weight units), sorted
         ascending, clamped at 0, on the layer's device, in ``dtype``.
     """
-    return batched_esd([layer], dtype=dtype, rtol=rtol)[0]
+    return batched_esd([layer], dtype=dtype)[0]
 
 
 def batched_esd(
     layers: Sequence[nn.Module | torch.Tensor],
     dtype: torch.dtype | str = torch.float32,
-    *,
-    rtol: float | None = DEFAULT_RTOL,
 ) -> list[torch.Tensor]:
     """:func:`esd` of many layers, batching every slice with the same Gram size.
 
@@ -116,16 +109,6 @@ def batched_esd(
     Args:
         layers: modules or weight tensors (see :func:`esd`).
         dtype: ``float32`` or ``float64``.
-        rtol: the zero threshold of the fits that will read these ESDs (they drop
-            ``λ <= rtol·λ_max``; see :data:`hf_tempbalance.spectral.DEFAULT_RTOL`). In float32, a
-            small eigenvalue of a square slice can sit within rounding (~1e-7·λ_max) of that
-            threshold and land on the wrong side, which moves the median tail start and alpha by
-            ~1e-3. With ``rtol`` given, every slice with an eigenvalue that close is checked
-            exactly (inertia of the float64 Gram shifted by the threshold, Sylvester's law) and
-            those eigenvalues are moved just across the threshold to the side float64 puts them
-            on (by less than float32 rounding), so the fits keep the same eigenvalues as in
-            float64. Costs one float64 Gram and LDLᵀ per such slice (about one per 9x512x512
-            conv layer). Default: the fits' default threshold; ``None``: no check.
     """
     dtype = resolve_dtype(dtype)
     stacks = [_row_major(weight_matrices(layer)) for layer in layers]
@@ -191,9 +174,6 @@ def batched_esd(
         for task in tasks:
             run(task)
 
-    if rtol is not None and dtype == torch.float32:
-        _exact_threshold(stacks, out_rows, scales, direct, rtol, workers)
-
     results = []
     for rows, scale, is_direct in zip(out_rows, scales, direct):
         # eigvalsh may return tiny negatives for a PSD matrix; the ESD is non-negative.
@@ -202,97 +182,6 @@ def batched_esd(
             values = values * torch.where(_finite(scale), scale, torch.ones_like(scale)) ** 2
         results.append(values)
     return results
-
-
-def _exact_threshold(stacks: list[torch.Tensor], rows: list[torch.Tensor], scales: list[torch.Tensor],
-                     direct: list[bool], rtol: float, workers: int) -> None:
-    """Put float32 eigenvalues near ``rtol·λ_max`` on the side of it that float64 gives.
-
-    ``rows[i]`` holds layer ``i``'s per-slice eigenvalues (ascending, in the units of its
-    possibly normalised Gram); changed in place. See :func:`batched_esd` (``rtol``).
-    """
-    eps = torch.finfo(torch.float32).eps
-    taus: list[torch.Tensor | None] = []
-    flags: dict[torch.device, list[tuple[int, torch.Tensor]]] = defaultdict(list)
-    for i, (mats, r) in enumerate(zip(stacks, rows)):
-        if r.numel() == 0:
-            taus.append(None)
-            continue
-        lmax = r.amax()
-        tau = rtol * lmax
-        taus.append(tau)
-        m, n = mats.shape[-2:]
-        band = _THRESHOLD_BAND * eps * (max(m, n) / min(m, n)) * lmax
-        flags[r.device].append((i, ((r - tau).abs() <= band).any(dim=1) & (lmax > 0)))
-    # One host transfer per device for all layers (normally exactly one).
-    candidates: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
-    for device, items in flags.items():
-        near = torch.cat([f for _, f in items]).tolist()
-        pos = 0
-        for i, f in items:
-            for j in range(f.numel()):
-                if near[pos + j]:
-                    candidates[(device, *stacks[i].shape[-2:])].append((i, j))
-            pos += f.numel()
-
-    def refine(task: tuple[float, list[tuple[int, int]]]) -> None:
-        items = task[1]
-        mats = torch.stack([stacks[i][j].to(torch.float64) for i, j in items])
-        inv = torch.stack([torch.ones((), dtype=torch.float64, device=mats.device) if direct[i]
-                           else 1.0 / scales[i].to(torch.float64) for i, _ in items])
-        mats = mats * inv[:, None, None]  # the same normalisation as the float32 pass, exactly
-        tau = torch.stack([taus[i].to(torch.float64) for i, _ in items])
-        d = min(mats.shape[-2:])
-        shifted = torch.empty(len(items), d, d, dtype=torch.float64, device=mats.device)
-        _lower_gram(mats, shifted, _gram_blocks(d))  # LDLᵀ reads only the lower triangle
-        shifted.diagonal(dim1=-2, dim2=-1).sub_(tau[:, None])
-        zero = torch.zeros_like(tau)
-        try:
-            below = _count_at_most(shifted, zero)
-        except (RuntimeError, NotImplementedError):  # a device without an LDLᵀ kernel
-            below = _count_at_most(shifted.cpu(), zero.cpu()).to(zero.device)
-        for (i, j), count, t in zip(items, below, tau):
-            e = rows[i][j]
-            idx = torch.arange(e.numel(), device=e.device)
-            have = (e <= t).sum()
-            e.copy_(torch.where((idx >= have) & (idx < count), t * (1 - 1e-4), e))
-            e.copy_(torch.where((idx >= count) & (idx < have), t * (1 + 1e-4), e))
-
-    tasks = []
-    for (_, m, n), items in candidates.items():
-        cost = gram_eig_cost(m, n)  # only orders the work (LDLᵀ is cheaper than eigvalsh)
-        for part in range(min(workers, len(items))):
-            share = items[part::min(workers, len(items))]
-            tasks.append((cost * len(share), share))
-    if workers > 1 and len(tasks) > 1:
-        _run_parallel(tasks, refine, workers)
-    else:
-        for task in tasks:
-            refine(task)
-
-
-def _count_at_most(shifted: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """Number of eigenvalues ``<= 0`` of each symmetric matrix in a ``(b, n, n)`` stack.
-
-    Sylvester's law of inertia: ``A = L D Lᵀ`` (Bunch-Kaufman, ``sytrf``) has as many negative
-    eigenvalues as the block-diagonal ``D``, whose 1x1 blocks are read by sign and 2x2 blocks by
-    determinant and trace. ``zero`` is a ``(b,)`` tensor fixing dtype and device of the result.
-    """
-    ld, pivots, _ = torch.linalg.ldl_factor_ex(shifted)
-    n = ld.shape[-1]
-    d = ld.diagonal(dim1=-2, dim2=-1)
-    sub = torch.nn.functional.pad(ld.diagonal(offset=-1, dim1=-2, dim2=-1), (0, 1))
-    d_next = torch.nn.functional.pad(d[..., 1:], (0, 1))
-    two = pivots < 0  # both rows of a 2x2 block carry a negative pivot (LAPACK convention)
-    pos = torch.arange(n, device=ld.device).expand_as(two)
-    run_start = torch.cummax(torch.where(two & ~torch.nn.functional.pad(two[..., :-1], (1, 0)),
-                                         pos, torch.zeros_like(pos)), dim=-1).values
-    first = two & ((pos - run_start) % 2 == 0)  # 2x2 blocks tile each run of negative pivots
-    det = d * d_next - sub * sub
-    trace = d + d_next
-    in_block = torch.where(det < 0, 1, torch.where(det > 0, 2 * (trace < 0), 1 + (trace <= 0)))
-    single = (~two) & (d <= 0)
-    return (single.sum(-1) + torch.where(first, in_block, 0).sum(-1)).to(zero.dtype) + zero
 
 
 def _row_major(mats: torch.Tensor) -> torch.Tensor:

@@ -22,12 +22,16 @@ Choice of :math:`\lambda_{\min}` (``xmin``):
   ``[0.95, 1.5]`` times the peak of the histogram (100 bins) of :math:`\log_{10}\lambda`. The
   authors' code compares a log10 bound with linear eigenvalues; we compare like with like.
 
-Zero and near-zero eigenvalues carry no power-law information (and :math:`\ln 0` poisons the
-sum), so every fit first drops eigenvalues :math:`\lambda \le \text{rtol}\cdot\lambda_{\max}`,
-with ``rtol`` defaulting to :data:`DEFAULT_RTOL` (2e-6): a relative threshold keeps the fit
-scale-free, unlike the authors' absolute ``1e-5``. A tail whose mean log-spread is at most
-:data:`FLAT_LOG_SPREAD` is flat (alpha = inf; e.g. an orthogonal matrix, whose float32 spectrum
-is 1 ± rounding noise).
+Every eigenvalue counts, as in the authors' runs (their ``filter_zeros=False``): zeros below the
+median only fill the body of the spectrum, and the median index is :math:`\lfloor N/2 \rfloor` over
+all :math:`N` eigenvalues. A fit whose tail would start at or below the eigensolver's noise floor
+(:math:`\lambda_{\min} \le` :func:`noise_floor` :math:`\cdot\lambda_{\max}`, 2e-6 in float32: an all-zero layer,
+rank below half, a LoRA ``B`` still at zero) has no power-law tail to measure and is invalid
+(alpha = nan); ``ks``/``fix_finger`` consider only tail starts above that floor. ``rtol`` is an
+opt-in filter: it drops :math:`\lambda \le \text{rtol}\cdot\lambda_{\max}` first (relative, so
+the fit stays scale-free, unlike the authors' optional absolute ``1e-5`` cut). A tail whose mean
+log-spread is at most :data:`FLAT_LOG_SPREAD` is flat (alpha = inf; e.g. an orthogonal matrix,
+whose float32 spectrum is 1 ± rounding noise).
 
 The loop-based NumPy version these must agree with is :mod:`hill_reference`.
 """
@@ -41,7 +45,8 @@ import torch
 __all__ = [
     "HillFit",
     "XMIN_METHODS",
-    "DEFAULT_RTOL",
+    "NOISE_FLOOR",
+    "noise_floor",
     "FLAT_LOG_SPREAD",
     "filter_eigs",
     "hill_fit",
@@ -51,12 +56,16 @@ __all__ = [
 
 XMIN_METHODS = ("median", "fix_finger", "ks")
 
-#: Relative threshold below which an eigenvalue counts as zero. It sits above the rounding noise
-#: that a float32 Gram-matrix ``eigvalsh`` leaves on exact zeros (measured <= 4.2e-7·λ_max for d
-#: up to 4096) and is the same for float64, so both precisions drop the same eigenvalues and give
-#: the same alpha (a different cut would move the median). The authors drop λ <= 1e-5 (absolute,
-#: which is not scale-free; for typical CIFAR conv slices λ_max ~ 1, so it is a similar cut).
-DEFAULT_RTOL = 2e-6
+#: Relative level at or below which a float32 eigenvalue cannot be told from zero: a float32
+#: Gram-matrix ``eigvalsh`` leaves rounding noise of at most 4.2e-7·λ_max on exact zeros (measured
+#: for d up to 4096). Nothing is filtered at this level; a tail may not start at or below it.
+#: float64 eigenvalues get the same margin over their own rounding (:func:`noise_floor`).
+NOISE_FLOOR = 2e-6
+
+
+def noise_floor(dtype: torch.dtype) -> float:
+    """:data:`NOISE_FLOOR` scaled to the machine epsilon of ``dtype`` (3.7e-15 for float64)."""
+    return NOISE_FLOOR * torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
 
 #: Mean log-spread ``(1/n) Σ ln(λ_j / λ_min)`` of a tail below which it counts as flat (alpha =
 #: inf). A float32 Gram ``eigvalsh`` of an orthogonal matrix leaves a spread of 5e-7 to 2.5e-6
@@ -80,7 +89,7 @@ class HillFit:
         xmin: :math:`\\lambda_{\\min}`, start of the fitted tail (squared weight units).
         n_tail: number of eigenvalues in the tail (``xmin`` included).
         ks_distance: KS distance of the fit (only computed for ``ks``/``fix_finger``, else nan).
-        num_eigs: eigenvalues left after dropping (near-)zeros.
+        num_eigs: eigenvalues the fit used (all of them, or those above ``rtol · λ_max``).
     """
 
     alpha: float
@@ -91,7 +100,7 @@ class HillFit:
 
 
 def filter_eigs(eigs: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
-    """Sorted finite eigenvalues above ``rtol · λ_max`` (see module docstring for the default)."""
+    """Sorted finite eigenvalues, without those ``<= rtol · λ_max`` when ``rtol`` is given."""
     eigs = sorted_eigs(eigs)
     return eigs[_kept(eigs, rtol)]
 
@@ -107,11 +116,10 @@ def sorted_eigs(eigs: torch.Tensor) -> torch.Tensor:
 
 
 def _kept(eigs: torch.Tensor, rtol: float | None) -> torch.Tensor:
-    """Mask of the eigenvalues that are not (near-)zero; a suffix of the sorted eigenvalues."""
-    if eigs.numel() == 0:
-        return torch.zeros(0, dtype=torch.bool, device=eigs.device)
-    if rtol is None:
-        rtol = DEFAULT_RTOL
+    """Mask of the eigenvalues the fit uses: all of them, or with ``rtol`` those above
+    ``rtol · λ_max`` (a suffix of the sorted eigenvalues)."""
+    if not rtol or eigs.numel() == 0:
+        return torch.ones(eigs.shape, dtype=torch.bool, device=eigs.device)
     return eigs > eigs[-1] * rtol
 
 
@@ -167,31 +175,35 @@ def _fit_tensors(
     kept = _kept(eigs, rtol)
     n_kept = kept.sum()
     first = n_total - n_kept  # index of the smallest kept eigenvalue
-    log_eigs = torch.where(kept, torch.log(torch.where(kept, eigs, torch.ones_like(eigs))),
+    # Above the noise floor: the only eigenvalues a tail may start at (and whose logs mean anything).
+    signal = eigs > eigs[-1] * noise_floor(dtype)
+    log_eigs = torch.where(signal, torch.log(torch.where(signal, eigs, torch.ones_like(eigs))),
                            torch.zeros_like(eigs))
     fittable = n_kept >= 2
 
     if xmin == "median":
         start = (first + n_kept // 2).clamp_max(n_total - 1).reshape(1)
-        alpha = torch.where(fittable, _alpha_at(log_eigs, start, include_xmin)[0], nan)
+        alpha = torch.where(fittable & signal[start[0]], _alpha_at(log_eigs, start, include_xmin)[0], nan)
         return alpha, eigs[start[0]], n_total - start[0], nan, n_kept
 
     starts = torch.arange(n_total - 1, device=device)
-    mask = starts >= first
+    mask = (starts >= first) & signal[:-1]
     if xmin == "fix_finger":
+        usable = kept & signal
+        first_usable = (n_total - usable.sum()).clamp_max(n_total - 1)
         log10 = log_eigs / torch.log(torch.tensor(10.0, dtype=dtype, device=device))
-        lo = log10[first.clamp_max(n_total - 1)]
+        lo = log10[first_usable]
         hi = log10[-1]
         width = (hi - lo) / _FIX_FINGER_BINS
         bins = torch.clamp(((log10 - lo) / torch.clamp(width, min=1e-30)).long(), 0, _FIX_FINGER_BINS - 1)
         counts = torch.zeros(_FIX_FINGER_BINS, dtype=torch.long, device=device)
-        counts.scatter_add_(0, bins, kept.long())
+        counts.scatter_add_(0, bins, usable.long())
         peak = 10.0 ** (lo + width * torch.argmax(counts))
         body = eigs[:-1]
         window = mask & (body >= _FIX_FINGER_WINDOW[0] * peak) & (body <= _FIX_FINGER_WINDOW[1] * peak)
-        # No candidate in the window: fall back to the kept eigenvalue nearest the peak.
+        # No candidate in the window: fall back to the usable eigenvalue nearest the peak.
         distance = torch.where(mask, (body - peak).abs(), torch.full_like(body, float("inf")))
-        mask = torch.where(window.any(), window, starts == torch.argmin(distance))
+        mask = mask & torch.where(window.any(), window, starts == torch.argmin(distance))
 
     alphas = _alpha_at(log_eigs, starts, include_xmin)
     dists = torch.where(mask, _ks_distances(log_eigs, starts, alphas), torch.full_like(alphas, float("inf")))
@@ -223,7 +235,7 @@ def hill_fit(
     Args:
         eigs: eigenvalues of WᵀW (any order, e.g. from :func:`~hf_tempbalance.spectral.esd`).
         xmin: ``"median"``, ``"fix_finger"`` or ``"ks"``.
-        rtol: eigenvalues ``<= rtol · λ_max`` are dropped as zeros (default :data:`DEFAULT_RTOL`).
+        rtol: opt-in filter: drop eigenvalues ``<= rtol · λ_max`` first (default: keep all).
         include_xmin: count ``λ_min`` among the tail points (authors' convention).
     """
     alpha, x, n, dist, kept = _fit_tensors(torch.as_tensor(eigs), xmin, include_xmin, rtol)
@@ -237,7 +249,7 @@ def hill_alpha(
     rtol: float | None = None,
     include_xmin: bool = True,
 ) -> float:
-    """PL_Alpha_Hill of an ESD (paper Eq. 3); ``nan`` if fewer than 2 non-zero eigenvalues.
+    """PL_Alpha_Hill of an ESD (paper Eq. 3); ``nan`` when the tail would start at the noise floor.
 
     Scale-free: ``hill_alpha(c * eigs) == hill_alpha(eigs)`` for any ``c > 0``.
     """

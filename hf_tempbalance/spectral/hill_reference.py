@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
-from .hill import FLAT_LOG_SPREAD
+from .hill import FLAT_LOG_SPREAD, noise_floor
 
 __all__ = ["hill_alpha_reference"]
 
@@ -34,24 +35,27 @@ def _ks(eigs: np.ndarray, i: int, alpha: float) -> float:
 
 
 def hill_alpha_reference(
-    eigs, xmin: str = "median", rtol: float = 2e-6, include_xmin: bool = True
+    eigs, xmin: str = "median", rtol: float | None = None, include_xmin: bool = True
 ) -> float:
     """Same contract as :func:`hf_tempbalance.spectral.hill.hill_alpha`, in float64 NumPy."""
     eigs = np.sort(np.asarray(eigs, dtype=np.float64).ravel())
-    eigs = eigs[eigs > eigs[-1] * rtol]
+    if rtol:
+        eigs = eigs[eigs > eigs[-1] * rtol]
     n_total = len(eigs)
     if n_total < 2:
         return math.nan
+    floor = noise_floor(torch.float64) * eigs[-1]
     if xmin == "median":
-        return _alpha(eigs, n_total // 2, include_xmin)
+        i = n_total // 2
+        return _alpha(eigs, i, include_xmin) if eigs[i] > floor else math.nan
 
-    candidates = list(range(n_total - 1))
+    candidates = [i for i in range(n_total - 1) if eigs[i] > floor]
     if xmin == "fix_finger":
-        log10 = np.log10(eigs)
+        log10 = np.log10(eigs[eigs > floor])
         counts, edges = np.histogram(log10, bins=100, range=(log10[0], log10[-1]))
         peak = 10.0 ** edges[int(np.argmax(counts))]
         window = [i for i in candidates if 0.95 * peak <= eigs[i] <= 1.5 * peak]
-        candidates = window or [int(np.argmin(np.abs(eigs[:-1] - peak)))]
+        candidates = window or [min(candidates, key=lambda i: abs(eigs[i] - peak))]
     elif xmin != "ks":
         raise ValueError(xmin)
 

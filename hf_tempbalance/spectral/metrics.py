@@ -24,12 +24,12 @@ import torch
 from torch import nn
 
 from .esd import batched_esd, one_intra_op_thread
-from .hill import DEFAULT_RTOL, hill_alpha_tensor, sorted_eigs
+from .hill import hill_alpha_tensor, sorted_eigs
 
 __all__ = ["MetricFn", "register_metric", "available_metrics", "compute_metric", "layer_metrics"]
 
 #: ``fn(eigs, xmin=..., rtol=..., include_xmin=...) -> 0-dim tensor``; ``eigs`` sorted ascending,
-#: non-negative, zeros NOT removed (each metric decides; Hill fits mask them out).
+#: non-negative, zeros NOT removed (each metric decides; see :mod:`~hf_tempbalance.spectral.hill`).
 MetricFn = Callable[..., torch.Tensor]
 
 _REGISTRY: dict[str, MetricFn] = {}
@@ -105,13 +105,18 @@ def layer_metrics(
     dtype: torch.dtype | str = torch.float32,
     rtol: float | None = None,
     include_xmin: bool = True,
+    scales: Sequence[float] | None = None,
 ) -> dict[str, list[float]]:
     """Metrics of many layers: batched ESDs, per-layer fits on device, ONE host sync at the end.
 
+    ``scales`` multiplies each layer's eigenvalues before the metrics (the authors' ``conv_norm``:
+    their conv ESDs are those of √0.5·W); scale-free metrics such as alpha do not change.
+
     Returns ``{metric: [value per layer]}`` as Python floats (nan where a fit is impossible).
     """
-    # The fits drop λ <= rtol·λ_max: float32 ESDs get that split exactly as in float64.
-    eig_list = batched_esd(layers, dtype=dtype, rtol=DEFAULT_RTOL if rtol is None else rtol)
+    eig_list = batched_esd(layers, dtype=dtype)
+    if scales is not None:
+        eig_list = [e if s == 1 else e * s for e, s in zip(eig_list, scales, strict=True)]
     # Fits are many small ops: on CPU, op-level threading only adds barriers (see esd.py).
     on_cpu = all(e.device.type == "cpu" for e in eig_list)
     with one_intra_op_thread() if on_cpu else nullcontext():
