@@ -88,13 +88,16 @@ def row_problem(row: Any) -> str | None:
     """Why ``row`` is not a history row (``None`` when it is one)."""
     if not isinstance(row, dict):
         return f"a JSON {_JSON_TYPES.get(type(row), 'value')}, not an object"
+    absent = [key for key in ("step", "update", "layer", "multiplier") if key not in row]
+    if absent:
+        return f"no {', '.join(map(repr, absent))} key"
     for key in ("step", "update"):
-        if not (_is_int(row.get(key)) and row[key] >= 0):
-            return f"{key!r} is {row.get(key)!r}, not a non-negative integer"
-    if not isinstance(row.get("layer"), str):
-        return f"'layer' is {row.get('layer')!r}, not a layer name"
-    if not _is_number(row.get("multiplier")):
-        return f"'multiplier' is {row.get('multiplier')!r}, not a number"
+        if not (_is_int(row[key]) and row[key] >= 0):
+            return f"{key!r} is {row[key]!r}, not a non-negative integer"
+    if not isinstance(row["layer"], str):
+        return f"'layer' is {row['layer']!r}, not a layer name"
+    if not _is_number(row["multiplier"]):
+        return f"'multiplier' is {row['multiplier']!r}, not a number"
     value = row.get("value")
     if not (value is None or _is_number(value) or value in ("inf", "-inf", "nan")):
         return f"'value' is {value!r}, not a number"
@@ -125,7 +128,7 @@ def _parse(path: str) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
             bad.append((number, "not UTF-8 text"))
             continue
         except json.JSONDecodeError as err:
-            bad.append((number, f"not valid JSON ({err.msg} at column {err.colno})"))
+            bad.append((number, f"not valid JSON ({err.msg}, column {err.colno})"))
             continue
         why = row_problem(row)
         if why is not None:
