@@ -128,7 +128,7 @@ def _parse(path: str) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
             bad.append((number, "not UTF-8 text"))
             continue
         except json.JSONDecodeError as err:
-            bad.append((number, f"not valid JSON ({err.msg}, column {err.colno})"))
+            bad.append((number, f"not valid JSON ({err})"))
             continue
         why = row_problem(row)
         if why is not None:
