@@ -220,10 +220,24 @@ class TempBalance:
                 row["base_lr"] = base.get(row["layer"])
         if self.snr is not None:
             self.snr.apply_()
-        if any(m != 1.0 for m in self.multipliers.values()):
+        if self._check_multipliers_applied():
             self._layout.enter(self.multiplier)
         else:  # nothing to scale: leave the optimizer exactly as its owner made it
             self._layout.exit()
+
+    def _check_multipliers_applied(self) -> bool:
+        """Whether any multiplier differs from 1.0; ``ValueError`` for one that is not finite and
+        positive (``multipliers`` is a plain dict: a value written into it by hand is checked
+        here, before it reaches the optimizer)."""
+        scaled = False
+        for name, m in self.multipliers.items():
+            if m != 1.0:
+                if not (isinstance(m, int | float) and 0 < m < math.inf):
+                    raise ValueError(f"TempBalance.multipliers[{name!r}] = {m!r}: a multiplier must "
+                                     "be a finite number > 0; set multipliers only through update() "
+                                     "or load_state_dict().")
+                scaled = True
+        return scaled
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._layout.exit()

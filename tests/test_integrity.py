@@ -111,6 +111,20 @@ def test_a_forced_config_never_reaches_the_optimizer():
     assert [g["lr"] for g in optimizer.param_groups] == [LR]
 
 
+def test_a_multiplier_written_by_hand_never_reaches_the_optimizer():
+    model = make_net()
+    tb = TempBalance(model, TempBalanceConfig(min_eigs=10, interval=1, start_step=10**6))
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    tb.attach(optimizer)
+    tb.multipliers["2"] = math.nan
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"multipliers\['2'\] = nan"):
+        used_lrs(model, optimizer)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    tb.multipliers["2"] = 1.25
+    assert used_lrs(model, optimizer)["2.weight"] == pytest.approx(LR * 1.25, rel=1e-9)
+
+
 # ----------------------------------------------------------------------- s1 == s2
 @pytest.mark.parametrize("assign", ["linear", "step", "sqrt", "log2"])
 @pytest.mark.parametrize("s", [0.7, 1.3])

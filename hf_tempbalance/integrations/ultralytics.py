@@ -120,7 +120,12 @@ class TempBalanceHook:
             LOGGER.warning("TempBalance: this checkpoint holds no TempBalance state (made without "
                            "TempBalance?); multipliers restart at 1.0 until the next update.")
         else:
-            self.tb.load_state_dict(state)
+            try:
+                self.tb.load_state_dict(state)
+            except ValueError as err:
+                raise ValueError(f"{err} (The state is ckpt['optimizer'][{CHECKPOINT_KEY!r}] of the "
+                                 "Ultralytics checkpoint; deleting that key resumes with the "
+                                 "multipliers at 1.0.)") from err
             self._written = len(self.tb.history)
             if self._writer is not None:
                 # Resuming in the run's save_dir: drop rows an interrupted run appended after
