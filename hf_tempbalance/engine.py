@@ -220,12 +220,12 @@ class TempBalance:
                 row["base_lr"] = base.get(row["layer"])
         if self.snr is not None:
             self.snr.apply_()
-        if self._check_multipliers_applied():
+        if self._needs_scaling():
             self._layout.enter(self.multiplier)
         else:  # nothing to scale: leave the optimizer exactly as its owner made it
             self._layout.exit()
 
-    def _check_multipliers_applied(self) -> bool:
+    def _needs_scaling(self) -> bool:
         """Whether any multiplier differs from 1.0; ``ValueError`` for one that is not finite and
         positive (``multipliers`` is a plain dict: a value written into it by hand is checked
         here, before it reaches the optimizer)."""
