@@ -346,27 +346,37 @@ def _analyze(items: list[_Item], config: TempBalanceConfig, dtype: Any, keep_esd
 def read_analysis_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of a CSV written by :meth:`ModelAnalysis.to_csv` / ``hf-tempbalance analyze --csv``.
 
-    Numeric columns come back as floats/ints and ``balanced`` as bool.
+    Numeric columns come back as floats/ints and ``balanced`` as bool. A malformed file raises
+    ``ValueError`` naming the file and the line.
     """
     ints = {"num_eigs", "n_tail"}
     rows = []
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
-        missing = {"name", "alpha"} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path} is not an `hf-tempbalance analyze --csv` table "
-                             f"(missing columns {sorted(missing)})")
-        for raw in reader:
-            row: dict[str, Any] = {}
-            for key, value in raw.items():
-                if key in ("name", "type", "shape"):
-                    row[key] = value
-                elif key == "balanced":
-                    row[key] = value == "True"
-                elif key in ints:
-                    row[key] = int(value)
-                else:
-                    row[key] = float(value)
-            rows.append(row)
+        try:
+            fields = reader.fieldnames or ()
+            missing = {"name", "alpha"} - set(fields)
+            if missing:
+                raise ValueError(f"{path} is not an `hf-tempbalance analyze --csv` table "
+                                 f"(missing columns {sorted(missing)})")
+            for raw in reader:
+                if None in raw or None in raw.values():
+                    raise ValueError(f"{path} line {reader.line_num}: {len(fields)} columns "
+                                     "expected (a torn or hand-edited line?)")
+                row: dict[str, Any] = {}
+                for key, value in raw.items():
+                    if key in ("name", "type", "shape"):
+                        row[key] = value
+                    elif key == "balanced":
+                        row[key] = value == "True"
+                    else:
+                        try:
+                            row[key] = int(value) if key in ints else float(value)
+                        except ValueError:
+                            raise ValueError(f"{path} line {reader.line_num}: column {key!r} is "
+                                             f"{value!r}, not a number") from None
+                rows.append(row)
+        except (csv.Error, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} line {max(reader.line_num, 1)}: not a CSV table "
+                             f"({err})") from err
     return rows
-

@@ -13,6 +13,9 @@ schedule gives. With ``L`` layers whose metric values are ``α_1..α_L``:
   :math:`m_i = s_1 + (k-1)\frac{s_2 - s_1}{L}`, so the top layer gets
   :math:`s_1 + (s_2 - s_1)\frac{L-1}{L} < s_2` (ties broken by layer order; all equal: 1.0).
 
+With ``s1 == s2`` every map gives every layer exactly ``s1`` (a constant multiplier; ``1`` is the
+identity), the neutral all-equal case included.
+
 Larger metric -> larger multiplier in every case (an under-trained layer learns faster).
 All maps are scale-free in α except ``log2``/``sqrt``, which are invariant to scaling of α only
 up to their normalisation, as in the paper. Non-finite inputs are the caller's business: pass
@@ -91,4 +94,6 @@ def assign_multipliers(values: Sequence[float], assign: str = "linear", s1: floa
         return []
     if not valid_for(assign, arr).all():
         raise ValueError(f"assign={assign!r} got values outside its domain: {arr.tolist()}")
+    if s1 == s2:
+        return [float(s1)] * arr.size
     return fn(arr, float(s1), float(s2)).tolist()

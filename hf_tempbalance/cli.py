@@ -6,8 +6,8 @@
     hf-tempbalance analyze ckpt.safetensors --arch timm:resnet18
     hf-tempbalance plot runs/tb runs/baseline --out figures/
 
-Exit status: 0 on success, 2 for a bad argument, path or model name (with a message on stderr
-that says what to do).
+Exit status: 0 on success, 2 for a bad argument, path, model name or malformed input file (with
+one line on stderr that names the file, the line where relevant, and what to do).
 """
 
 from __future__ import annotations
@@ -108,15 +108,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (CliError, ModelLoadError, FileNotFoundError) as err:
-        print(f"hf-tempbalance {args.command}: error: {err}", file=sys.stderr)
+    except (CliError, ModelLoadError, OSError) as err:
+        # OSError: an unreadable or unwritable path (missing, a directory, no permission).
+        print(f"hf-tempbalance {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except ImportError as err:
         if "hf_tempbalance[" not in str(err):  # not a missing extra: a real bug, show it
             raise
-        print(f"hf-tempbalance {args.command}: error: {err}", file=sys.stderr)
+        print(f"hf-tempbalance {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 # ---------------------------------------------------------------------------- analyze
@@ -235,20 +240,24 @@ def run_plot(args: argparse.Namespace) -> dict[str, object]:
             raise CliError(f"no such run directory: {run}")
     out = args.out or os.path.join(args.runs[0], "tempbalance_plots")
     labels = _labels(args.runs)
-    grids = {}
+    grids, empty = {}, []
     for run, label in zip(args.runs, labels):
         if os.path.exists(os.path.join(run, HISTORY_FILE)):
             try:
-                rows = read_history(run)
+                # Strict: a plot of a damaged file would silently leave rows out.
+                rows = read_history(run, strict=True)
                 # An empty history (balance_lr=False: the SNR-alone baseline) is a baseline run.
                 if rows:
                     grids[label] = history_grid(rows)
-            except (ValueError, KeyError) as err:
+                else:
+                    empty.append(run)
+            except (ValueError, OSError) as err:
                 raise CliError(f"cannot read the history of {run}: {err}") from err
     if not grids and len(args.runs) + len(args.baseline_alphas) < 2:
-        raise CliError(f"{args.runs[0]} has no {HISTORY_FILE}: it was not trained with "
-                       "TempBalance (or not yet updated). Give a TempBalance run, or two runs to "
-                       "compare their alpha distributions.")
+        what = f"an empty {HISTORY_FILE}" if empty else f"no {HISTORY_FILE}"
+        raise CliError(f"{args.runs[0]} has {what}: it was not trained with TempBalance (or not "
+                       "yet updated). Give a TempBalance run, or two runs to compare their alpha "
+                       "distributions.")
 
     plots: dict[str, object] = {}
     for label, grid in grids.items():

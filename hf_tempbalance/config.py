@@ -18,13 +18,20 @@ LAYER_TYPES = ("linear", "conv", "embedding")
 NORM_FOLLOW = ("authors", "previous", "next", "none")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TempBalanceConfig:
     """TempBalance settings. Defaults are the paper's CIFAR setting (Section 4, Appendix D).
+
+    Immutable: every value is validated once, when the config is made, and cannot change after
+    (a field set later would reach the optimizer unchecked); ``cfg.replace(s1=0.6)`` makes a
+    validated copy.
 
     Attributes:
         s1: smallest LR multiplier (paper: 0.5; 0.6 for TinyImageNet/WRN and TB+SNR; LM: 1.0).
         s2: largest LR multiplier (paper: 1.5; 1.4 for TinyImageNet/WRN and TB+SNR; LM: 2.0).
+            ``s1 == s2`` gives every validly measured layer the constant multiplier ``s1``,
+            whatever ``assign`` is; ``s1 == s2 == 1`` leaves every LR exactly as the scheduler
+            set it (an A/B baseline with the same code path).
         metric: per-layer metric mapped to LRs: ``alpha_hill`` (PL_Alpha_Hill, Eq. 3; paper
             default), ``spectral_norm``, ``alpha_weighted``, ``stable_rank`` or a registered one.
         xmin: where the power-law tail starts: ``median`` (paper), ``fix_finger``, ``ks``.
@@ -89,7 +96,7 @@ class TempBalanceConfig:
         # A lone string means one item (tuple("conv") would be four one-letter regexes).
         for name in ("layer_types", "include", "exclude"):
             value = getattr(self, name)
-            setattr(self, name, (value,) if isinstance(value, str) else tuple(value))
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         self.validate()
 
     def validate(self) -> None:
@@ -97,10 +104,11 @@ class TempBalanceConfig:
         def bad(name: str, why: str) -> None:
             raise ValueError(f"TempBalanceConfig.{name}={getattr(self, name)!r}: {why}")
 
-        if not (isinstance(self.s1, (int, float)) and self.s1 > 0):
-            bad("s1", "must be a positive number (the smallest LR multiplier, paper: 0.5)")
-        if not (isinstance(self.s2, (int, float)) and self.s1 < self.s2 < float("inf")):
-            bad("s2", f"must be a finite number larger than s1={self.s1} (paper: s1=0.5, s2=1.5)")
+        if not (_is_number(self.s1) and 0 < self.s1 < float("inf")):
+            bad("s1", "must be a positive finite number (the smallest LR multiplier, paper: 0.5)")
+        if not (_is_number(self.s2) and self.s1 <= self.s2 < float("inf")):
+            bad("s2", f"must be a finite number >= s1={self.s1} (paper: s1=0.5, s2=1.5; s2 == s1 "
+                      "is a constant multiplier)")
         if self.metric not in available_metrics():
             bad("metric", f"unknown metric; choose from {available_metrics()} or register_metric() one")
         if self.xmin not in XMIN_METHODS:
@@ -130,10 +138,10 @@ class TempBalanceConfig:
             bad("dtype", "choose 'float32' or 'float64'")
         if self.eig_rtol is not None and not (0 <= self.eig_rtol < 1):
             bad("eig_rtol", "must be None or in [0, 1)")
-        if not (isinstance(self.conv_norm, (int, float)) and 0 < self.conv_norm < float("inf")):
+        if not (_is_number(self.conv_norm) and 0 < self.conv_norm < float("inf")):
             bad("conv_norm", "must be a positive number (authors: 0.5; 1 for the plain weight)")
-        if not (isinstance(self.snr_strength, (int, float)) and self.snr_strength >= 0):
-            bad("snr_strength", "must be >= 0 (0 disables spectral-norm regularisation)")
+        if not (_is_number(self.snr_strength) and 0 <= self.snr_strength < float("inf")):
+            bad("snr_strength", "must be a finite number >= 0 (0 disables spectral-norm regularisation)")
         if not (isinstance(self.snr_iterations, int) and self.snr_iterations >= 1):
             bad("snr_iterations", "must be a positive integer")
 
@@ -153,3 +161,23 @@ class TempBalanceConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TempBalanceConfig:
         return cls(**data)
+
+
+def _frozen_setattr(self: TempBalanceConfig, name: str, value: Any) -> None:
+    raise dataclasses.FrozenInstanceError(
+        f"TempBalanceConfig is immutable once validated (cannot set {name!r}); make a validated "
+        f"copy with cfg.replace({name}=...)")
+
+
+def _frozen_delattr(self: TempBalanceConfig, name: str) -> None:
+    raise dataclasses.FrozenInstanceError(
+        f"TempBalanceConfig is immutable once validated (cannot delete {name!r})")
+
+
+# frozen=True already refuses assignment; these say how to change a value instead.
+TempBalanceConfig.__setattr__ = _frozen_setattr  # type: ignore[method-assign]
+TempBalanceConfig.__delattr__ = _frozen_delattr  # type: ignore[method-assign]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

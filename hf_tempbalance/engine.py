@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import types
 import warnings
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,7 @@ from .groups import (
     check_optimizer,
     unwrap_optimizer,
 )
+from .history import row_problem
 from .layers import LayerPlan, discover_layers, kind_of, weight_sources
 from .snr import SpectralNormRegularizer
 from .spectral.matrices import weight_of
@@ -53,6 +54,10 @@ __all__ = ["TempBalance"]
 
 _STATE_VERSION = 1
 _LISTED = 5  # layers named in one warning about invalid metrics
+# Slack of the [s1, s2] check of saved multipliers: Eq. 2 rounds at the ends (0.6 + 0.8 > 1.4).
+_RANGE_RTOL = 1e-9
+_STATE_FIX = ("resume from an intact checkpoint, or load no TempBalance state (the multipliers "
+              "then restart at 1.0 until the next update)")
 
 
 class TempBalance:
@@ -79,6 +84,8 @@ class TempBalance:
         if not isinstance(config, TempBalanceConfig):
             raise TypeError(f"config must be a TempBalanceConfig, got {type(config).__name__}")
         self.config = config.replace(**overrides) if overrides else config
+        # Immutable once validated; checked again in case it was forced (object.__setattr__).
+        self.config.validate()
         if steps_per_epoch is not None and steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
         self.steps_per_epoch = steps_per_epoch
@@ -217,7 +224,24 @@ class TempBalance:
                 row["base_lr"] = base.get(row["layer"])
         if self.snr is not None:
             self.snr.apply_()
-        self._layout.enter(self.multiplier)
+        if self._needs_scaling():
+            self._layout.enter(self.multiplier)
+        else:  # nothing to scale: leave the optimizer exactly as its owner made it
+            self._layout.exit()
+
+    def _needs_scaling(self) -> bool:
+        """Whether any multiplier differs from 1.0; ``ValueError`` for one that is not finite and
+        positive (``multipliers`` is a plain dict: a value written into it by hand is checked
+        here, before it reaches the optimizer)."""
+        scaled = False
+        for name, m in self.multipliers.items():
+            if m != 1.0:
+                if not (isinstance(m, int | float) and 0 < m < math.inf):
+                    raise ValueError(f"TempBalance.multipliers[{name!r}] = {m!r}: a multiplier must "
+                                     "be a finite number > 0; set multipliers only through update() "
+                                     "or load_state_dict().")
+                scaled = True
+        return scaled
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._layout.exit()
@@ -312,6 +336,13 @@ class TempBalance:
         ok = valid_for(cfg.assign, values) if len(values) else np.zeros(0, dtype=bool)
         if ok.any():
             new = assign_multipliers(values[ok], cfg.assign, cfg.s1, cfg.s2)
+            if not all(math.isfinite(m) and m > 0 for m in new):
+                # Unreachable with a validated config; a forced one must not reach the optimizer.
+                raise ValueError(
+                    f"TempBalance computed multipliers {new} from {cfg.metric} values "
+                    f"{values[ok].tolist()} with assign={cfg.assign!r}, s1={cfg.s1!r}, s2={cfg.s2!r}; "
+                    "the config was changed after it was validated. Build the engine from a "
+                    "TempBalanceConfig made with its constructor or replace().")
             for name, m in zip([n for n, good in zip(names, ok) if good], new):
                 self.multipliers[name] = float(m)
         self._warn_invalid([name for name, good in zip(names, ok) if not good])
@@ -363,7 +394,10 @@ class TempBalance:
         ``config.log_layers``), ``{prefix}<metric>/<layer>`` and ``{prefix}multiplier/<layer>``.
 
         The key set never changes during a run (``nan`` for a metric that could not be computed).
+        Empty when no layer is balanced: there is nothing to log.
         """
+        if not self.plan.names:
+            return {}
         values = {prefix + key: value for key, value in self.summary().items()}
         if self.config.log_layers if per_layer is None else per_layer:
             metric = self.config.metric
@@ -397,39 +431,135 @@ class TempBalance:
             state["history"] = [dict(row) for row in self.history]
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output; the balanced layers must be the same.
 
-        A state saved without its history leaves :attr:`history` as it is.
+        Everything is checked before anything changes: the version, every key and its type, the
+        layer set (of ``layers``, ``multipliers`` and ``metrics``), and that every multiplier is
+        finite, positive and within the range of the map that made it (``[s1, s2]`` or the
+        neutral 1.0 for ``linear``/``step``, with the saved config's ``s1``, ``s2``, ``assign``).
+        A bad state raises ``ValueError`` naming the field and the fix, and leaves the engine as
+        it was. A state saved without its history leaves :attr:`history` as it is.
         """
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unsupported TempBalance state version {state.get('version')!r}")
-        if list(state["layers"]) != self.plan.names:
-            missing = sorted(set(state["layers"]) ^ set(self.plan.names))
-            raise ValueError(
-                "the saved TempBalance state was made for different layers (differing: "
-                f"{missing[:5]}{'...' if len(missing) > 5 else ''}); resume with the same model and "
-                "TempBalanceConfig (layer_types, include/exclude, min_eigs, exclude_first_last).")
-        self.multipliers = {k: float(v) for k, v in state["multipliers"].items()}
-        self.metrics = {k: float(v) for k, v in state["metrics"].items()}
-        self.num_steps = int(state["num_steps"])
-        self.num_updates = int(state["num_updates"])
-        self._update_requested = bool(state["update_requested"])
+        checked = self._checked_state(state)
+        self.multipliers = checked["multipliers"]
+        self.metrics = checked["metrics"]
+        self.num_steps = checked["num_steps"]
+        self.num_updates = checked["num_updates"]
+        self._update_requested = checked["update_requested"]
         # An epoch length known now (this run's data loader) wins over the saved one: a run
         # resumed with another batch size or process count has other epochs.
-        self.steps_per_epoch = self.steps_per_epoch or state.get("steps_per_epoch")
-        if "last_scheduled_step" in state:
-            last = state["last_scheduled_step"]
-            self._last_scheduled = None if last is None else int(last)
+        self.steps_per_epoch = self.steps_per_epoch or checked["steps_per_epoch"]
+        if "last_scheduled_step" in checked:
+            self._last_scheduled = checked["last_scheduled_step"]
         else:  # saved before this key existed: every window up to the last step was served
             self._last_scheduled = self.num_steps - 1 if self.num_steps > self.config.start_step else None
+        if "history" in checked:
+            self.history = checked["history"]
+
+    def _checked_state(self, state: Any) -> dict[str, Any]:
+        """The values of a saved state, parsed; ``ValueError`` for the first bad one."""
+        def bad(field: str, why: str, fix: str = _STATE_FIX) -> None:
+            raise ValueError(f"TempBalance state: {field!r} {why}; {fix}.")
+
+        if not isinstance(state, Mapping):
+            raise ValueError(f"a TempBalance state is the dict TempBalance.state_dict() returns, got "
+                             f"a {type(state).__name__}; {_STATE_FIX}.")
+        if state.get("version") != _STATE_VERSION:
+            bad("version", f"is {state.get('version')!r}, but this hf_tempbalance reads version "
+                f"{_STATE_VERSION}", "resume with the hf_tempbalance version that saved it, or "
+                "load no TempBalance state (the multipliers then restart at 1.0)")
+        missing = [key for key in ("layers", "multipliers", "metrics", "num_steps", "num_updates",
+                                   "update_requested") if key not in state]
+        if missing:
+            raise ValueError(f"the TempBalance state lacks {missing}: it is not a whole "
+                             f"TempBalance.state_dict() (truncated or edited); {_STATE_FIX}.")
+        layers = state["layers"]
+        if not (isinstance(layers, list | tuple) and all(isinstance(n, str) for n in layers)):
+            bad("layers", f"is {layers!r}, not a list of layer names")
+        if list(layers) != self.plan.names:
+            differing = sorted(set(layers) ^ set(self.plan.names))
+            bad("layers", "was saved for different layers than this engine balances (differing: "
+                f"{differing[:5]}{'...' if len(differing) > 5 else ''})",
+                "resume with the same model and TempBalanceConfig (layer_types, include/exclude, "
+                "min_eigs, exclude_first_last)")
+        out: dict[str, Any] = {}
+        for field in ("multipliers", "metrics"):
+            values = state[field]
+            if not isinstance(values, Mapping):
+                bad(field, f"is a {type(values).__name__}, not a dict {{layer name: number}}")
+            if set(values) != set(self.plan.names):
+                unknown = sorted(map(str, set(values) - set(self.plan.names)))
+                absent = sorted(set(self.plan.names) - set(values))
+                bad(field, f"does not name the state's layers (unknown: {unknown[:5]}, missing: "
+                    f"{absent[:5]}); a layer without its value would silently run at the base LR")
+            for name, value in values.items():
+                if not (_is_number(value) or (field == "metrics" and value is None)):
+                    bad(field, f"holds {value!r} for layer {name!r}, not a number")
+            out[field] = {name: math.nan if values[name] is None else float(values[name])
+                          for name in self.plan.names}
+        self._check_multipliers(out["multipliers"], state.get("config"), bad)
+        for field in ("num_steps", "num_updates"):
+            if not (_is_int(state[field]) and state[field] >= 0):
+                bad(field, f"is {state[field]!r}, not a non-negative integer")
+            out[field] = int(state[field])
+        if not isinstance(state["update_requested"], bool):
+            bad("update_requested", f"is {state['update_requested']!r}, not true/false")
+        out["update_requested"] = state["update_requested"]
+        if "last_scheduled_step" in state:
+            last = state["last_scheduled_step"]
+            if not (last is None or (_is_int(last) and last >= 0)):
+                bad("last_scheduled_step", f"is {last!r}, not null or a non-negative integer")
+            out["last_scheduled_step"] = None if last is None else int(last)
+        epoch = state.get("steps_per_epoch")
+        if not (epoch is None or (_is_int(epoch) and epoch >= 1)):
+            bad("steps_per_epoch", f"is {epoch!r}, not null or a positive integer")
+        out["steps_per_epoch"] = None if epoch is None else int(epoch)
         if "history" in state:
-            self.history = [dict(row) for row in state["history"]]
+            history = state["history"]
+            if not isinstance(history, list | tuple):
+                bad("history", f"is a {type(history).__name__}, not a list of rows")
+            for i, row in enumerate(history):
+                why = row_problem(dict(row) if isinstance(row, Mapping) else row)
+                if why is not None:
+                    bad("history", f"row {i} is not a history row ({why})")
+            out["history"] = [dict(row) for row in history]
+        return out
+
+    def _check_multipliers(self, multipliers: dict[str, float], saved_config: Any, bad) -> None:
+        """Finite, positive, and within the range of the map that made them (the saved config's;
+        this engine's when the state carries none)."""
+        cfg = self.config
+        if saved_config is not None:
+            if not isinstance(saved_config, Mapping):
+                bad("config", f"is a {type(saved_config).__name__}, not TempBalanceConfig.to_dict()")
+            try:
+                cfg = TempBalanceConfig(**{k: saved_config[k] for k in ("s1", "s2", "assign")
+                                           if k in saved_config})
+            except (TypeError, ValueError) as err:
+                bad("config", f"is not a valid config ({err})")
+        bounded = cfg.assign in ("linear", "step")
+        lo, hi = cfg.s1 * (1 - _RANGE_RTOL), cfg.s2 * (1 + _RANGE_RTOL)
+        for name, m in multipliers.items():
+            if not (math.isfinite(m) and m > 0):
+                bad("multipliers", f"holds {m!r} for layer {name!r}; a multiplier must be a finite "
+                    "number > 0 (this one would reach the optimizer as the layer's LR factor)")
+            if bounded and m != 1.0 and not lo <= m <= hi:
+                bad("multipliers", f"holds {m!r} for layer {name!r}, outside [s1, s2] = "
+                    f"[{cfg.s1}, {cfg.s2}] of assign={cfg.assign!r} that made it")
 
     def __repr__(self) -> str:
         return (f"TempBalance({len(self.plan.layers)} layers, metric={self.config.metric}, "
                 f"assign={self.config.assign}, s=({self.config.s1}, {self.config.s2}), "
                 f"interval={self.config.interval}, updates={self.num_updates})")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
 def _attached_engines(optimizer: torch.optim.Optimizer) -> list[TempBalance]:

@@ -7,20 +7,59 @@ plotting tools read any run. Row keys (from :attr:`TempBalance.history`, plus in
 (name), ``value`` (metric value, nan if invalid), ``multiplier`` (m_i), ``valid`` (bool), and
 optionally ``epoch`` and ``base_lr`` (the scheduler's LR at that step; the layer's LR is
 ``base_lr · multiplier``).
+
+Integrity. Nothing in a history file is dropped silently:
+
+* Reading skips a line that is not a history row (a torn line, which a crash in the middle of an
+  append leaves, or a foreign one) with one warning naming the file and the line numbers;
+  ``read_history(path, strict=True)`` raises instead.
+* A file is only ever rewritten as a whole (:func:`rewrite_history`: a new file moved into place,
+  so a crash leaves the old file or the new one, never a mix), and when the new content leaves
+  out a line of the old file, the old file is first kept as ``<file>.<k>.bak`` with a warning.
+* An integration writes nothing until there is a row to record: no file for a run that balances
+  no layer or never reaches an update.
+
+Durability. The unit of recovery is the checkpoint: a resumed run restarts from the checkpoint's
+step, keeps the rows of the updates before it and makes the later ones again. So an appended row
+is handed to the operating system at once (one write per update: it survives a crash or a
+``kill -9`` of the training process) but not flushed to disk; the integrations flush the file
+(``fsync``) when a checkpoint is saved, so every row the checkpoint follows is on disk no later
+than the checkpoint itself. Rows after the last checkpoint may be lost in a power cut or an
+operating-system crash; the resumed run writes them again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["HISTORY_FILE", "append_history", "read_history", "rewrite_history", "history_before"]
+__all__ = ["HISTORY_FILE", "HistoryFormatError", "HistoryWriter", "append_history",
+           "read_history", "rewrite_history", "history_before", "history_backups", "row_problem",
+           "sync_history"]
 
 HISTORY_FILE = "tempbalance_history.jsonl"
+_LISTED = 5  # bad lines named in one warning
+
+
+class HistoryFormatError(ValueError):
+    """A line of a history file that is not a history row (``read_history(..., strict=True)``).
+
+    Attributes:
+        path: the file.
+        line: the 1-based line number.
+    """
+
+    def __init__(self, path: str, line: int, why: str) -> None:
+        self.path, self.line = path, line
+        super().__init__(f"{path} line {line}: {why}; it is not a TempBalance history row (a torn "
+                         "last line is what a crash in the middle of an append leaves): delete or "
+                         "repair that line")
 
 
 def _jsonable(value: Any) -> Any:
@@ -29,60 +68,264 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def append_history(rows: Iterable[dict[str, Any]], path: str | os.PathLike) -> None:
-    """Append rows to a JSONL history file (created with its directory if missing)."""
-    rows = list(rows)
-    if not rows:
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+def _encode(rows: Iterable[Mapping[str, Any]]) -> str:
+    return "".join(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n" for row in rows)
 
 
-def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a history file (a run directory is accepted too); nan/inf restored as floats."""
-    if os.path.isdir(path):
-        path = os.path.join(path, HISTORY_FILE)
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+_JSON_TYPES = {list: "array", str: "string", bool: "boolean", type(None): "null", int: "number",
+               float: "number"}
+
+
+def row_problem(row: Any) -> str | None:
+    """Why ``row`` is not a history row (``None`` when it is one)."""
+    if not isinstance(row, dict):
+        return f"a JSON {_JSON_TYPES.get(type(row), 'value')}, not an object"
+    absent = [key for key in ("step", "update", "layer", "multiplier") if key not in row]
+    if absent:
+        return f"no {', '.join(map(repr, absent))} key"
+    for key in ("step", "update"):
+        if not (_is_int(row[key]) and row[key] >= 0):
+            return f"{key!r} is {row[key]!r}, not a non-negative integer"
+    if not isinstance(row["layer"], str):
+        return f"'layer' is {row['layer']!r}, not a layer name"
+    if not _is_number(row["multiplier"]):
+        return f"'multiplier' is {row['multiplier']!r}, not a number"
+    value = row.get("value")
+    if not (value is None or _is_number(value) or value in ("inf", "-inf", "nan")):
+        return f"'value' is {value!r}, not a number"
+    for key in ("epoch", "base_lr"):
+        if row.get(key) is not None and not _is_number(row[key]):
+            return f"{key!r} is {row[key]!r}, not a number"
+    if "metric" in row and not isinstance(row["metric"], str):
+        return f"'metric' is {row['metric']!r}, not a metric name"
+    return None
+
+
+def _resolve(path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    return os.path.join(path, HISTORY_FILE) if os.path.isdir(path) else path
+
+
+def _parse(path: str) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
+    """(rows, [(line number, why) of every non-blank line that is no row])."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    rows, bad = [], []
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            bad.append((number, "not UTF-8 text"))
+            continue
+        except json.JSONDecodeError as err:
+            bad.append((number, f"not valid JSON ({err})"))
+            continue
+        why = row_problem(row)
+        if why is not None:
+            bad.append((number, why))
+            continue
+        value = row.get("value")
+        row["value"] = math.nan if value is None else float(value)
+        rows.append(row)
+    return rows, bad
+
+
+def read_history(path: str | os.PathLike, *, strict: bool = False) -> list[dict[str, Any]]:
+    """Rows of a history file (a run directory is accepted too); nan/inf restored as floats.
+
+    A line that is not a history row (torn JSON, a foreign line) is skipped with one warning per
+    file naming the line numbers; with ``strict=True`` the first raises
+    :class:`HistoryFormatError` (a ``ValueError``) naming the file and the line.
+    """
+    path = _resolve(path)
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"no TempBalance history at {path}; it is written by training runs that use "
             f"TempBalance (file {HISTORY_FILE} in the output directory)."
         )
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                row = json.loads(line)
-                if row.get("value") is None:
-                    row["value"] = math.nan
-                elif isinstance(row.get("value"), str):
-                    row["value"] = float(row["value"])
-                rows.append(row)
+    rows, bad = _parse(path)
+    if bad and strict:
+        raise HistoryFormatError(path, *bad[0])
+    if bad:
+        shown = "; ".join(f"line {n}: {why}" for n, why in bad[:_LISTED])
+        more = f"; and {len(bad) - _LISTED} more" if len(bad) > _LISTED else ""
+        warnings.warn(f"{path}: skipped {len(bad)} line(s) that are not TempBalance history rows "
+                      f"({shown}{more}); the other {len(rows)} rows are used. A torn last line is "
+                      "what a crash in the middle of an append leaves.", stacklevel=2)
     return rows
 
 
-def rewrite_history(rows: Iterable[dict[str, Any]], path: str | os.PathLike) -> None:
-    """Replace the history file by ``rows`` (an empty file for none)."""
+def append_history(rows: Iterable[dict[str, Any]], path: str | os.PathLike) -> None:
+    """Append rows to a JSONL history file (created with its directory if missing).
+
+    The rows go to the operating system in one write (see the module docstring on durability).
+    A file whose last line was torn gets a line break first, so the new rows stay readable.
+    """
+    data = _encode(rows)
+    if not data:
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    open(path, "w", encoding="utf-8").close()
-    append_history(rows, path)
+    if os.path.exists(path) and os.path.getsize(path) and not _ends_with_newline(path):
+        data = "\n" + data
+    with open(path, "ab") as fh:
+        fh.write(data.encode("utf-8"))
+
+
+def _ends_with_newline(path: str | os.PathLike) -> bool:
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) == b"\n"
+
+
+def sync_history(path: str | os.PathLike) -> None:
+    """Flush the file to disk, if it exists (called when a checkpoint is saved)."""
+    if os.path.exists(path):
+        with open(path, "ab") as fh:
+            os.fsync(fh.fileno())
+
+
+def history_backups(path: str | os.PathLike) -> list[str]:
+    """The backups :func:`rewrite_history` kept of ``path``, newest first."""
+    path = os.path.abspath(path)
+    folder, name = os.path.split(path)
+    pattern = re.compile(re.escape(name) + r"\.(\d+)\.bak$")
+    try:
+        found = [(int(m.group(1)), os.path.join(folder, f)) for f in os.listdir(folder)
+                 if (m := pattern.match(f))]
+    except FileNotFoundError:
+        return []
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _next_backup(path: str) -> str:
+    backups = history_backups(path)
+    last = int(backups[0].rsplit(".", 2)[-2]) if backups else 0
+    return f"{path}.{last + 1}.bak"
+
+
+def _replace_atomically(path: str, data: bytes) -> None:
+    """Write ``data`` to a new file and move it over ``path``: a crash leaves one or the other."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def rewrite_history(rows: Iterable[dict[str, Any]], path: str | os.PathLike, *,
+                    reason: str = "the file was rewritten") -> str | None:
+    """Make the history file hold exactly ``rows``; returns the backup kept, if any.
+
+    Lines of the old file that the new content leaves out (rows, torn or foreign lines) are
+    never lost: the old file is first kept as ``<file>.<k>.bak`` (``k`` one more than the last
+    backup's) and a warning says how many lines, why (``reason``), and where they are. The new
+    content replaces the file in one step. No rows and no file: nothing is created.
+    """
+    path = os.path.abspath(path)
+    new = _encode(rows).encode("utf-8")
+    try:
+        with open(path, "rb") as fh:
+            old = fh.read()
+    except FileNotFoundError:
+        old = None
+    if old == new or (old is None and not new):
+        return None
+    backup = None
+    if old is not None:
+        kept = set(new.splitlines())
+        lost = [line for line in old.splitlines() if line.strip() and line not in kept]
+        if lost:
+            backup = _next_backup(path)
+            try:
+                os.link(path, backup)
+            except OSError:  # no hard links here (some network or FAT file systems)
+                with open(backup, "wb") as fh:
+                    fh.write(old)
+            warnings.warn(f"{path}: {len(lost)} line(s) of the history file are not kept ({reason}); "
+                          f"the previous file is kept as {backup}.", stacklevel=2)
+    if new:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _replace_atomically(path, new)
+    elif old is not None and backup is not None:
+        os.remove(path)  # every line is in the backup; no rows: no file
+    return backup
+
+
+class HistoryWriter:
+    """The history file of one run, as the integrations write it (main process only).
+
+    :meth:`start` gives the rows the file begins with (those before a resumed run's checkpoint;
+    none for a new run). The file is (re)written only once there is a row to put in it: at once
+    when there are such rows, else at the first :meth:`append`. A run that never records a row
+    leaves the directory as it was (also an earlier run's file in it).
+
+    Args:
+        path: the history file.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.path.abspath(path)
+        self._start_rows: list[dict[str, Any]] = []
+        self._reason = "a new run starts its own history here"
+        self._started = False
+
+    def start(self, rows: Iterable[dict[str, Any]] = (), *,
+              reason: str = "a new run starts its own history here") -> None:
+        """Begin the file with ``rows``; ``reason`` explains any lines of the present file left
+        out (see :func:`rewrite_history`)."""
+        self._start_rows, self._reason, self._started = list(rows), reason, False
+        if self._start_rows:
+            self._begin()
+
+    def append(self, rows: Iterable[dict[str, Any]]) -> None:
+        rows = list(rows)
+        if not rows:
+            return
+        if not self._started:
+            self._begin()
+        append_history(rows, self.path)
+
+    def sync(self) -> None:
+        """Flush what was written to disk (when a checkpoint is saved)."""
+        if self._started:
+            sync_history(self.path)
+
+    def _begin(self) -> None:
+        rewrite_history(self._start_rows, self.path, reason=self._reason)
+        self._start_rows, self._started = [], True
 
 
 def history_before(step: int, updates: int,
                    *sources: Sequence[dict[str, Any]] | str | os.PathLike | None,
-                   multipliers: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+                   multipliers: Mapping[str, float] | None = None,
+                   layers: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """The history rows of the updates made before optimizer step ``step``.
 
     What a run resumed from a checkpoint taken after ``step`` optimizer steps continues from:
     rows that a longer earlier run wrote after the checkpoint are left out. ``sources`` are
     looked at in order: lists of rows at hand (e.g. the history a checkpoint carried) and
-    history files (typically the resumed run's own, then the one the checkpointed run wrote);
-    the first that holds all ``updates`` updates the checkpoint followed wins, and with
-    ``multipliers`` (the checkpoint's) only if its last update gave exactly those, so a file of
-    another run in the same directory is not taken for this one. If none does (a removed file,
-    another machine), this warns and returns the most complete rows of a source that held fewer
-    updates (possibly none).
+    history files (typically the resumed run's own, then the one the checkpointed run wrote,
+    then backups of them); the first intact one wins: it holds all ``updates`` updates the
+    checkpoint followed, with ``layers`` one row per balanced layer in each (a damaged file that
+    lost a row is passed over for an intact copy), and with ``multipliers`` (the checkpoint's)
+    its last update gave exactly those, so a file of another run in the same directory is not
+    taken for this one. If none is intact (a removed file, another machine), this warns and
+    returns the most complete rows of a source that held fewer updates (possibly none).
     """
     best: list[dict[str, Any]] = []
     looked: list[str] = []
@@ -93,17 +336,27 @@ def history_before(step: int, updates: int,
                 continue
             source = read_history(source)
         rows = [r for r in source if r["step"] < step]
-        if len({r["update"] for r in rows}) != updates:
+        if not _complete(rows, updates, layers):
             best = max(best, rows, key=len)
         elif _ends_with(rows, multipliers):
             return rows
-        # else: as many updates, other multipliers: another run's file, never used
+        # else: every update, other multipliers: another run's file, never used
     warnings.warn(
         f"the checkpoint at step {step} follows {updates} TempBalance updates, but the history "
         f"files ({', '.join(looked) or 'none given'}) do not hold them all (found "
         f"{len({r['update'] for r in best})} of them, or rows of another run); the history file "
         "continues from what was found.", stacklevel=3)
     return best
+
+
+def _complete(rows: list[dict[str, Any]], updates: int, layers: Sequence[str] | None) -> bool:
+    """Whether ``rows`` hold updates ``0..updates-1``, each with one row per layer of ``layers``."""
+    by_update: dict[int, list[str]] = {}
+    for row in rows:
+        by_update.setdefault(row["update"], []).append(row["layer"])
+    if set(by_update) != set(range(updates)):
+        return False
+    return layers is None or all(sorted(names) == sorted(layers) for names in by_update.values())
 
 
 def _distinct(sources) -> list:
@@ -125,5 +378,5 @@ def _ends_with(rows: list[dict[str, Any]], multipliers: Mapping[str, float] | No
     """Whether the last update in ``rows`` gave ``multipliers`` (always true without them)."""
     if multipliers is None or not rows:
         return True
-    last = rows[-1]["update"]
+    last = max(r["update"] for r in rows)
     return {r["layer"]: r["multiplier"] for r in rows if r["update"] == last} == dict(multipliers)

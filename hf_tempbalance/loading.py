@@ -69,7 +69,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except Exception as err:  # safetensors raises its own error types
             raise ModelLoadError(f"could not read safetensors file {path}: {err}") from err
         # The format keeps no key order; numeric-aware order puts "layers.10" after "layers.9".
-        return {k: state[k] for k in sorted(state, key=_natural_key)}
+        return _checked_tensors({k: state[k] for k in sorted(state, key=_natural_key)}, path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -80,8 +80,23 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             "safetensors.torch.save_file) and try again."
         ) from err
     except Exception as err:
-        raise ModelLoadError(f"could not read {path} with torch.load(weights_only=True): {err}") from err
-    return _unwrap_state_dict(obj, path)
+        raise ModelLoadError(f"could not read {path} with torch.load(weights_only=True): "
+                             f"{err or type(err).__name__}") from err
+    return _checked_tensors(_unwrap_state_dict(obj, path), path)
+
+
+def _checked_tensors(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+    """Refuse tensors without data; FP8 weights come back in float32, which every eigensolver
+    path takes (the spectrum does not depend on the storage format)."""
+    out = {}
+    for name, tensor in state.items():
+        if tensor.is_meta:
+            raise ModelLoadError(f"{path}: tensor {name!r} holds no data (saved from a model on the "
+                                 "meta device); save the weights of a materialised model")
+        if tensor.is_floating_point() and tensor.element_size() == 1:
+            tensor = tensor.float()
+        out[name] = tensor
+    return out
 
 
 def _natural_key(name: str) -> list[tuple[int, int | str]]:
@@ -234,9 +249,13 @@ def _looks_like_path(spec: str) -> bool:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not read {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} holds a JSON {type(data).__name__}, not the object a model "
+                             "config is; restore the file or point at another model")
+    return data
 
 
 def find_saved_model(run_dir: str | os.PathLike) -> str | None:

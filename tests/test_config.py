@@ -24,9 +24,11 @@ BAD = [
     ("s1", {"s1": -0.5}),
     ("s1", {"s1": "0.5"}),
     ("s1", {"s1": float("nan")}),
-    ("s2", {"s1": 1.5, "s2": 1.5}),
+    ("s1", {"s1": True}),
+    ("s1", {"s1": float("inf"), "s2": float("inf")}),
     ("s2", {"s1": 1.2, "s2": 0.8}),
     ("s2", {"s2": float("inf")}),
+    ("s2", {"s2": float("nan")}),
     ("metric", {"metric": "alpha_magic"}),
     ("xmin", {"xmin": "peak"}),
     ("assign", {"assign": "cubic"}),
@@ -48,6 +50,7 @@ BAD = [
     ("eig_rtol", {"eig_rtol": 1.0}),
     ("eig_rtol", {"eig_rtol": -1e-6}),
     ("snr_strength", {"snr_strength": -0.01}),
+    ("snr_strength", {"snr_strength": float("inf")}),
     ("snr_iterations", {"snr_iterations": 0}),
 ]
 

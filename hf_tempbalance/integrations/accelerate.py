@@ -26,8 +26,10 @@ Resume. Registered for checkpointing, the wrapper saves the engine's state (mult
 step clock) with ``accelerator.save_state``; the history stays in the history file, which
 ``accelerator.load_state`` followed by the first :meth:`AcceleratedTempBalance.log` reads back up
 to the checkpoint's step, from the new ``output_dir`` or else from the file the checkpointed run
-wrote (see :func:`hf_tempbalance.history.history_before`). Without an ``output_dir`` the history
-travels in the checkpoint.
+wrote (see :func:`hf_tempbalance.history.history_before`); rows the file held after the
+checkpoint are cut with a warning and kept in a backup. Without an ``output_dir`` the history
+travels in the checkpoint. The file is written from the first row on (no file while there is
+nothing to record) and flushed to disk at every ``save_state`` (see :mod:`hf_tempbalance.history`).
 
 Every rank must run the same optimizer steps (so every rank joins each update's collective);
 every rank then applies bit-identical multipliers (see :mod:`hf_tempbalance.distributed`).
@@ -37,11 +39,12 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from ..distributed import UNSUPPORTED_SHARDING, check_launch
 from ..engine import TempBalance
-from ..history import HISTORY_FILE, append_history, history_before, rewrite_history
+from ..history import HISTORY_FILE, HistoryWriter, history_backups, history_before
 
 __all__ = ["AcceleratedTempBalance", "check_accelerator"]
 
@@ -88,6 +91,7 @@ class AcceleratedTempBalance:
         self._saved_path: str | None = None  # history file of the run a checkpoint came from
         self._written = 0  # rows of tb.history already in the history file
         self._file_started = False
+        self._writer = HistoryWriter(self.path) if self.path is not None else None
 
     def attach(self, optimizer: Any, train_dataloader: Any = None) -> TempBalance:
         """Check the set-up, then attach the engine to the prepared optimizer.
@@ -114,23 +118,30 @@ class AcceleratedTempBalance:
             self._start_file()
         rows = self.tb.history[self._written:]
         self._written = len(self.tb.history)
-        if rows and self.path is not None and self.accelerator.is_main_process:
-            append_history(rows, self.path)
+        if rows and self._writer is not None and self.accelerator.is_main_process:
+            self._writer.append(rows)
         return self.tb.log_values(per_layer=False) if self.tb.num_updates else {}
 
     def _start_file(self) -> None:
-        """Begin the history file where this process took over: empty for a new run, the rows
-        of the updates before the checkpoint for a resumed one."""
+        """Begin the history file where this process took over: the rows of the updates before
+        the checkpoint for a resumed run, none for a new one (then the file is written from the
+        first row on)."""
         self._file_started = True
         tb = self.tb
         step, updates, multipliers = self._takeover or (0, 0, None)
         before = [r for r in tb.history if r["step"] < step]
-        if self.path is not None and self.accelerator.is_main_process:
-            # The engine's own rows when the checkpoint carried them, else the history files'.
-            before = history_before(step, updates, before, self.path, self._saved_path,
-                                    multipliers=multipliers)
-            tb.history = before + [r for r in tb.history if r["step"] >= step]
-            rewrite_history(before, self.path)
+        if self._writer is not None and self.accelerator.is_main_process:
+            if step == 0 and updates == 0:
+                self._writer.start()
+            else:
+                # The engine's own rows when the checkpoint carried them, else the history
+                # files' (an intact one first).
+                before = history_before(step, updates, before, self.path, self._saved_path,
+                                        *history_backups(self.path), multipliers=multipliers,
+                                        layers=tb.plan.names)
+                tb.history = before + [r for r in tb.history if r["step"] >= step]
+                self._writer.start(before, reason=f"the run resumes from the checkpoint at step "
+                                                  f"{step} and makes the later updates again")
         self._written = len(before)
 
     # ------------------------------------------------------------------ checkpointing
@@ -139,15 +150,26 @@ class AcceleratedTempBalance:
         ``accelerator.register_for_checkpointing(self)``.
 
         The history is left out when it has a file (the checkpoint would otherwise grow by a row
-        per layer and update); a run resumed elsewhere reads it back from that path.
+        per layer and update); a run resumed elsewhere reads it back from that path. Called as a
+        checkpoint is saved: the rows it follows go to disk first.
         """
+        if self._writer is not None and self.accelerator.is_main_process:
+            self._writer.sync()
         return {"engine": self.tb.state_dict(include_history=self.path is None),
                 "history_path": self.path}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output (called by ``accelerator.load_state``); a bare
-        :meth:`TempBalance.state_dict` is accepted too."""
+        :meth:`TempBalance.state_dict` is accepted too. Checked whole before anything changes
+        (``ValueError`` naming the field, see :meth:`TempBalance.load_state_dict`)."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"an AcceleratedTempBalance state is the dict its state_dict() returns, "
+                             f"got a {type(state).__name__}; resume from an intact checkpoint.")
+        saved_path = state.get("history_path")
+        if not (saved_path is None or isinstance(saved_path, str)):
+            raise ValueError(f"AcceleratedTempBalance state: 'history_path' is {saved_path!r}, not "
+                             "a path or null; resume from an intact checkpoint.")
         self.tb.load_state_dict(state["engine"] if "engine" in state else state)
-        self._saved_path = state.get("history_path")
+        self._saved_path = saved_path
         self._takeover = (self.tb.num_steps, self.tb.num_updates, dict(self.tb.multipliers))
         self._file_started = False

@@ -18,7 +18,10 @@ lr_scheduler.step() -> on_step_end``, reference-notes §4):
 * Logging: ``tempbalance/...`` keys (summary and, with ``log_layers``, per layer) are added to the
   Trainer's logs. The Trainer calls user callbacks after the reporting integrations, so the
   callback moves itself in front of them when the Trainer registers it (``on_init_end``).
-  The full history is written to ``<output_dir>/tempbalance_history.jsonl`` (main process only).
+  The full history is written to ``<output_dir>/tempbalance_history.jsonl`` (main process only),
+  from the first update on: a run that balances no layer, or has made no update yet, adds no file
+  and no log key. Resuming cuts the file back to the checkpoint, keeping the old file as a backup
+  (see :mod:`hf_tempbalance.history` for this and for when rows reach the disk).
 
 :class:`TempBalanceTrainer` and :func:`tempbalance_optimizer_cls_and_kwargs` build the optimizer
 with one labelled group per layer from the start (the ``create_optimizer`` path), for users who want
@@ -47,7 +50,7 @@ except ImportError:  # pragma: no cover - older Transformers have none
 from ..config import TempBalanceConfig
 from ..distributed import check_launch
 from ..engine import TempBalance
-from ..history import HISTORY_FILE, append_history, history_before, rewrite_history
+from ..history import HISTORY_FILE, HistoryWriter, history_backups, history_before
 
 __all__ = ["TempBalanceCallback", "TempBalanceTrainer", "tempbalance_optimizer_cls_and_kwargs"]
 
@@ -97,6 +100,7 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
         # Both set by the Trainer when it restores callback states from a checkpoint:
         self.engine_state: dict | None = None
         self.history_path: str | None = None  # the history file the checkpointed run wrote
+        self._writer: HistoryWriter | None = None  # this run's history file (main process)
         self._written = 0
         self._epoch = 0.0
         self._reentered_epoch = False  # the next on_epoch_begin continues a checkpointed epoch
@@ -106,7 +110,10 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
         # The history (a row per layer and update) lives in the history file, which a resumed
         # run reads back up to the checkpoint (from its own output_dir, else from the file named
         # here); so trainer_state.json stays the same size however often the engine updates.
-        # Without a file the history has to travel here.
+        # Without a file the history has to travel here. Called as a checkpoint is saved: the rows
+        # it follows go to disk first.
+        if self._writer is not None:
+            self._writer.sync()
         engine_state = (self.engine.state_dict(include_history=not self.history_file)
                         if self.engine is not None else self.engine_state)
         return {
@@ -145,38 +152,74 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
             engine.steps_per_epoch = _steps_per_epoch(args, train_dataloader)
         saved, saved_path = self._saved_state(state)
         if saved is not None:
-            engine.load_state_dict(saved)  # keeps this run's epoch length when it knows one
+            try:
+                engine.load_state_dict(saved)  # keeps this run's epoch length when it knows one
+            except ValueError as err:
+                raise ValueError(
+                    f"{err} (The state is the {type(self).__name__} entry of stateful_callbacks in "
+                    "the checkpoint's trainer_state.json; deleting that entry resumes with the "
+                    "multipliers at 1.0.)") from err
+        elif state.global_step > 0:
+            warnings.warn(
+                f"resuming at step {state.global_step} from a checkpoint without TempBalance state "
+                f"(made without {type(self).__name__}, or its entry in stateful_callbacks of "
+                "trainer_state.json is missing or empty): the multipliers restart at 1.0 until the "
+                f"next update and the history starts anew (an earlier {self.history_file} is kept "
+                "as a backup when the first update is written).", stacklevel=2)
+        self._register(state)
         # A resumed Trainer re-enters the epoch it was in (on_epoch_begin again, mid-epoch): that
         # epoch's start was handled before the checkpoint (a pending request is in its state).
         self._reentered_epoch = saved is not None and state.global_step > 0
         engine.num_steps = state.global_step
         engine.attach(optimizer)
         self._warn_if_too_few_updates(state)
+        self._writer = None
         if self.history_file:
             path = os.path.abspath(os.path.join(args.output_dir, self.history_file))
             self.history_path = path
             if state.is_world_process_zero:
-                # The rows before the checkpoint: carried by it, else from the history files.
-                # Rewritten on every start: a resumed run continues from the checkpoint's
-                # history, not from rows a longer earlier run wrote after it.
-                engine.history = history_before(state.global_step, engine.num_updates, engine.history,
-                                                path, saved_path, multipliers=engine.multipliers)
-                rewrite_history(engine.history, path)
+                self._writer = HistoryWriter(path)
+                if saved is None:
+                    self._writer.start()
+                else:
+                    # The rows before the checkpoint: carried by it, else from the history files
+                    # (an intact one first). A resumed run continues from the checkpoint's
+                    # history, not from rows a longer earlier run wrote after it.
+                    engine.history = history_before(
+                        state.global_step, engine.num_updates, engine.history, path, saved_path,
+                        *history_backups(path), multipliers=engine.multipliers,
+                        layers=engine.plan.names)
+                    self._writer.start(engine.history, reason=(
+                        f"the run resumes from the checkpoint at step {state.global_step} and makes "
+                        "the later updates again"))
         self._written = len(engine.history)
+
+    def _register(self, state: TrainerState) -> None:
+        """Give the Trainer's state an entry for this callback if the checkpoint had none: the
+        Trainer's next save looks it up by name and raises KeyError without it."""
+        stored = state.stateful_callbacks
+        if isinstance(stored, dict) and type(self).__name__ not in stored:
+            stored[type(self).__name__] = self.state()
 
     def _saved_state(self, state: TrainerState) -> tuple[dict | None, str | None]:
         """(engine state, history file of the checkpointed run) to resume from: the restored
         attributes, else the checkpoint's trainer state; (None, None) for a new run."""
         if self.engine_state is not None:
             saved, self.engine_state = self.engine_state, None
-            return saved, self.history_path
+            return saved, _a_path(self.history_path)
         if state.global_step > 0:
             stored = (state.stateful_callbacks or {}).get(type(self).__name__)
             if isinstance(stored, list):
                 stored = stored[0] if stored else None
-            if isinstance(stored, dict):
-                attributes = stored.get("attributes", {})
-                return attributes.get("engine_state"), attributes.get("history_path")
+            if stored is not None:
+                attributes = stored.get("attributes") if isinstance(stored, dict) else None
+                if not isinstance(attributes, dict):
+                    raise ValueError(
+                        f"the {type(self).__name__} entry of stateful_callbacks in the checkpoint's "
+                        f"trainer_state.json is damaged (no 'attributes' dict: {stored!r:.200}); "
+                        "resume from an intact checkpoint, or delete that entry to resume with "
+                        "the multipliers at 1.0.")
+                return attributes.get("engine_state"), _a_path(attributes.get("history_path"))
         return None, None
 
     def _warn_if_too_few_updates(self, state: TrainerState) -> None:
@@ -214,8 +257,8 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
         rows = engine.history[self._written:]
         for row in rows:
             row.setdefault("epoch", self._epoch)
-        if self.history_file and state.is_world_process_zero:
-            append_history(rows, os.path.join(args.output_dir, self.history_file))
+        if self._writer is not None:
+            self._writer.append(rows)
         self._written = len(engine.history)
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -224,7 +267,8 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------ logging
     def log_values(self) -> dict[str, float]:
-        """The ``tempbalance/...`` values for the Trainer's logs (empty before the first update)."""
+        """The ``tempbalance/...`` values for the Trainer's logs (empty before the first update and
+        when no layer is balanced)."""
         engine = self.engine
         return engine.log_values() if engine is not None and engine.num_updates else {}
 
@@ -237,6 +281,11 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
             if values and state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
                 summary = self.engine.log_values(per_layer=False)
                 state.log_history[-1].update(summary)
+
+
+def _a_path(value: Any) -> str | None:
+    """A history path saved in a checkpoint, or None for anything else (it is only a hint)."""
+    return value if isinstance(value, str) and value else None
 
 
 def place_before_reporters(handler: CallbackHandler, callback: TrainerCallback) -> None:

@@ -31,7 +31,9 @@ What the hook does, and why Ultralytics' own behaviour is untouched:
   and summary keys join ``trainer.lr``, which Ultralytics writes to ``results.csv`` and passes to
   its loggers (TensorBoard, W&B, MLflow, ...). The history file
   (:data:`hf_tempbalance.history.HISTORY_FILE`) is appended in ``save_dir`` with the Ultralytics
-  epoch (1-based, as in ``results.csv``). Files are written by the main process only.
+  epoch (1-based, as in ``results.csv``), from the first update on, and flushed to disk with every
+  checkpoint. Files are written by the main process only. With no balanced layer (or
+  ``balance_lr=False``) nothing is logged and no file is written.
 * The engine state (multipliers, step count, history) is stored in each checkpoint as
   ``ckpt["optimizer"]["tempbalance"]`` and restored on resume.
 
@@ -50,7 +52,7 @@ from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 
 from ..config import TempBalanceConfig
 from ..engine import TempBalance
-from ..history import HISTORY_FILE, append_history, history_before, rewrite_history
+from ..history import HISTORY_FILE, HistoryWriter, history_backups, history_before
 
 __all__ = ["TempBalanceHook", "TempBalanceTrainerMixin", "TempBalanceDetectionTrainer",
            "add_tempbalance", "CHECKPOINT_KEY"]
@@ -76,6 +78,7 @@ class TempBalanceHook:
         self.tb: TempBalance | None = None
         self._written = 0  # history rows already appended to the history file
         self._path: Path | None = None  # the history file, in the trainer's save_dir
+        self._writer: HistoryWriter | None = None  # the main process's writer of that file
 
     # ------------------------------------------------------------------ setup
     def attach(self, trainer: Any, optimizer: Any, name: str = "") -> Any:
@@ -89,11 +92,12 @@ class TempBalanceHook:
         self.tb.attach(optimizer)
         save_dir = getattr(trainer, "save_dir", None)
         self._path = Path(save_dir) / HISTORY_FILE if save_dir is not None else None
-        if RANK in {-1, 0} and self._path is not None and self._path.exists() \
-                and not getattr(getattr(trainer, "args", None), "resume", False):
-            # A new run in an existing save_dir (exist_ok=True) starts a new history, as
-            # Ultralytics starts a new results.csv; a resumed one is cut back in _load_state.
-            rewrite_history([], self._path)
+        self._writer = HistoryWriter(self._path) if RANK in {-1, 0} and self._path is not None else None
+        if self._writer is not None:
+            # A new run in an existing save_dir (exist_ok=True) starts a new history at its first
+            # update, as Ultralytics starts a new results.csv (the old file is kept as a backup);
+            # a resumed one starts from the checkpoint's rows in _load_state.
+            self._writer.start()
         # The engine state travels inside the optimizer state dict, so it lands in every
         # Ultralytics checkpoint (last.pt, best.pt, epochN.pt) and comes back on resume.
         optimizer.register_state_dict_post_hook(self._save_state)
@@ -105,6 +109,8 @@ class TempBalanceHook:
         return optimizer
 
     def _save_state(self, optimizer: Any, state_dict: dict) -> dict:
+        if self._writer is not None:  # a checkpoint is being made: its rows go to disk first
+            self._writer.sync()
         state_dict[CHECKPOINT_KEY] = self.tb.state_dict()
         return state_dict
 
@@ -114,14 +120,23 @@ class TempBalanceHook:
             LOGGER.warning("TempBalance: this checkpoint holds no TempBalance state (made without "
                            "TempBalance?); multipliers restart at 1.0 until the next update.")
         else:
-            self.tb.load_state_dict(state)
+            try:
+                self.tb.load_state_dict(state)
+            except ValueError as err:
+                raise ValueError(f"{err} (The state is ckpt['optimizer'][{CHECKPOINT_KEY!r}] of the "
+                                 "Ultralytics checkpoint; deleting that key resumes with the "
+                                 "multipliers at 1.0.)") from err
             self._written = len(self.tb.history)
-            if RANK in {-1, 0} and self._path is not None and self._path.exists():
+            if self._writer is not None:
                 # Resuming in the run's save_dir: drop rows an interrupted run appended after
-                # this checkpoint (their epoch is trained again and writes them anew).
-                rows = history_before(self.tb.num_steps, self.tb.num_updates, self._path,
-                                      multipliers=self.tb.multipliers)
-                rewrite_history(rows, self._path)
+                # this checkpoint (their epoch is trained again and writes them anew). The file's
+                # rows carry the epoch; the checkpoint's own rows stand in for a damaged file.
+                tb = self.tb
+                rows = history_before(tb.num_steps, tb.num_updates, str(self._path), tb.history,
+                                      *history_backups(self._path), multipliers=tb.multipliers,
+                                      layers=tb.plan.names)
+                self._writer.start(rows, reason=f"the run resumes from the checkpoint at step "
+                                                f"{tb.num_steps} and makes the later updates again")
         return state_dict
 
     # ------------------------------------------------------------------ epoch events
@@ -132,12 +147,16 @@ class TempBalanceHook:
     def on_train_epoch_end(self, trainer: Any) -> None:
         """Add the per-layer metric and multiplier to ``trainer.lr`` and append the history."""
         tb = self.tb
-        # A fixed key set every epoch: results.csv writes its header once.
-        trainer.lr = {**getattr(trainer, "lr", {}), **tb.log_values()}
+        # A fixed key set every epoch (results.csv writes its header once); none at all when
+        # nothing is ever measured.
+        if tb.config.balance_lr:
+            trainer.lr = {**getattr(trainer, "lr", {}), **tb.log_values()}
         rows = tb.history[self._written:]
         self._written = len(tb.history)
-        if RANK in {-1, 0} and rows and self._path is not None:
-            append_history([{**row, "epoch": trainer.epoch + 1} for row in rows], self._path)
+        for row in rows:  # kept in the engine's rows too, so that checkpoints carry it
+            row.setdefault("epoch", trainer.epoch + 1)
+        if self._writer is not None:
+            self._writer.append(rows)
 
     EPOCH_EVENTS = ("on_train_epoch_start", "on_train_epoch_end")
 
