@@ -24,9 +24,8 @@ pass ``steps_per_epoch``.
 from __future__ import annotations
 
 import math
-import types
 import warnings
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -34,18 +33,13 @@ import torch
 from torch import nn
 
 from .assign import assign_multipliers, valid_for
+from .binding import Factors, OptimizerBinding, unwrap_optimizer
 from .config import TempBalanceConfig
 from .distributed import check_unsharded, is_main_process, sharded_metrics
-from .groups import (
-    DEFAULT_NO_DECAY,
-    GROUP_KEY,
-    StepLayout,
-    build_param_groups,
-    check_optimizer,
-    unwrap_optimizer,
-)
+from .groups import DEFAULT_NO_DECAY, GROUP_KEY, build_param_groups
 from .history import row_problem
 from .layers import LayerPlan, discover_layers, kind_of, weight_sources
+from .schedule import UpdateSchedule
 from .snr import SpectralNormRegularizer
 from .spectral.matrices import weight_of
 from .spectral.metrics import layer_metrics
@@ -68,6 +62,8 @@ class TempBalance:
         config: settings; ``None`` means the paper's defaults.
         steps_per_epoch: optimizer steps per epoch, needed only for ``interval="epoch"`` when
             nobody calls :meth:`request_update` at epoch boundaries.
+        clock: returns the index of the next optimizer step (e.g. the Trainer's
+            ``state.global_step``); default: the engine counts the attached optimizer's steps.
         **overrides: fields of :class:`TempBalanceConfig` to change.
 
     Attributes:
@@ -75,20 +71,21 @@ class TempBalance:
         metrics: ``{layer name: metric value}`` of the last update (nan if invalid).
         history: one dict per (update, layer): ``step, update, layer, metric, value, multiplier,
             valid``.
-        num_steps: optimizer steps seen by the attached hooks (the engine's clock).
+        num_steps: the next optimizer step (the ``clock``, or the steps counted).
     """
 
     def __init__(self, model: nn.Module, config: TempBalanceConfig | None = None, *,
-                 steps_per_epoch: int | None = None, **overrides: Any) -> None:
+                 steps_per_epoch: int | None = None, clock: Callable[[], int] | None = None,
+                 **overrides: Any) -> None:
         config = config if config is not None else TempBalanceConfig()
         if not isinstance(config, TempBalanceConfig):
             raise TypeError(f"config must be a TempBalanceConfig, got {type(config).__name__}")
         self.config = config.replace(**overrides) if overrides else config
         # Immutable once validated; checked again in case it was forced (object.__setattr__).
         self.config.validate()
-        if steps_per_epoch is not None and steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
-        self.steps_per_epoch = steps_per_epoch
+        self.schedule = UpdateSchedule(self.config.interval, self.config.start_step, steps_per_epoch)
+        self._clock = clock
+        self._steps = 0  # optimizer steps seen (the clock when none is given)
         self.model = _unwrap_model(model)
         self.plan: LayerPlan = discover_layers(self.model, self.config)
         if not self.plan.layers and is_main_process():
@@ -100,15 +97,10 @@ class TempBalance:
         self.multipliers: dict[str, float] = {name: 1.0 for name in self.plan.names}
         self.metrics: dict[str, float] = {name: math.nan for name in self.plan.names}
         self.history: list[dict[str, Any]] = []
-        self.num_steps = 0
         self.num_updates = 0
         self.last_computed: list[str] = []  # layers this process computed itself in the last update
-        self._update_requested = False
-        # Step of the last update the interval schedule made (None: none yet); see update_due().
-        self._last_scheduled: int | None = None
         self._warned: set[str] = set()
-        self._hooks: list[Any] = []
-        self._layout: StepLayout | None = None
+        self._binding: OptimizerBinding | None = None
         # Every trainable weight matrix of the configured kinds, balanced or not (the first and
         # last layers too), as the authors' SGDSNR regularises every weight with >= 2 dims.
         regularised = [module for _, module in self.plan.candidates
@@ -127,17 +119,18 @@ class TempBalance:
 
     # ------------------------------------------------------------------ hooks
     def attach(self, optimizer: Any) -> TempBalance:
-        """Register the step hooks on ``optimizer`` (Accelerate/other wrappers are unwrapped).
+        """Apply the multipliers to ``optimizer``'s steps (Accelerate/other wrappers are unwrapped).
 
-        One optimizer at a time (attaching again to the same one re-registers the hooks; another
-        one needs :meth:`detach` first). Labelled groups (:meth:`param_groups`) are scaled in
-        place, other groups are split by layer for the duration of each step; optimizers that
-        cannot work that way are refused (:func:`groups.check_optimizer`).
+        One optimizer at a time (attaching again to the same one re-attaches; another one needs
+        :meth:`detach` first), one TempBalance per optimizer (attaching replaces another one, with
+        a warning). Labelled groups (:meth:`param_groups`) are scaled in place, other groups are
+        split by layer for the duration of each step (:class:`~hf_tempbalance.binding.
+        OptimizerBinding`); optimizers that cannot work that way are refused.
         """
         inner = unwrap_optimizer(optimizer)
-        if self._layout is not None and self._layout.optimizer is not inner:
+        if self._binding is not None and self._binding.optimizer is not inner:
             raise ValueError(
-                f"this TempBalance is already attached to a {type(self._layout.optimizer).__name__}; "
+                f"this TempBalance is already attached to a {type(self._binding.optimizer).__name__}; "
                 "it follows the steps of one optimizer (attaching a second would silently leave the "
                 "first at the base LR). Call detach() first to move it, or use one optimizer for "
                 "all balanced layers.")
@@ -152,82 +145,47 @@ class TempBalance:
             warnings.warn(f"optimizer groups are labelled with layers this TempBalance does not balance "
                           f"({unknown[:3]}...): they stay at the base LR. Build the groups and the "
                           "engine from the same model and TempBalanceConfig.", stacklevel=2)
-        check_optimizer(inner, owner)
         self.detach()
-        self._detach_others(inner)
-        self._layout = StepLayout(inner, owner)
-        self._hooks = [inner.register_step_pre_hook(self._pre_step),
-                       inner.register_step_post_hook(self._post_step)]
-        self._guard_step(inner)
+        self._binding = OptimizerBinding(inner, owner, before_step=self._before_step,
+                                         after_step=self._after_step)
         return self
 
-    def _guard_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Undo the step's layout as soon as ``optimizer.step()`` raises.
-
-        torch runs no post-hook after an exception, so without this the groups stay split /
-        scaled until the next step, and whatever reads them in between (a Trainer re-entered
-        after an OOM builds its new scheduler from them) sees the wrong layout. The wrapper is a
-        bound method that carries the attributes of the one it wraps, so LR schedulers created
-        before or after it keep working (they wrap ``step`` the same way). It stays after
-        :meth:`detach`, as a pass-through.
-        """
-        previous = optimizer.step
-        if getattr(previous, "_tempbalance_guard", False):
-            return  # guarded already (re-attach): the guard looks up the current layout
-
-        def step(opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
-            try:
-                return previous(*args, **kwargs)
-            except BaseException:
-                for engine in _attached_engines(opt):
-                    if engine._layout is not None:
-                        engine._layout.exit()
-                raise
-
-        step.__dict__.update(getattr(previous, "__dict__", {}))  # e.g. _wrapped_by_lr_sched
-        step._tempbalance_guard = True
-        optimizer.step = types.MethodType(step, optimizer)
-
-    def _detach_others(self, optimizer: torch.optim.Optimizer) -> None:
-        """Detach any other TempBalance hooked on ``optimizer``: two would multiply their
-        multipliers (e.g. a Trainer re-entered after an exception skipped on_train_end)."""
-        for other in [e for e in _attached_engines(optimizer) if e is not self]:
-            warnings.warn("another TempBalance was attached to this optimizer; it is detached now "
-                          "(one TempBalance per optimizer).", stacklevel=3)
-            other.detach()
+    @property
+    def attached(self) -> bool:
+        """Whether the engine is attached to an optimizer."""
+        return self._binding is not None and self._binding.attached
 
     def detach(self) -> None:
-        """Remove the step hooks; the optimizer's groups and LRs are the scheduler's again (also
-        after a step that raised inside ``optimizer.step()``, whose post-hook never ran)."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
-        if self._layout is not None:
-            self._layout.exit()
-        self._layout = None
+        """Stop applying multipliers; the optimizer's groups and LRs are the scheduler's again
+        (also after a step that raised inside ``optimizer.step()``, whose post-hook never ran)."""
+        if self._binding is not None:
+            self._binding.detach()
+        self._binding = None
 
-    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if (self.interval is None and self.num_steps == self.config.start_step
-                and not self._update_requested and self.config.balance_lr and is_main_process()):
+    def _before_step(self) -> Factors | None:
+        """Before each optimizer step: update if due, add the SNR gradient, hand over the
+        multipliers (``None`` when all are 1: the optimizer stays exactly as its owner made it)."""
+        step = self.num_steps
+        if (self.interval is None and step == self.config.start_step
+                and not self.schedule.requested and self.config.balance_lr and is_main_process()):
             # Otherwise a plain loop that forgot both would run at the base LR without a word.
             warnings.warn("TempBalance: interval='epoch' without steps_per_epoch, and no "
                           "request_update() before the first step: the multipliers are recomputed "
                           "only when request_update() is called. Pass TempBalance(..., "
                           "steps_per_epoch=len(loader)), call tb.request_update() at the start of "
-                          "each epoch, or set interval=N steps.", stacklevel=3)
-        if self.config.balance_lr and self.update_due():
+                          "each epoch, or set interval=N steps.", stacklevel=4)
+        if self.config.balance_lr and self.schedule.due(step):
             rows = self.update()
-            if self.interval is not None and self.num_steps >= self.config.start_step:
-                self._last_scheduled = self.num_steps  # this window is served
-            base = self._base_lrs(optimizer)
+            self.schedule.served(step)
+            base = self._base_lrs(self._binding.optimizer)
             for row in rows:
                 row["base_lr"] = base.get(row["layer"])
         if self.snr is not None:
             self.snr.apply_()
-        if self._needs_scaling():
-            self._layout.enter(self.multiplier)
-        else:  # nothing to scale: leave the optimizer exactly as its owner made it
-            self._layout.exit()
+        return {"lr": self.multipliers} if self._needs_scaling() else None
+
+    def _after_step(self) -> None:
+        self._steps += 1
 
     def _needs_scaling(self) -> bool:
         """Whether any multiplier differs from 1.0; ``ValueError`` for one that is not finite and
@@ -242,10 +200,6 @@ class TempBalance:
                                      "or load_state_dict().")
                 scaled = True
         return scaled
-
-    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._layout.exit()
-        self.num_steps += 1
 
     def _base_lrs(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         """Scheduler LR of the group holding each layer's weight (before any multiplier)."""
@@ -264,39 +218,39 @@ class TempBalance:
 
     # ------------------------------------------------------------------ schedule
     @property
+    def num_steps(self) -> int:
+        """The next optimizer step: the clock given at construction (the Trainer's
+        ``global_step``), else the count of steps the attached optimizer has made."""
+        return self._clock() if self._clock is not None else self._steps
+
+    @property
+    def steps_per_epoch(self) -> int | None:
+        """Optimizer steps per epoch for ``interval="epoch"`` (None: unknown, see
+        :meth:`request_update`); compute it with :func:`hf_tempbalance.schedule.steps_per_epoch`."""
+        return self.schedule.steps_per_epoch
+
+    @steps_per_epoch.setter
+    def steps_per_epoch(self, steps: int | None) -> None:
+        if steps is not None and steps < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {steps}")
+        self.schedule.steps_per_epoch = steps
+
+    @property
     def interval(self) -> int | None:
         """Optimizer steps between updates (None: epoch-driven, via :meth:`request_update`)."""
-        if self.config.interval == "epoch":
-            return self.steps_per_epoch
-        return self.config.interval
+        return self.schedule.every
 
     def request_update(self) -> None:
         """Ask for an update before the next optimizer step (e.g. at an epoch boundary)."""
-        self._update_requested = True
+        self.schedule.request()
 
     def update_due(self, step: int | None = None) -> bool:
         """Whether the multipliers are recomputed before optimizer step ``step`` (default: the
-        next one, :attr:`num_steps`).
-
-        Due on request, and once in every window of ``interval`` steps from ``start_step``:
-        at steps ``start_step + j·interval``, or, for the next step, also when the window's
-        first step never reached the optimizer (a step the Trainer's fp16 GradScaler skipped
-        still advances ``global_step``, the engine's clock under the Trainer). For any other
-        ``step`` the answer is the plain schedule.
-        """
-        step = self.num_steps if step is None else step
-        start = self.config.start_step
-        if step < start:
-            return False
-        if self._update_requested and step == self.num_steps:
-            return True
-        interval = self.interval
-        if interval is None:
-            return False
-        if step != self.num_steps:
-            return (step - start) % interval == 0
-        last = -1 if self._last_scheduled is None else (self._last_scheduled - start) // interval
-        return (step - start) // interval > last
+        next one, :attr:`num_steps`; see :mod:`hf_tempbalance.schedule`). For a step other than
+        the next one the answer is the plain schedule."""
+        if step is None or step == self.num_steps:
+            return self.schedule.due(self.num_steps)
+        return self.schedule.planned(step)
 
     # ------------------------------------------------------------------ the update
     @torch.no_grad()
@@ -354,7 +308,7 @@ class TempBalance:
                          "valid": good})
         self.history.extend(rows)
         self.num_updates += 1
-        self._update_requested = False
+        self.schedule.requested = False  # an update made by hand serves a pending request too
         return rows
 
     def _warn_invalid(self, invalid: list[str]) -> None:
@@ -423,9 +377,7 @@ class TempBalance:
             "metrics": dict(self.metrics),
             "num_steps": self.num_steps,
             "num_updates": self.num_updates,
-            "update_requested": self._update_requested,
-            "last_scheduled_step": self._last_scheduled,
-            "steps_per_epoch": self.steps_per_epoch,
+            **self.schedule.state_dict(),
         }
         if include_history:
             state["history"] = [dict(row) for row in self.history]
@@ -444,16 +396,9 @@ class TempBalance:
         checked = self._checked_state(state)
         self.multipliers = checked["multipliers"]
         self.metrics = checked["metrics"]
-        self.num_steps = checked["num_steps"]
+        self._steps = checked["num_steps"]  # (with a clock, the clock says where the run is)
         self.num_updates = checked["num_updates"]
-        self._update_requested = checked["update_requested"]
-        # An epoch length known now (this run's data loader) wins over the saved one: a run
-        # resumed with another batch size or process count has other epochs.
-        self.steps_per_epoch = self.steps_per_epoch or checked["steps_per_epoch"]
-        if "last_scheduled_step" in checked:
-            self._last_scheduled = checked["last_scheduled_step"]
-        else:  # saved before this key existed: every window up to the last step was served
-            self._last_scheduled = self.num_steps - 1 if self.num_steps > self.config.start_step else None
+        self.schedule.load_state_dict(checked, next_step=self.num_steps)
         if "history" in checked:
             self.history = checked["history"]
 
@@ -560,13 +505,6 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
-
-
-def _attached_engines(optimizer: torch.optim.Optimizer) -> list[TempBalance]:
-    """The TempBalance engines whose step pre-hook is registered on ``optimizer``."""
-    hooks = getattr(optimizer, "_optimizer_step_pre_hooks", {}).values()
-    return list({id(h.__self__): h.__self__ for h in hooks
-                 if isinstance(getattr(h, "__self__", None), TempBalance)}.values())
 
 
 def _unwrap_model(model: nn.Module) -> nn.Module:

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from hf_tempbalance import TempBalanceConfig
+from hf_tempbalance.schedule import steps_per_epoch as tb_steps_per_epoch
 
 __all__ = ["METHODS", "Method", "get_method", "paper_lr", "paper_snr_strength", "paper_tb_range",
            "tempbalance_config", "build_optimizer", "steps_per_epoch", "PAPER_SEEDS"]
@@ -169,7 +170,7 @@ def steps_per_epoch(num_examples: int, args: Any) -> int:
     """Optimizer steps per epoch of a Trainer run (``args``: ``TrainingArguments``)."""
     per_step = args.train_batch_size * max(1, args.world_size)
     batches = num_examples // per_step if args.dataloader_drop_last else math.ceil(num_examples / per_step)
-    return max(1, math.ceil(batches / args.gradient_accumulation_steps))
+    return tb_steps_per_epoch(batches, args.gradient_accumulation_steps)
 
 
 def build_optimizer(method: str, model: nn.Module, args: Any, *, num_examples: int,

@@ -30,6 +30,7 @@ from torch import nn
 
 from hf_tempbalance import TempBalance, TempBalanceConfig
 from hf_tempbalance import distributed as tbdist
+from hf_tempbalance.binding import unwrap_optimizer
 from hf_tempbalance.distributed import (
     check_unsharded,
     collective_device,
@@ -37,7 +38,6 @@ from hf_tempbalance.distributed import (
     partition_by_cost,
     sharded_metrics,
 )
-from hf_tempbalance.groups import unwrap_optimizer
 from hf_tempbalance.history import read_history
 
 SCRIPTS = Path(__file__).parent / "scripts"

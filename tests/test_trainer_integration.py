@@ -39,7 +39,8 @@ from hf_tempbalance import (  # noqa: E402
     TempBalanceTrainer,
     tempbalance_optimizer_cls_and_kwargs,
 )
-from hf_tempbalance.groups import GROUP_KEY, unwrap_optimizer  # noqa: E402
+from hf_tempbalance.binding import unwrap_optimizer  # noqa: E402
+from hf_tempbalance.groups import GROUP_KEY  # noqa: E402
 from hf_tempbalance.history import HISTORY_FILE, read_history  # noqa: E402
 
 S1, S2 = 0.5, 1.5
@@ -345,7 +346,7 @@ def test_logged_keys_reach_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     trainer = run(tmp_path, tb={"interval": 4}, max_steps=8, logging_steps=1,
-                  report_to=["tensorboard"])
+                  report_to=["tensorboard"], trainer_cls=TempBalanceTrainer)
     engine = tb_callback(trainer).engine
     files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if "tfevents" in f]
     assert files
@@ -368,6 +369,18 @@ def test_logged_keys_reach_tensorboard(tmp_path):
         values = [r["value"] for r in engine.history if r["step"] == last]
         assert row["tempbalance/alpha_hill_mean"] == pytest.approx(np.mean(values), rel=1e-9)
         assert not any(key.startswith("tempbalance/multiplier/") for key in row)
+
+
+def test_plain_trainer_warns_that_reporters_miss_the_values(tmp_path):
+    """A plain Trainer calls its reporters before user callbacks: the callback says so once
+    (and names TempBalanceTrainer) instead of reordering the Trainer's callbacks."""
+    pytest.importorskip("tensorboard")
+    with pytest.warns(UserWarning, match="TempBalanceTrainer") as record:
+        trainer = run(tmp_path, tb={"interval": 4}, max_steps=8, logging_steps=1,
+                      report_to=["tensorboard"])
+    assert sum("do not reach report_to" in str(w.message) for w in record) == 1
+    # the console / log_history still get the summary
+    assert any("tempbalance/alpha_hill_mean" in row for row in trainer.state.log_history)
 
 
 def test_history_file_on_main_process(tmp_path):
@@ -424,11 +437,11 @@ def test_train_again_after_an_exception_does_not_compound(tmp_path, where):
     with pytest.raises(RuntimeError, match="interrupted"):
         trainer.train()
     first = callback.engine
-    assert first._hooks  # still attached: on_train_end never ran
+    assert first.attached  # on_train_end never ran
     recorder.records.clear()
     trainer.train()
     recorder.check()  # the LRs used are scheduler LR x this engine's multipliers, not x m_old x m_new
-    assert callback.engine is not first and not first._hooks and len(recorder.records) == 6
+    assert callback.engine is not first and not first.attached and len(recorder.records) == 6
     # the Trainer's own two groups (decay / no decay), as any checkpoint must hold them
     assert len(trainer.optimizer.state_dict()["param_groups"]) == 2
 

@@ -37,7 +37,6 @@ every rank then applies bit-identical multipliers (see :mod:`hf_tempbalance.dist
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -45,6 +44,7 @@ from typing import Any
 from ..distributed import UNSUPPORTED_SHARDING, check_launch
 from ..engine import TempBalance
 from ..history import HISTORY_FILE, HistoryWriter, history_backups, history_before
+from ..schedule import steps_per_epoch
 
 __all__ = ["AcceleratedTempBalance", "check_accelerator"]
 
@@ -104,8 +104,8 @@ class AcceleratedTempBalance:
         tb = self.tb
         self._takeover = (tb.num_steps, tb.num_updates, dict(tb.multipliers))
         if tb.config.interval == "epoch" and tb.steps_per_epoch is None and train_dataloader is not None:
-            accumulation = max(1, int(getattr(self.accelerator, "gradient_accumulation_steps", 1)))
-            tb.steps_per_epoch = max(1, math.ceil(len(train_dataloader) / accumulation))
+            accumulation = int(getattr(self.accelerator, "gradient_accumulation_steps", 1))
+            tb.steps_per_epoch = steps_per_epoch(len(train_dataloader), accumulation)
         return tb.attach(optimizer)
 
     def log(self) -> dict[str, float]:

@@ -9,15 +9,17 @@ lr_scheduler.step() -> on_step_end``, reference-notes §4):
   so the LR used for layer ``i`` at step ``t`` (step 0 included) is ``scheduler_lr(t) · m_i(t)``
   with every scheduler ``get_scheduler`` makes and with a user's own; nothing compounds, and the
   optimizer's groups, ``state_dict`` and checkpoints stay exactly as the Trainer made them.
-* The engine's clock is ``state.global_step`` (optimizer steps, so gradient accumulation counts
-  correctly); ``interval="epoch"`` means every ``num_update_steps_per_epoch`` steps, computed the
+* The engine's clock is ``state.global_step`` (passed as its ``clock``: optimizer steps, so
+  gradient accumulation counts correctly, and a step the fp16 GradScaler skipped still counts); ``interval="epoch"`` means every ``num_update_steps_per_epoch`` steps, computed the
   way the Trainer does, which keeps resumed runs identical to uninterrupted ones.
 * Resume: the engine state is saved with each checkpoint through ``ExportableState`` and restored
   from the checkpoint's ``trainer_state.json`` (with or without
   ``restore_callback_states_from_checkpoint``), so a resumed run applies the same LRs.
 * Logging: ``tempbalance/...`` keys (summary and, with ``log_layers``, per layer) are added to the
-  Trainer's logs. The Trainer calls user callbacks after the reporting integrations, so the
-  callback moves itself in front of them when the Trainer registers it (``on_init_end``).
+  Trainer's logs. The Trainer calls user callbacks after its reporting integrations, and no
+  supported API lets a callback change that order: with a plain ``Trainer`` the keys reach the
+  console and ``trainer_state.json`` (summary only) and the callback warns if ``report_to`` names
+  an integration; :class:`TempBalanceTrainer` adds them in ``log()``, before any callback.
   The full history is written to ``<output_dir>/tempbalance_history.jsonl`` (main process only),
   from the first update on: a run that balances no layer, or has made no update yet, adds no file
   and no log key. Resuming cuts the file back to the checkpoint, keeping the old file as a backup
@@ -32,13 +34,12 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import warnings
 from typing import Any
 
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_callback import CallbackHandler, ExportableState
+from transformers.trainer_callback import ExportableState
 from transformers.utils import logging as hf_logging
 
 try:  # Transformers >= 5: optimizer factories (Muon, Dion) are called with the model
@@ -51,6 +52,7 @@ from ..config import TempBalanceConfig
 from ..distributed import check_launch
 from ..engine import TempBalance
 from ..history import HISTORY_FILE, HistoryWriter, history_backups, history_before
+from ..schedule import steps_per_epoch
 
 __all__ = ["TempBalanceCallback", "TempBalanceTrainer", "tempbalance_optimizer_cls_and_kwargs"]
 
@@ -76,8 +78,7 @@ def _steps_per_epoch(args: TrainingArguments, train_dataloader: Any) -> int | No
         batches = len(train_dataloader)
     except TypeError:
         return None
-    accum = args.gradient_accumulation_steps
-    return max(batches // accum + int(batches % accum > 0), 1)
+    return steps_per_epoch(batches, args.gradient_accumulation_steps)
 
 
 class TempBalanceCallback(TrainerCallback, ExportableState):
@@ -104,6 +105,7 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
         self._written = 0
         self._epoch = 0.0
         self._reentered_epoch = False  # the next on_epoch_begin continues a checkpointed epoch
+        self._warned_reporters = False
 
     # ------------------------------------------------------------------ ExportableState
     def state(self) -> dict:
@@ -122,17 +124,6 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
         }
 
     # ------------------------------------------------------------------ set-up
-    def _place_before_reporters(self) -> None:
-        # The handler running the current event is our caller's caller (CallbackHandler.call_event
-        # -> on_init_end/on_train_begin -> here). Restoring callback states from a checkpoint
-        # re-appends a fresh instance at the end, hence the second call at on_train_begin.
-        handler = sys._getframe(2).f_locals.get("self")
-        if isinstance(handler, CallbackHandler):
-            place_before_reporters(handler, self)
-
-    def on_init_end(self, args, state, control, **kwargs):
-        self._place_before_reporters()
-
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: nn.Module | None = None, optimizer: Any = None,
                        train_dataloader: Any = None, **kwargs):
@@ -144,10 +135,11 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
         check_launch(args.world_size, f"the Trainer (parallel_mode={args.parallel_mode.value})",
                      "On CPU pass --use_cpu true (TrainingArguments(use_cpu=True)) or set "
                      "ACCELERATE_USE_CPU=true; on GPUs check that the launcher sees them.")
-        self._place_before_reporters()
         if self.engine is not None:  # a train() that raised never reached on_train_end
             self.engine.detach()
-        self.engine = engine = TempBalance(model, self.config)
+        # The Trainer's global_step is the clock: it also advances over a step the fp16
+        # GradScaler skipped (optimizer.step() not called), as the schedule expects.
+        self.engine = engine = TempBalance(model, self.config, clock=lambda: state.global_step)
         if self.config.interval == "epoch":
             engine.steps_per_epoch = _steps_per_epoch(args, train_dataloader)
         saved, saved_path = self._saved_state(state)
@@ -170,7 +162,6 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
         # A resumed Trainer re-enters the epoch it was in (on_epoch_begin again, mid-epoch): that
         # epoch's start was handled before the checkpoint (a pending request is in its state).
         self._reentered_epoch = saved is not None and state.global_step > 0
-        engine.num_steps = state.global_step
         engine.attach(optimizer)
         self._warn_if_too_few_updates(state)
         self._writer = None
@@ -246,9 +237,7 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
             self.engine.request_update()
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self.engine is not None:
-            self.engine.num_steps = state.global_step
-            self._epoch = state.epoch or 0.0
+        self._epoch = state.epoch or 0.0
 
     def on_step_end(self, args, state, control, **kwargs):
         engine = self.engine
@@ -275,6 +264,8 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
     def on_log(self, args, state, control, logs: dict | None = None, **kwargs):
         if logs is not None and "loss" in logs:  # training logs only, not eval/final summaries
             values = self.log_values()
+            if values and not values.keys() <= logs.keys():
+                self._warn_if_reporters_miss_values(args)
             logs.update(values)
             # The Trainer stored its copy of these logs before calling us: give it the summary
             # too (the per-layer values would bloat trainer_state.json; the history file has them).
@@ -283,27 +274,24 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
                 state.log_history[-1].update(summary)
 
 
+    def _warn_if_reporters_miss_values(self, args: TrainingArguments) -> None:
+        # The Trainer runs its reporting integrations before user callbacks, so keys added here
+        # reach the console and log_history but not TensorBoard / W&B; TempBalanceTrainer adds
+        # them before any callback sees the logs. (A callback cannot reorder the Trainer's
+        # callbacks through any supported API.)
+        reporters = [r for r in (args.report_to or []) if r != "none"]
+        if reporters and not self._warned_reporters and args.process_index == 0:
+            self._warned_reporters = True
+            warnings.warn(
+                f"TempBalance values are logged to the console and trainer_state.json but do not "
+                f"reach report_to={reporters}: the Trainer calls those before TempBalanceCallback. "
+                "Use hf_tempbalance.TempBalanceTrainer (same arguments; it logs them first).",
+                stacklevel=2)
+
+
 def _a_path(value: Any) -> str | None:
     """A history path saved in a checkpoint, or None for anything else (it is only a hint)."""
     return value if isinstance(value, str) and value else None
-
-
-def place_before_reporters(handler: CallbackHandler, callback: TrainerCallback) -> None:
-    """Move ``callback`` in front of the reporting integrations (TensorBoard, W&B, ...).
-
-    The Trainer appends user callbacks after its reporting integrations, and keys a callback adds
-    to ``logs`` in ``on_log`` only reach callbacks that run after it (reference-notes §4). Moving a
-    callback to an earlier slot while an event iterates the list neither skips nor repeats any
-    callback of that event (only already-called entries shift).
-    """
-    callbacks = handler.callbacks
-    if callback not in callbacks:
-        return
-    here = callbacks.index(callback)
-    first = next((i for i, cb in enumerate(callbacks[:here])
-                  if type(cb).__module__.startswith("transformers.integrations")), None)
-    if first is not None:
-        callbacks.insert(first, callbacks.pop(here))
 
 
 def _labelled_groups(model: nn.Module, args: TrainingArguments, config: TempBalanceConfig) -> list[dict]:
@@ -346,7 +334,19 @@ class TempBalanceTrainer(Trainer):
         if self.tempbalance is None:
             callback = TempBalanceCallback(tempbalance_config)
             self.add_callback(callback)
-            place_before_reporters(self.callback_handler, callback)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The Trainer's ``log`` with the TempBalance values added first, so that every callback,
+        the reporting integrations (TensorBoard, W&B, ...) included, receives them; the per-layer
+        ones stay out of ``state.log_history`` (trainer_state.json), which keeps the summary."""
+        callback = self.tempbalance
+        values = callback.log_values() if callback is not None and "loss" in logs else {}
+        super().log({**logs, **values}, *args, **kwargs)
+        if values and self.state.log_history:
+            summary = callback.engine.log_values(per_layer=False)
+            entry = self.state.log_history[-1]
+            for key in values.keys() - summary.keys():
+                entry.pop(key, None)
 
     @property
     def tempbalance(self) -> TempBalanceCallback | None:

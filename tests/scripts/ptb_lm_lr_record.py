@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes"))
 
 import ptb_lm  # noqa: E402
 
+from hf_tempbalance.binding import unwrap_optimizer  # noqa: E402
 from hf_tempbalance.distributed import world  # noqa: E402
 from hf_tempbalance.engine import TempBalance  # noqa: E402
-from hf_tempbalance.groups import unwrap_optimizer  # noqa: E402
 
 record_dir = Path(sys.argv[1])
 original_attach = TempBalance.attach

@@ -14,8 +14,9 @@ import os
 import torch
 from torch import nn
 
+from hf_tempbalance.binding import unwrap_optimizer
 from hf_tempbalance.distributed import world
-from hf_tempbalance.groups import GROUP_KEY, unwrap_optimizer
+from hf_tempbalance.groups import GROUP_KEY
 
 INTERVAL = 2  # TempBalance update every 2 optimizer steps
 BASE_LR = 0.1
