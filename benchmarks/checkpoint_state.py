@@ -53,13 +53,13 @@ def save_seconds_and_bytes(callback_state: dict, repeats: int) -> tuple[float, i
 def bench(model_name: str, interval: int, steps: int, repeats: int) -> dict:
     model = build_model(model_name)
     callback = TempBalanceCallback(TempBalanceConfig(interval=interval))
-    callback.engine = tb = TempBalance(model, callback.config)
+    callback.engine = tb = TempBalance(model, callback.config, clock=lambda: steps)
     rows = tb.update()
     updates = -(-steps // interval)
     # What the Trainer's rows also hold: the scheduler LR and the epoch.
     tb.history = [{**row, "step": u * interval, "update": u, "base_lr": 1e-4, "epoch": u / 391}
                   for u in range(updates) for row in rows]
-    tb.num_updates, tb.num_steps = updates, steps
+    tb.num_updates = updates
     result = {"model": model_name, "layers": len(tb.plan.layers), "steps": steps,
               "updates": updates, "rows": len(tb.history)}
     for label, history_file in (("with", None), ("without", "tempbalance_history.jsonl")):

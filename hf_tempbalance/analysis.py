@@ -236,7 +236,7 @@ def analyze_model(
             :func:`hf_tempbalance.plotting.plot_esd`.
         progress: show a progress bar (default: on the main process, for 24 layers or more).
     """
-    config = config if config is not None else TempBalanceConfig()
+    config = TempBalanceConfig.build(config)
     if layers not in ("all", "balanced"):
         raise ValueError(f"layers must be 'all' or 'balanced', got {layers!r}")
     balanced = set(discover_layers(model, config).names)
@@ -267,7 +267,7 @@ def analyze_state_dict(
     type (Linear vs Embedding, GPT-2's transposed ``Conv1D``) is unknown, so the type column says
     ``tensor`` and ``balanced`` is False; the spectra are the same as with the architecture.
     """
-    config = config if config is not None else TempBalanceConfig()
+    config = TempBalanceConfig.build(config)
     include = [re.compile(p) for p in config.include]
     exclude = [re.compile(p) for p in config.exclude]
     items = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -144,6 +145,19 @@ class TempBalanceConfig:
             bad("snr_strength", "must be a finite number >= 0 (0 disables spectral-norm regularisation)")
         if not (isinstance(self.snr_iterations, int) and self.snr_iterations >= 1):
             bad("snr_iterations", "must be a positive integer")
+
+    @classmethod
+    def build(cls, config: TempBalanceConfig | Mapping[str, Any] | None = None,
+              **overrides: Any) -> TempBalanceConfig:
+        """The config every entry point takes: ``None`` (the defaults), a config, or its
+        ``to_dict()``, with ``overrides`` applied (validated)."""
+        if config is None:
+            config = cls()
+        elif isinstance(config, Mapping):
+            config = cls.from_dict(dict(config))
+        elif not isinstance(config, cls):
+            raise TypeError(f"config must be a TempBalanceConfig or a dict, got {type(config).__name__}")
+        return config.replace(**overrides) if overrides else config
 
     def replace(self, **overrides: Any) -> TempBalanceConfig:
         """A copy with some fields changed (validated), with a clear error for unknown names."""

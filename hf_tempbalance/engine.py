@@ -77,10 +77,7 @@ class TempBalance:
     def __init__(self, model: nn.Module, config: TempBalanceConfig | None = None, *,
                  steps_per_epoch: int | None = None, clock: Callable[[], int] | None = None,
                  **overrides: Any) -> None:
-        config = config if config is not None else TempBalanceConfig()
-        if not isinstance(config, TempBalanceConfig):
-            raise TypeError(f"config must be a TempBalanceConfig, got {type(config).__name__}")
-        self.config = config.replace(**overrides) if overrides else config
+        self.config = TempBalanceConfig.build(config, **overrides)
         # Immutable once validated; checked again in case it was forced (object.__setattr__).
         self.config.validate()
         self.schedule = UpdateSchedule(self.config.interval, self.config.start_step, steps_per_epoch)

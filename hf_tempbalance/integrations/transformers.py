@@ -62,16 +62,6 @@ logger = hf_logging.get_logger(__name__)
 _OWN_LAYOUT = {"params", "model", "optimizer_dict"}
 
 
-def _as_config(config: TempBalanceConfig | dict | None, overrides: dict[str, Any]) -> TempBalanceConfig:
-    if config is None:
-        config = TempBalanceConfig()
-    elif isinstance(config, dict):
-        config = TempBalanceConfig.from_dict(config)
-    elif not isinstance(config, TempBalanceConfig):
-        raise TypeError(f"config must be a TempBalanceConfig or a dict, got {type(config).__name__}")
-    return config.replace(**overrides) if overrides else config
-
-
 def _steps_per_epoch(args: TrainingArguments, train_dataloader: Any) -> int | None:
     """Optimizer steps per epoch, as ``Trainer.set_initial_training_values`` computes them."""
     try:
@@ -95,7 +85,7 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
 
     def __init__(self, config: TempBalanceConfig | dict | None = None, *,
                  history_file: str | None = HISTORY_FILE, **overrides: Any) -> None:
-        self.config = _as_config(config, overrides)
+        self.config = TempBalanceConfig.build(config, **overrides)
         self.history_file = history_file
         self.engine: TempBalance | None = None
         # Both set by the Trainer when it restores callback states from a checkpoint:
@@ -314,7 +304,7 @@ def tempbalance_optimizer_cls_and_kwargs(
 
     Use the same ``config`` for the callback so both see the same layers.
     """
-    config = config if config is not None else TempBalanceConfig()
+    config = TempBalanceConfig.build(config)
     optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     return optimizer_cls, {**optimizer_kwargs, "params": _labelled_groups(model, args, config)}
 

@@ -73,8 +73,7 @@ class TempBalanceHook:
     """
 
     def __init__(self, config: TempBalanceConfig | None = None, **overrides: Any) -> None:
-        config = config if config is not None else TempBalanceConfig()
-        self.config = config.replace(**overrides) if overrides else config
+        self.config = TempBalanceConfig.build(config, **overrides)
         self.tb: TempBalance | None = None
         self._written = 0  # history rows already appended to the history file
         self._path: Path | None = None  # the history file, in the trainer's save_dir
