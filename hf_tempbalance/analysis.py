@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from .config import TempBalanceConfig
 from .distributed import layer_cost, world
 from .layers import discover_layers
-from .spectral import batched_esd, compute_metric, hill_fit, resolve_dtype
+from .spectral import batched_esd, hill_fit, metric_table, resolve_dtype
 from .spectral.matrices import is_transposed_conv1d, num_eigs, weight_matrices, weight_of
 
 __all__ = ["LayerAnalysis", "AnalysisSummary", "ModelAnalysis", "analyze_model",
@@ -322,9 +322,7 @@ def _analyze(items: list[_Item], config: TempBalanceConfig, dtype: Any, keep_esd
         for chunk in _chunks(items):
             eig_list = batched_esd([items[i].layer for i in chunk], dtype=dtype)
             # One host transfer per chunk for the metrics; hill_fit adds the tail start and size.
-            values = torch.stack([
-                torch.stack([compute_metric(e, m, **fit_kw).to(torch.float64) for m in metrics])
-                for e in eig_list]).cpu().tolist()
+            values = metric_table(eig_list, metrics, **fit_kw)
             for i, eigs, row in zip(chunk, eig_list, values):
                 item = items[i]
                 fit = hill_fit(eigs, config.xmin, rtol=config.eig_rtol,

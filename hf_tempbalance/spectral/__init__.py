@@ -20,7 +20,7 @@ from .hill import (
     noise_floor,
 )
 from .matrices import num_eigs, weight_matrices
-from .metrics import available_metrics, compute_metric, layer_metrics, register_metric
+from .metrics import available_metrics, compute_metric, layer_metrics, metric_table, register_metric
 
 __all__ = [
     "esd",
@@ -42,4 +42,5 @@ __all__ = [
     "available_metrics",
     "compute_metric",
     "layer_metrics",
+    "metric_table",
 ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,7 +27,8 @@ from torch import nn
 from .esd import batched_esd, one_intra_op_thread
 from .hill import hill_alpha_tensor, sorted_eigs
 
-__all__ = ["MetricFn", "register_metric", "available_metrics", "compute_metric", "layer_metrics"]
+__all__ = ["MetricFn", "register_metric", "available_metrics", "compute_metric", "metric_table",
+           "layer_metrics"]
 
 #: ``fn(eigs, xmin=..., rtol=..., include_xmin=...) -> 0-dim tensor``; ``eigs`` sorted ascending,
 #: non-negative, zeros NOT removed (each metric decides; see :mod:`~hf_tempbalance.spectral.hill`).
@@ -97,6 +99,26 @@ def compute_metric(
     return fn(sorted_eigs(eigs), xmin=xmin, rtol=rtol, include_xmin=include_xmin)
 
 
+def metric_table(eig_list: Sequence[torch.Tensor], metrics: Sequence[str], **fit: Any,
+                 ) -> list[list[float]]:
+    """``[[metric value per name] per ESD]`` as Python floats: the fits run where the ESDs are,
+    and the values come to the host in one transfer per device (normally one), not per layer.
+    ``fit``: the keyword arguments of :func:`compute_metric` (``xmin``, ``rtol``, ...)."""
+    # Fits are many small ops: on CPU, op-level threading only adds barriers (see esd.py).
+    on_cpu = all(e.device.type == "cpu" for e in eig_list)
+    with one_intra_op_thread() if on_cpu else nullcontext():
+        rows = [torch.stack([compute_metric(e, m, **fit).to(torch.float64) for m in metrics])
+                for e in eig_list]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_device.setdefault(row.device, []).append(i)
+    table = [[float("nan")] * len(metrics) for _ in rows]
+    for idxs in by_device.values():
+        for i, values in zip(idxs, torch.stack([rows[i] for i in idxs]).cpu().tolist()):
+            table[i] = values
+    return table
+
+
 def layer_metrics(
     layers: Sequence[nn.Module | torch.Tensor],
     metrics: Sequence[str] = ("alpha_hill",),
@@ -117,19 +139,5 @@ def layer_metrics(
     eig_list = batched_esd(layers, dtype=dtype)
     if scales is not None:
         eig_list = [e if s == 1 else e * s for e, s in zip(eig_list, scales, strict=True)]
-    # Fits are many small ops: on CPU, op-level threading only adds barriers (see esd.py).
-    on_cpu = all(e.device.type == "cpu" for e in eig_list)
-    with one_intra_op_thread() if on_cpu else nullcontext():
-        rows: list[torch.Tensor] = [
-            torch.stack([compute_metric(e, m, xmin=xmin, rtol=rtol, include_xmin=include_xmin).to(torch.float64) for m in metrics])
-            for e in eig_list
-        ]
-    # One transfer per device (normally exactly one), not one per layer.
-    by_device: dict[torch.device, list[int]] = {}
-    for i, row in enumerate(rows):
-        by_device.setdefault(row.device, []).append(i)
-    table = [[float("nan")] * len(metrics) for _ in rows]
-    for idxs in by_device.values():
-        for i, values in zip(idxs, torch.stack([rows[i] for i in idxs]).cpu().tolist()):
-            table[i] = values
+    table = metric_table(eig_list, metrics, xmin=xmin, rtol=rtol, include_xmin=include_xmin)
     return {m: [row[j] for row in table] for j, m in enumerate(metrics)}
