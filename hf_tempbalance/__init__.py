@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .analysis import analyze_model, analyze_state_dict
+from .arguments import TempBalanceArguments
 from .config import TempBalanceConfig
 from .engine import TempBalance
 from .snr import SpectralNormRegularizer
@@ -31,6 +32,7 @@ _LAZY = {
 __all__ = [
     "TempBalance",
     "TempBalanceConfig",
+    "TempBalanceArguments",
     "SpectralNormRegularizer",
     "analyze_model",
     "analyze_state_dict",

@@ -63,8 +63,8 @@ class TempBalanceConfig:
             ``√conv_norm · W`` (authors: 0.5). Alpha is scale-free; ``spectral_norm`` and
             ``alpha_weighted`` of conv layers depend on it, and so do their LRs.
         include_xmin: count λ_min among the Hill tail points (authors; textbook: False).
-        snr_strength: λ_sr of spectral-norm regularisation (Eq. 4) on the balanced layers
-            (0 disables; paper grid 1e-3..1.5e-2), applied whatever the weight decay.
+        snr_strength: λ_sr of spectral-norm regularisation (Eq. 4) on every weight matrix of
+            ``layer_types`` (0 disables; paper grid 1e-3..1.5e-2), whatever the weight decay.
         snr_iterations: power iterations per step for the SNR gradient (authors: 5).
         balance_lr: compute metrics and scale LRs (False: spectral-norm regularisation alone,
             the paper's SNR baseline, with ``snr_strength > 0``).

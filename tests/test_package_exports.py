@@ -14,6 +14,7 @@ import hf_tempbalance
 HOMES = {
     "TempBalance": "hf_tempbalance.engine",
     "TempBalanceConfig": "hf_tempbalance.config",
+    "TempBalanceArguments": "hf_tempbalance.arguments",
     "SpectralNormRegularizer": "hf_tempbalance.snr",
     "analyze_model": "hf_tempbalance.analysis",
     "analyze_state_dict": "hf_tempbalance.analysis",
