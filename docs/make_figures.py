@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Regenerate the README's diagnostics pictures from a real (small) training run.
+"""Regenerate the pictures of docs/diagnostics.md from a real (small) training run.
 
 Trains an 8-conv BatchNorm CNN on a Fashion-MNIST subset twice, with the same seed and data order:
 CAL (SGD, cosine LR) and TempBalance (same, plus the engine). Each run directory gets what a
@@ -121,7 +121,7 @@ def main() -> None:
                 "--csv", str(table), "--plots", str(esd_dir), "--device", "cpu"]) == 0
     largest = max(read_analysis_csv(table), key=lambda row: row["num_eigs"])["name"]
     shutil.copy(esd_dir / esd_plot_name(largest), out / "esd_example.png")
-    (out / "tb_layer_curves.png").unlink()  # the README shows the heatmaps and distributions
+    (out / "tb_layer_curves.png").unlink()  # docs/diagnostics.md shows the heatmaps and distributions
     for png in sorted(out.glob("*.png")):
         print(f"{png}: {png.stat().st_size / 1024:.0f} KB")
 

@@ -12,9 +12,9 @@
    and TempBalance's per-layer LR and alpha over training (``hf_tempbalance.plotting``).
 
 The default budget (12,000 training images, 5 epochs, the full 10,000-image test set after each
-epoch; the setting of the seed-43, LR-0.1 cell of the README's study) costs about 5 CPU-minutes.
-It is one seed of a tiny run: the printed difference is what was measured and nothing more; the
-README's image section has the multi-seed study.
+epoch; the setting of the seed-43, LR-0.1 cell of the study in recipes/README.md) costs about
+5 CPU-minutes. It is one seed of a tiny run: the printed difference is what was measured and
+nothing more; recipes/README.md has the multi-seed study.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def report(results: list[dict]) -> str:
         lines.append(
             f"TB - CAL = {diff:+.2f} points of final test accuracy ({verdict} for TB) on this single "
             f"seed of {by_method['tb']['train_samples']} images; one seed cannot separate an effect "
-            "this size from seed-to-seed noise (see the README's multi-seed study).")
+            "this size from seed-to-seed noise (see the multi-seed study in recipes/README.md).")
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""Each "bug fixed" of the README's differences from the authors' code, shown on a concrete input.
+"""Each "bug fixed" of docs/differences.md (differences from the authors' code), shown on a
+concrete input.
 
 Every test computes what the authors' code does on that input (their formulas and LR writes,
 restated from their ``tempbalance.py`` in a few NumPy/torch lines, not imported) and shows it going
