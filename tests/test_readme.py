@@ -182,6 +182,17 @@ def test_config_snippet_makes_validated_copies_of_a_frozen_config():
         cfg.replace(s1=float("nan"))  # and copies are validated
 
 
+def test_arguments_snippet_parses_the_flags_into_a_callback():
+    pytest.importorskip("transformers")
+    from hf_tempbalance import TempBalanceCallback, TempBalanceConfig
+
+    scope = run_block("arguments", {})
+    (callback,) = scope["callbacks"]
+    assert isinstance(callback, TempBalanceCallback)
+    assert callback.config == TempBalanceConfig(interval=100, s1=0.6, s2=1.4)
+    assert scope["training_args"].output_dir == "out"
+
+
 # ----------------------------------------------------------------------------- docs/concepts.md
 def test_spectral_tools_snippet_gives_the_median_hill_alpha():
     timm = pytest.importorskip("timm")
@@ -394,7 +405,7 @@ def test_api_page_lists_every_public_name():
         module = re.fullmatch(r"`(hf_tempbalance[\w.]*)`.*", cells[0])
         if module:
             rows[module.group(1)] = cells[1]
-    assert len(rows) == 7
+    assert len(rows) == 9
     for name, listed in rows.items():
         # the top level also re-exports the integrations' names, listed in their own rows
         listed = page if name == "hf_tempbalance" else listed
@@ -407,6 +418,7 @@ BLOCK_TESTS = {
     "quickstart": test_quickstart_loop_runs_as_printed,
     "trainer-one-line": test_trainer_one_liner_balances_once_per_epoch,
     "config": test_config_snippet_makes_validated_copies_of_a_frozen_config,
+    "arguments": test_arguments_snippet_parses_the_flags_into_a_callback,
     "spectral-tools": test_spectral_tools_snippet_gives_the_median_hill_alpha,
     "trainer": test_trainer_example_runs_with_sgd_momentum,
     "accelerate": test_accelerate_loop_runs_as_printed,
