@@ -39,7 +39,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["HISTORY_FILE", "HistoryFormatError", "HistoryWriter", "append_history",
+__all__ = ["HISTORY_FILE", "HistoryFormatError", "HistoryLog", "HistoryWriter", "append_history",
            "read_history", "rewrite_history", "history_before", "history_backups", "row_problem",
            "sync_history"]
 
@@ -308,6 +308,75 @@ class HistoryWriter:
     def _begin(self) -> None:
         rewrite_history(self._start_rows, self.path, reason=self._reason)
         self._start_rows, self._started = [], True
+
+
+class HistoryLog:
+    """A run's history as every integration keeps it: the engine's rows, and the file.
+
+    One per run and process; only the process that ``writes`` (the main one) touches the file.
+    :meth:`new_run` or :meth:`resume` once, when training starts; :meth:`record` after updates
+    (appends the engine's new rows); :meth:`sync` when a checkpoint is saved.
+
+    Args:
+        engine: the :class:`~hf_tempbalance.engine.TempBalance` whose ``history`` this logs.
+        path: the history file (None: no file; the history then travels in checkpoints).
+        writes: whether this process writes the file.
+    """
+
+    def __init__(self, engine: Any, path: str | os.PathLike | None, *, writes: bool) -> None:
+        self.engine = engine
+        self.path = os.path.abspath(path) if path is not None else None
+        self._writer = HistoryWriter(self.path) if self.path is not None and writes else None
+        self._written = 0  # rows of engine.history recorded so far
+
+    def new_run(self) -> None:
+        """A run from step 0: its file begins with its first row, all the engine's rows count
+        as new (an earlier file in the place is kept as a backup then)."""
+        if self._writer is not None:
+            self._writer.start()
+        self._written = 0
+
+    def resume(self, step: int, *sources: str | os.PathLike | None, updates: int | None = None,
+               multipliers: Mapping[str, float] | None = None, file_first: bool = False) -> None:
+        """Continue from a checkpoint taken before optimizer step ``step`` (the engine's state is
+        loaded). The rows of the updates before it come from the first intact source (see
+        :func:`history_before`): the engine's own rows (those the checkpoint carried), this log's
+        file, ``sources`` (e.g. the file of the run the checkpoint came from), their backups;
+        ``file_first`` tries the file before the engine's rows (whose extra keys it may lack).
+        ``updates`` and ``multipliers`` are the checkpoint's (default: the engine's, right after
+        its state was loaded).
+        The engine's history and the file continue from them; rows an earlier, longer run wrote
+        after the checkpoint are left out of the file (kept in a backup, with a warning)."""
+        engine = self.engine
+        if self._writer is not None:
+            own = [r for r in engine.history if r["step"] < step]
+            first = (self.path, own) if file_first else (own, self.path)
+            before = history_before(
+                step, engine.num_updates if updates is None else updates, *first, *sources,
+                *history_backups(self.path),
+                multipliers=engine.multipliers if multipliers is None else multipliers,
+                layers=engine.plan.names)
+            engine.history = before + [r for r in engine.history if r["step"] >= step]
+            self._writer.start(before, reason=f"the run resumes from the checkpoint at step {step} "
+                                              "and makes the later updates again")
+        self._written = len([r for r in engine.history if r["step"] < step])
+
+    def record(self, **defaults: Any) -> list[dict[str, Any]]:
+        """Append the engine's rows not recorded yet, each given ``defaults`` for keys it lacks
+        (kept in the engine's rows too, so that checkpoints carry them); returns those rows."""
+        rows = self.engine.history[self._written:]
+        self._written = len(self.engine.history)
+        for row in rows:
+            for key, value in defaults.items():
+                row.setdefault(key, value)
+        if rows and self._writer is not None:
+            self._writer.append(rows)
+        return rows
+
+    def sync(self) -> None:
+        """Flush what was written to disk (a checkpoint is being saved)."""
+        if self._writer is not None:
+            self._writer.sync()
 
 
 def history_before(step: int, updates: int,

@@ -43,7 +43,7 @@ from typing import Any
 
 from ..distributed import UNSUPPORTED_SHARDING, check_launch
 from ..engine import TempBalance
-from ..history import HISTORY_FILE, HistoryWriter, history_backups, history_before
+from ..history import HISTORY_FILE, HistoryLog
 from ..schedule import steps_per_epoch
 
 __all__ = ["AcceleratedTempBalance", "check_accelerator"]
@@ -89,9 +89,7 @@ class AcceleratedTempBalance:
         # (step, updates, multipliers) where this process began: new, or a checkpoint's
         self._takeover: tuple[int, int, dict[str, float]] | None = None
         self._saved_path: str | None = None  # history file of the run a checkpoint came from
-        self._written = 0  # rows of tb.history already in the history file
-        self._file_started = False
-        self._writer = HistoryWriter(self.path) if self.path is not None else None
+        self._log: HistoryLog | None = None  # made at the first log(), where this process took over
 
     def attach(self, optimizer: Any, train_dataloader: Any = None) -> TempBalance:
         """Check the set-up, then attach the engine to the prepared optimizer.
@@ -114,35 +112,20 @@ class AcceleratedTempBalance:
         Returns the ``tempbalance/...`` summary values (empty before the first update), ready for
         ``accelerator.log`` (which itself logs on the main process only).
         """
-        if not self._file_started:
-            self._start_file()
-        rows = self.tb.history[self._written:]
-        self._written = len(self.tb.history)
-        if rows and self._writer is not None and self.accelerator.is_main_process:
-            self._writer.append(rows)
+        if self._log is None:
+            self._start_log()
+        self._log.record()
         return self.tb.log_values(per_layer=False) if self.tb.num_updates else {}
 
-    def _start_file(self) -> None:
-        """Begin the history file where this process took over: the rows of the updates before
-        the checkpoint for a resumed run, none for a new one (then the file is written from the
-        first row on)."""
-        self._file_started = True
-        tb = self.tb
+    def _start_log(self) -> None:
+        """Begin the history where this process took over: for a resumed run the rows of the
+        updates before the checkpoint, none for a new one."""
         step, updates, multipliers = self._takeover or (0, 0, None)
-        before = [r for r in tb.history if r["step"] < step]
-        if self._writer is not None and self.accelerator.is_main_process:
-            if step == 0 and updates == 0:
-                self._writer.start()
-            else:
-                # The engine's own rows when the checkpoint carried them, else the history
-                # files' (an intact one first).
-                before = history_before(step, updates, before, self.path, self._saved_path,
-                                        *history_backups(self.path), multipliers=multipliers,
-                                        layers=tb.plan.names)
-                tb.history = before + [r for r in tb.history if r["step"] >= step]
-                self._writer.start(before, reason=f"the run resumes from the checkpoint at step "
-                                                  f"{step} and makes the later updates again")
-        self._written = len(before)
+        self._log = HistoryLog(self.tb, self.path, writes=self.accelerator.is_main_process)
+        if step == 0 and updates == 0:
+            self._log.new_run()
+        else:
+            self._log.resume(step, self._saved_path, updates=updates, multipliers=multipliers)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
@@ -153,8 +136,8 @@ class AcceleratedTempBalance:
         per layer and update); a run resumed elsewhere reads it back from that path. Called as a
         checkpoint is saved: the rows it follows go to disk first.
         """
-        if self._writer is not None and self.accelerator.is_main_process:
-            self._writer.sync()
+        if self._log is not None:
+            self._log.sync()
         return {"engine": self.tb.state_dict(include_history=self.path is None),
                 "history_path": self.path}
 
@@ -172,4 +155,4 @@ class AcceleratedTempBalance:
         self.tb.load_state_dict(state["engine"] if "engine" in state else state)
         self._saved_path = saved_path
         self._takeover = (self.tb.num_steps, self.tb.num_updates, dict(self.tb.multipliers))
-        self._file_started = False
+        self._log = None

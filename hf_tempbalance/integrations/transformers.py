@@ -51,7 +51,7 @@ except ImportError:  # pragma: no cover - older Transformers have none
 from ..config import TempBalanceConfig
 from ..distributed import check_launch
 from ..engine import TempBalance
-from ..history import HISTORY_FILE, HistoryWriter, history_backups, history_before
+from ..history import HISTORY_FILE, HistoryLog
 from ..schedule import steps_per_epoch
 
 __all__ = ["TempBalanceCallback", "TempBalanceTrainer", "tempbalance_optimizer_cls_and_kwargs"]
@@ -91,8 +91,7 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
         # Both set by the Trainer when it restores callback states from a checkpoint:
         self.engine_state: dict | None = None
         self.history_path: str | None = None  # the history file the checkpointed run wrote
-        self._writer: HistoryWriter | None = None  # this run's history file (main process)
-        self._written = 0
+        self._log: HistoryLog | None = None  # this run's history (the file: main process)
         self._epoch = 0.0
         self._reentered_epoch = False  # the next on_epoch_begin continues a checkpointed epoch
         self._warned_reporters = False
@@ -104,8 +103,8 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
         # here); so trainer_state.json stays the same size however often the engine updates.
         # Without a file the history has to travel here. Called as a checkpoint is saved: the rows
         # it follows go to disk first.
-        if self._writer is not None:
-            self._writer.sync()
+        if self._log is not None:
+            self._log.sync()
         engine_state = (self.engine.state_dict(include_history=not self.history_file)
                         if self.engine is not None else self.engine_state)
         return {
@@ -154,26 +153,16 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
         self._reentered_epoch = saved is not None and state.global_step > 0
         engine.attach(optimizer)
         self._warn_if_too_few_updates(state)
-        self._writer = None
-        if self.history_file:
-            path = os.path.abspath(os.path.join(args.output_dir, self.history_file))
-            self.history_path = path
-            if state.is_world_process_zero:
-                self._writer = HistoryWriter(path)
-                if saved is None:
-                    self._writer.start()
-                else:
-                    # The rows before the checkpoint: carried by it, else from the history files
-                    # (an intact one first). A resumed run continues from the checkpoint's
-                    # history, not from rows a longer earlier run wrote after it.
-                    engine.history = history_before(
-                        state.global_step, engine.num_updates, engine.history, path, saved_path,
-                        *history_backups(path), multipliers=engine.multipliers,
-                        layers=engine.plan.names)
-                    self._writer.start(engine.history, reason=(
-                        f"the run resumes from the checkpoint at step {state.global_step} and makes "
-                        "the later updates again"))
-        self._written = len(engine.history)
+        path = (os.path.abspath(os.path.join(args.output_dir, self.history_file))
+                if self.history_file else None)
+        self.history_path = path if path is not None else self.history_path
+        self._log = HistoryLog(engine, path, writes=state.is_world_process_zero)
+        if saved is None:
+            self._log.new_run()
+        else:
+            # A resumed run continues from the checkpoint's history, not from rows a longer
+            # earlier run wrote after it; the checkpointed run's own file is a further source.
+            self._log.resume(state.global_step, saved_path)
 
     def _register(self, state: TrainerState) -> None:
         """Give the Trainer's state an entry for this callback if the checkpoint had none: the
@@ -230,15 +219,8 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
         self._epoch = state.epoch or 0.0
 
     def on_step_end(self, args, state, control, **kwargs):
-        engine = self.engine
-        if engine is None or len(engine.history) == self._written:
-            return
-        rows = engine.history[self._written:]
-        for row in rows:
-            row.setdefault("epoch", self._epoch)
-        if self._writer is not None:
-            self._writer.append(rows)
-        self._written = len(engine.history)
+        if self._log is not None:
+            self._log.record(epoch=self._epoch)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.engine is not None:

@@ -52,7 +52,7 @@ from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 
 from ..config import TempBalanceConfig
 from ..engine import TempBalance
-from ..history import HISTORY_FILE, HistoryWriter, history_backups, history_before
+from ..history import HISTORY_FILE, HistoryLog
 
 __all__ = ["TempBalanceHook", "TempBalanceTrainerMixin", "TempBalanceDetectionTrainer",
            "add_tempbalance", "CHECKPOINT_KEY"]
@@ -75,9 +75,8 @@ class TempBalanceHook:
     def __init__(self, config: TempBalanceConfig | None = None, **overrides: Any) -> None:
         self.config = TempBalanceConfig.build(config, **overrides)
         self.tb: TempBalance | None = None
-        self._written = 0  # history rows already appended to the history file
         self._path: Path | None = None  # the history file, in the trainer's save_dir
-        self._writer: HistoryWriter | None = None  # the main process's writer of that file
+        self._log: HistoryLog | None = None  # the run's history (the file: main process)
 
     # ------------------------------------------------------------------ setup
     def attach(self, trainer: Any, optimizer: Any, name: str = "") -> Any:
@@ -91,25 +90,22 @@ class TempBalanceHook:
         self.tb.attach(optimizer)
         save_dir = getattr(trainer, "save_dir", None)
         self._path = Path(save_dir) / HISTORY_FILE if save_dir is not None else None
-        self._writer = HistoryWriter(self._path) if RANK in {-1, 0} and self._path is not None else None
-        if self._writer is not None:
-            # A new run in an existing save_dir (exist_ok=True) starts a new history at its first
-            # update, as Ultralytics starts a new results.csv (the old file is kept as a backup);
-            # a resumed one starts from the checkpoint's rows in _load_state.
-            self._writer.start()
+        self._log = HistoryLog(self.tb, self._path, writes=RANK in {-1, 0})
+        # A new run in an existing save_dir (exist_ok=True) starts a new history at its first
+        # update, as Ultralytics starts a new results.csv (the old file is kept as a backup); a
+        # resumed one starts from the checkpoint's rows in _load_state.
+        self._log.new_run()
         # The engine state travels inside the optimizer state dict, so it lands in every
         # Ultralytics checkpoint (last.pt, best.pt, epochN.pt) and comes back on resume.
         optimizer.register_state_dict_post_hook(self._save_state)
         optimizer.register_load_state_dict_pre_hook(self._load_state)
-        self._written = 0
         if RANK in {-1, 0}:
             LOGGER.info(f"TempBalance: {len(self.tb.plan.layers)} layers balanced, "
                         f"{len(self.tb.plan.skipped)} skipped; {self.tb!r}")
         return optimizer
 
     def _save_state(self, optimizer: Any, state_dict: dict) -> dict:
-        if self._writer is not None:  # a checkpoint is being made: its rows go to disk first
-            self._writer.sync()
+        self._log.sync()  # a checkpoint is being made: its rows go to disk first
         state_dict[CHECKPOINT_KEY] = self.tb.state_dict()
         return state_dict
 
@@ -125,17 +121,10 @@ class TempBalanceHook:
                 raise ValueError(f"{err} (The state is ckpt['optimizer'][{CHECKPOINT_KEY!r}] of the "
                                  "Ultralytics checkpoint; deleting that key resumes with the "
                                  "multipliers at 1.0.)") from err
-            self._written = len(self.tb.history)
-            if self._writer is not None:
-                # Resuming in the run's save_dir: drop rows an interrupted run appended after
-                # this checkpoint (their epoch is trained again and writes them anew). The file's
-                # rows carry the epoch; the checkpoint's own rows stand in for a damaged file.
-                tb = self.tb
-                rows = history_before(tb.num_steps, tb.num_updates, str(self._path), tb.history,
-                                      *history_backups(self._path), multipliers=tb.multipliers,
-                                      layers=tb.plan.names)
-                self._writer.start(rows, reason=f"the run resumes from the checkpoint at step "
-                                                f"{tb.num_steps} and makes the later updates again")
+            # Resuming in the run's save_dir: drop rows an interrupted run appended after this
+            # checkpoint (their epoch is trained again and writes them anew). The file's rows
+            # carry the epoch; the checkpoint's own rows stand in for a damaged file.
+            self._log.resume(self.tb.num_steps, file_first=True)
         return state_dict
 
     # ------------------------------------------------------------------ epoch events
@@ -150,12 +139,7 @@ class TempBalanceHook:
         # nothing is ever measured.
         if tb.config.balance_lr:
             trainer.lr = {**getattr(trainer, "lr", {}), **tb.log_values()}
-        rows = tb.history[self._written:]
-        self._written = len(tb.history)
-        for row in rows:  # kept in the engine's rows too, so that checkpoints carry it
-            row.setdefault("epoch", trainer.epoch + 1)
-        if self._writer is not None:
-            self._writer.append(rows)
+        self._log.record(epoch=trainer.epoch + 1)  # 1-based, as in results.csv
 
     EPOCH_EVENTS = ("on_train_epoch_start", "on_train_epoch_end")
 
