@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from deepforest_voc import build_voc, find_wheel  # noqa: E402
 from voc_to_yolo import VOC_CLASSES, convert_voc, difficult_path, read_yolo_boxes, voc_ignore_mask  # noqa: E402
 
-from hf_tempbalance import TempBalanceConfig  # noqa: E402
+from hf_tempbalance import TempBalanceArguments  # noqa: E402
 from hf_tempbalance.history import HISTORY_FILE  # noqa: E402
 from hf_tempbalance.integrations.ultralytics import TempBalanceTrainerMixin  # noqa: E402
 
@@ -105,18 +105,11 @@ class TrainArguments:
 
 
 @dataclass
-class TempBalanceArguments:
-    s1: float = field(default=0.6, metadata={"help": "Smallest LR multiplier (paper, VOC: 0.6)."})
-    s2: float = field(default=1.4, metadata={"help": "Largest LR multiplier (paper, VOC: 1.4)."})
-    tb_interval: str = field(default="epoch", metadata={
-        "help": "'epoch' (paper) or a number of optimizer steps between updates."})
-    tb_metric: str = "alpha_hill"
-    tb_min_eigs: int = 50
+class VOCTempBalanceArguments(TempBalanceArguments):
+    """The library's ``--tb_*`` flags with the paper's VOC range as defaults (App. G)."""
 
-    def config(self) -> TempBalanceConfig:
-        interval = self.tb_interval if self.tb_interval == "epoch" else int(self.tb_interval)
-        return TempBalanceConfig(s1=self.s1, s2=self.s2, interval=interval, metric=self.tb_metric,
-                                 min_eigs=self.tb_min_eigs)
+    tb_s1: float = field(default=0.6, metadata={"help": "Smallest LR multiplier (paper, VOC: 0.6)."})
+    tb_s2: float = field(default=1.4, metadata={"help": "Largest LR multiplier (paper, VOC: 1.4)."})
 
 
 # ---------------------------------------------------------------------- VOC evaluation
@@ -229,7 +222,7 @@ def parse_kv(items: list[str]) -> dict:
 
 
 def train_and_evaluate(margs: ModelArguments, dargs: DataArguments, targs: TrainArguments,
-                       tbargs: TempBalanceArguments) -> dict:
+                       tbargs: VOCTempBalanceArguments) -> dict:
     """One run; returns what results.json holds."""
     if OFFLINE:
         ensure_offline_font()
@@ -287,7 +280,7 @@ def train_and_evaluate(margs: ModelArguments, dargs: DataArguments, targs: Train
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments, TempBalanceArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments, VOCTempBalanceArguments))
     return train_and_evaluate(*parser.parse_args_into_dataclasses(args=argv))
 
 
