@@ -192,7 +192,7 @@ class AnalysisSummary:
                 f"smallest alpha: {names(self.smallest)}",
                 f"note: {self.xmin}-xmin alpha ranks the layers against each other: TempBalance "
                 "gives the layers it balances (TB) LRs in this order, larger alpha, larger LR. It "
-                "is not on the absolute HT-SR scale (random weights score 2-4 with it too), so it "
+                "is not on the absolute HT-SR scale (random weights mostly score 2-4 with it too), so it "
                 "gives no under-/over-trained verdict; for verdicts comparable with weightwatcher "
                 "use xmin='ks' (--xmin ks).",
             ]

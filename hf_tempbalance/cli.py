@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print one row of spectral metrics per weight matrix of MODEL and a summary. "
                     "With the default --xmin median, alpha ranks the layers against each other "
                     "(the ranking TempBalance sets LRs from) and no verdict is given: random "
-                    "weights score 2-4 with it too. --xmin ks fits the tail as weightwatcher does "
+                    "weights mostly score 2-4 with it too. --xmin ks fits the tail as weightwatcher does "
                     "and adds its verdicts (alpha < 2 over-trained, > 6 under-trained). A banner "
                     "says when the weights are a random initialisation.",
         epilog="Offline (HF_HUB_OFFLINE=1), a Hub id or pretrained timm weights that are not in "
