@@ -23,7 +23,7 @@ from torch import nn
 
 import hf_tempbalance
 from hf_tempbalance import TempBalance
-from hf_tempbalance.analysis import analyze_model
+from hf_tempbalance.analysis import analyze_model, read_analysis_csv
 from hf_tempbalance.cli import build_parser, esd_plot_name, main, run_analyze, run_plot
 from hf_tempbalance.history import HISTORY_FILE, append_history, read_history
 from hf_tempbalance.plotting import plot_esd
@@ -440,11 +440,14 @@ def test_trainer_runs_end_to_end(gpt2_dir, tmp_path):
 
 # ---------------------------------------------------------------------------- honest analyze
 def test_ks_xmin_gives_verdicts_on_the_absolute_scale(gpt2_dir, tmp_path, capsys):
-    out_json = tmp_path / "r.json"
+    out_json, out_csv = tmp_path / "r.json", tmp_path / "r.csv"
     assert main(["analyze", str(gpt2_dir), "--xmin", "ks", "--dtype", "float64", "--json",
-                 str(out_json), "--device", "cpu", "--no-progress", "--top", "2"]) == 0
+                 str(out_json), "--csv", str(out_csv), "--device", "cpu", "--no-progress",
+                 "--top", "2"]) == 0
     printed = capsys.readouterr().out
     data = json.loads(out_json.read_text())
+    # The CSV carries the same rows, verdicts included, and reads back (e.g. for plot --baseline-alphas).
+    assert read_analysis_csv(out_csv) == data["layers"]
     assert data["calibrated"] is True and data["xmin"] == "ks" and data["random_weights"] is False
     weights = load_file(gpt2_dir / "model.safetensors")
     names = [row["name"] for row in data["layers"]]
