@@ -18,6 +18,7 @@ from .config import TempBalanceConfig
 from .engine import TempBalance
 from .snr import SpectralNormRegularizer
 
+#: The single source of the version: pyproject.toml reads it (``[tool.setuptools.dynamic]``).
 __version__ = "0.1.0"
 
 _LAZY = {

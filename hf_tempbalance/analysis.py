@@ -16,9 +16,22 @@ values, squared weight units; Conv kernels pooled as in :mod:`hf_tempbalance.spe
   ``stable_rank``: :math:`\sum_j\lambda_j/\lambda_{\max}` (dimensionless).
 * ``balanced``: whether TempBalance with the same config would set this layer's LR.
 
-Reading alpha (HT-SR theory, Martin & Mahoney): :math:`2 \le \alpha \le 4` is typical of
-well-trained layers; larger alpha (a light tail) suggests an under-trained layer, smaller alpha an
-over-trained one. The numbers come from the same batched path TempBalance trains with
+Reading alpha. Two different questions, two estimators:
+
+* **Relative** (the default ``xmin="median"``, the paper's): alpha ranks the layers of one model
+  against each other, and that ranking is what TempBalance turns into LRs (larger alpha, larger
+  LR). Its absolute value is not on the HT-SR scale: the median tail start sits deep in the bulk,
+  so a random network also lands in [2, 4] (a random ResNet18: 20 of 21 layers). The summary
+  therefore names the largest and smallest alphas and gives no verdict.
+* **Absolute** (``xmin="ks"``, :data:`CALIBRATED_XMIN`): the tail starts where a power law fits
+  best (Clauset et al.'s KS criterion), the fit weightwatcher makes by default, and it agrees with
+  weightwatcher's per-layer alpha on the same weights (``tests/test_weightwatcher.py``,
+  ``benchmarks/weightwatcher_check.py``; a random ResNet18 reads mean alpha 20 with both). Only
+  then does each layer get weightwatcher's verdict (:func:`ht_sr_verdict`): alpha < 2
+  over-trained, alpha > 6 under-trained, in between no warning. That range is necessary, not
+  sufficient: some layers of a random network land in it too.
+
+The numbers come from the same batched path TempBalance trains with
 (:func:`~hf_tempbalance.spectral.batched_esd` + the registered metrics), so they are exactly the
 values it would use.
 """
@@ -26,9 +39,11 @@ values it would use.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,10 +60,20 @@ from .spectral import batched_esd, hill_fit, metric_table, resolve_dtype
 from .spectral.matrices import is_transposed_conv1d, num_eigs, weight_matrices, weight_of
 
 __all__ = ["LayerAnalysis", "AnalysisSummary", "ModelAnalysis", "analyze_model",
-           "analyze_state_dict", "read_analysis_csv", "WELL_TRAINED_RANGE"]
+           "analyze_state_dict", "read_analysis_csv", "ht_sr_verdict", "WELL_TRAINED_RANGE",
+           "CALIBRATED_XMIN", "OVER_TRAINED_BELOW", "UNDER_TRAINED_ABOVE"]
 
-#: Alpha range HT-SR theory associates with well-trained layers.
+#: Alpha range HT-SR theory associates with well-trained layers (on the absolute scale of a
+#: calibrated fit; plots mark its lower end).
 WELL_TRAINED_RANGE = (2.0, 4.0)
+
+#: xmin estimators whose alpha is on the absolute HT-SR scale (cross-checked against
+#: weightwatcher), so that a layer's alpha may be read as a verdict. The median's is a ranking.
+CALIBRATED_XMIN = ("ks",)
+#: weightwatcher's per-layer warnings (its ``OVER_TRAINED_THRESH``, ``UNDER_TRAINED_THRESH``):
+#: alpha below 2 "over-trained", above 6 "under-trained".
+OVER_TRAINED_BELOW = 2.0
+UNDER_TRAINED_ABOVE = 6.0
 
 #: Metrics every report carries (their columns are always present).
 STANDARD_METRICS = ("alpha_hill", "spectral_norm", "alpha_weighted", "stable_rank")
@@ -79,13 +104,35 @@ class LayerAnalysis:
     balanced: bool
     extra: dict[str, float] = field(default_factory=dict)
     eigs: np.ndarray | None = field(default=None, repr=False)
+    #: :func:`ht_sr_verdict` of ``alpha`` when the fit is calibrated (:data:`CALIBRATED_XMIN`),
+    #: else None: a median-xmin alpha is a ranking, not a verdict.
+    verdict: str | None = None
 
     def to_row(self) -> dict[str, Any]:
-        """Flat dict for CSV/pandas (``shape`` written as ``"768x2304"``)."""
+        """Flat dict for CSV/pandas (``shape`` written as ``"768x2304"``); ``verdict`` only
+        for a calibrated fit."""
         row = {c: getattr(self, c) for c in _COLUMNS}
         row["shape"] = "x".join(str(s) for s in self.shape)
+        if self.verdict is not None:
+            row["verdict"] = self.verdict
         row.update(self.extra)
         return row
+
+
+def ht_sr_verdict(alpha: float) -> str:
+    """weightwatcher's warning for a calibrated alpha: ``"over-trained"`` below
+    :data:`OVER_TRAINED_BELOW`, ``"under-trained"`` above :data:`UNDER_TRAINED_ABOVE`, ``""``
+    (no warning) in between, ``"no fit"`` for a non-finite alpha.
+
+    Meaningful only for an alpha on the absolute scale (``xmin="ks"``), never for the median's.
+    """
+    if not math.isfinite(alpha):
+        return "no fit"
+    if alpha < OVER_TRAINED_BELOW:
+        return "over-trained"
+    if alpha > UNDER_TRAINED_ABOVE:
+        return "under-trained"
+    return ""
 
 
 @dataclass
@@ -95,31 +142,75 @@ class AnalysisSummary:
     Attributes:
         num_layers / num_fitted: layers analysed / with a finite alpha.
         alpha_mean / alpha_median: of the finite alphas (nan if none).
-        num_in_range: layers with ``2 <= alpha <= 4`` (:data:`WELL_TRAINED_RANGE`).
-        under_trained: ``(name, alpha)`` of the largest alphas, largest first.
-        over_trained: ``(name, alpha)`` of the smallest alphas, smallest first.
+        xmin: the tail-start estimator the alphas come from.
+        calibrated: whether that estimator is on the absolute HT-SR scale
+            (:data:`CALIBRATED_XMIN`); only then are the verdict fields filled.
+        largest / smallest: ``(name, alpha)`` of the ``top`` largest (largest first) and
+            smallest (smallest first) alphas (TempBalance gives the layers it balances LRs in
+            alpha order: larger alpha, larger LR).
+        num_in_range / num_under_trained / num_over_trained: layers with ``2 <= alpha <= 6``
+            (no weightwatcher warning), ``alpha > 6``, ``alpha < 2`` (None unless calibrated).
+        under_trained / over_trained: ``(name, alpha)`` of up to ``top`` layers with that
+            verdict, most extreme first (empty unless calibrated).
     """
 
     num_layers: int
     num_fitted: int
     alpha_mean: float
     alpha_median: float
-    num_in_range: int
-    under_trained: list[tuple[str, float]]
-    over_trained: list[tuple[str, float]]
+    xmin: str
+    calibrated: bool
+    largest: list[tuple[str, float]]
+    smallest: list[tuple[str, float]]
+    num_in_range: int | None = None
+    num_under_trained: int | None = None
+    num_over_trained: int | None = None
+    under_trained: list[tuple[str, float]] = field(default_factory=list)
+    over_trained: list[tuple[str, float]] = field(default_factory=list)
 
     def format(self) -> str:
-        lo, hi = WELL_TRAINED_RANGE
-        lines = [
-            f"layers analysed: {self.num_layers} ({self.num_fitted} with a finite alpha)",
-            f"alpha mean {self.alpha_mean:.3f}, median {self.alpha_median:.3f}",
-            f"alpha in [{lo:g}, {hi:g}]: {self.num_in_range} of {self.num_fitted}",
-            "most under-trained (largest alpha): "
-            + (", ".join(f"{n} ({a:.2f})" for n, a in self.under_trained) or "-"),
-            "most over-trained (smallest alpha): "
-            + (", ".join(f"{n} ({a:.2f})" for n, a in self.over_trained) or "-"),
-        ]
+        def names(items: Sequence[tuple[str, float]]) -> str:
+            return ", ".join(f"{n} ({a:.2f})" for n, a in items) or "-"
+
+        lines = [f"layers analysed: {self.num_layers} ({self.num_fitted} with a finite alpha)"]
+        if self.calibrated:
+            lo, hi = OVER_TRAINED_BELOW, UNDER_TRAINED_ABOVE
+            lines += [
+                f"alpha ({self.xmin} xmin, on weightwatcher's scale): mean {self.alpha_mean:.3f}, "
+                f"median {self.alpha_median:.3f}",
+                f"HT-SR verdicts (weightwatcher's thresholds): {self.num_under_trained} "
+                f"under-trained (alpha > {hi:g}), {self.num_over_trained} over-trained (alpha < "
+                f"{lo:g}), {self.num_in_range} without a warning ({lo:g} <= alpha <= {hi:g})",
+                f"most under-trained: {names(self.under_trained)}",
+                f"most over-trained: {names(self.over_trained)}",
+            ]
+        else:
+            lines += [
+                f"alpha ({self.xmin} xmin): mean {self.alpha_mean:.3f}, median "
+                f"{self.alpha_median:.3f}",
+                f"largest alpha: {names(self.largest)}",
+                f"smallest alpha: {names(self.smallest)}",
+                f"note: {self.xmin}-xmin alpha ranks the layers against each other: TempBalance "
+                "gives the layers it balances (TB) LRs in this order, larger alpha, larger LR. It "
+                "is not on the absolute HT-SR scale (random weights mostly score 2-4 with it too), so it "
+                "gives no under-/over-trained verdict; for verdicts comparable with weightwatcher "
+                "use xmin='ks' (--xmin ks).",
+            ]
         return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (non-finite numbers become None)."""
+        out = dataclasses.asdict(self)
+        for key in ("largest", "smallest", "under_trained", "over_trained"):
+            out[key] = [{"name": n, "alpha": _finite_or_none(a)} for n, a in out[key]]
+        return {k: _finite_or_none(v) for k, v in out.items()}
+
+
+def _finite_or_none(value: Any) -> Any:
+    """``value``, or None for a non-finite float (JSON has no nan/inf)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 @dataclass
@@ -142,36 +233,73 @@ class ModelAnalysis:
     def alphas(self) -> dict[str, float]:
         return {layer.name: layer.alpha for layer in self.layers}
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether the alphas are on the absolute HT-SR scale (:data:`CALIBRATED_XMIN`)."""
+        return self.config.xmin in CALIBRATED_XMIN
+
     def summary(self, top: int = 3) -> AnalysisSummary:
-        """Mean/median alpha, how many lie in [2, 4], and the ``top`` extremes each way."""
+        """Mean/median alpha and the ``top`` extremes each way; with a calibrated fit
+        (``xmin="ks"``) also the HT-SR verdicts (see :class:`AnalysisSummary`)."""
         fitted = [(layer.name, layer.alpha) for layer in self.layers if math.isfinite(layer.alpha)]
         values = np.array([a for _, a in fitted], dtype=np.float64)
-        lo, hi = WELL_TRAINED_RANGE
         by_alpha = sorted(fitted, key=lambda item: item[1])
-        return AnalysisSummary(
+        summary = AnalysisSummary(
             num_layers=len(self.layers),
             num_fitted=len(fitted),
             alpha_mean=float(values.mean()) if len(values) else math.nan,
             alpha_median=float(np.median(values)) if len(values) else math.nan,
-            num_in_range=int(((values >= lo) & (values <= hi)).sum()),
-            under_trained=by_alpha[::-1][:top],
-            over_trained=by_alpha[:top],
+            xmin=self.config.xmin,
+            calibrated=self.calibrated,
+            largest=by_alpha[::-1][:top],
+            smallest=by_alpha[:top],
         )
+        if self.calibrated:
+            verdicts = [ht_sr_verdict(a) for _, a in by_alpha]
+            summary.num_in_range = verdicts.count("")
+            summary.num_under_trained = verdicts.count("under-trained")
+            summary.num_over_trained = verdicts.count("over-trained")
+            summary.under_trained = [item for item in by_alpha[::-1]
+                                     if ht_sr_verdict(item[1]) == "under-trained"][:top]
+            summary.over_trained = [item for item in by_alpha
+                                    if ht_sr_verdict(item[1]) == "over-trained"][:top]
+        return summary
+
+    def to_dict(self, top: int = 3) -> dict[str, Any]:
+        """The report as JSON-friendly data: ``xmin``, ``calibrated``, ``config``, ``summary``
+        and ``layers`` (the CSV rows; non-finite numbers become None)."""
+        return {
+            "xmin": self.config.xmin,
+            "calibrated": self.calibrated,
+            "config": self.config.to_dict(),
+            "summary": self.summary(top=top).to_dict(),
+            "layers": [{k: _finite_or_none(v) for k, v in row.items()} for row in self.to_rows()],
+        }
 
     def to_rows(self) -> list[dict[str, Any]]:
         return [layer.to_row() for layer in self.layers]
 
-    def to_csv(self, path: str | os.PathLike) -> None:
-        """Write the table as CSV (floats in full precision, ``nan``/``inf`` spelled out)."""
+    def to_csv(self, path: str | os.PathLike | Any) -> None:
+        """Write the table as CSV (floats in full precision, ``nan``/``inf`` spelled out) to
+        ``path``, to stdout for ``"-"``, or into an open text file."""
         rows = self.to_rows()
-        columns = list(_COLUMNS) + sorted({k for r in rows for k in r} - set(_COLUMNS))
+        verdict = ["verdict"] if any("verdict" in r for r in rows) else []
+        columns = (list(_COLUMNS) + verdict
+                   + sorted({k for r in rows for k in r} - set(_COLUMNS) - set(verdict)))
+        if path == "-" or hasattr(path, "write"):
+            self._write_csv(sys.stdout if path == "-" else path, rows, columns)
+            return
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
         with open(path, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()}
-                             for r in rows)
+            self._write_csv(fh, rows, columns)
+
+    @staticmethod
+    def _write_csv(fh: Any, rows: list[dict[str, Any]], columns: list[str]) -> None:
+        writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()}
+                         for r in rows)
 
     def to_frame(self):
         """The table as a ``pandas.DataFrame`` (needs the ``plot`` extra)."""
@@ -184,20 +312,21 @@ class ModelAnalysis:
     def format_table(self, max_name: int = 48) -> str:
         """Fixed-width text table, one line per layer."""
         head = ("layer", "type", "shape", "eigs", "alpha", "xmin", "spec_norm", "alpha_w",
-                "stable_rk", "TB")
+                "stable_rk", "TB") + (("HT-SR",) if self.calibrated else ())
         lines = []
         for layer in self.layers:
             name = layer.name if len(layer.name) <= max_name else "…" + layer.name[-max_name + 1:]
             lines.append((name, layer.type, "x".join(map(str, layer.shape)), str(layer.num_eigs),
                           f"{layer.alpha:.3f}", f"{layer.xmin:.3g}", f"{layer.spectral_norm:.4g}",
                           f"{layer.alpha_weighted:.3f}", f"{layer.stable_rank:.2f}",
-                          "yes" if layer.balanced else "-"))
+                          "yes" if layer.balanced else "-")
+                         + (((layer.verdict or "-"),) if self.calibrated else ()))
         widths = [max([len(h)] + [len(row[i]) for row in lines]) for i, h in enumerate(head)]
-        left = {0, 1, 2}
+        left = {0, 1, 2, 10}
 
         def fmt(row: Sequence[str]) -> str:
             return "  ".join(c.ljust(w) if i in left else c.rjust(w)
-                             for i, (c, w) in enumerate(zip(row, widths)))
+                             for i, (c, w) in enumerate(zip(row, widths))).rstrip()
 
         return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in lines])
 
@@ -337,6 +466,8 @@ def _analyze(items: list[_Item], config: TempBalanceConfig, dtype: Any, keep_esd
                     stable_rank=named.pop("stable_rank"), balanced=item.balanced, extra=named,
                     eigs=eigs.detach().to("cpu", torch.float64).numpy() if keep_esds else None,
                 )
+                if config.xmin in CALIBRATED_XMIN:
+                    results[i].verdict = ht_sr_verdict(results[i].alpha)
             bar.update(len(chunk))
     return ModelAnalysis([r for r in results if r is not None], config)
 
@@ -363,7 +494,7 @@ def read_analysis_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
                                      "expected (a torn or hand-edited line?)")
                 row: dict[str, Any] = {}
                 for key, value in raw.items():
-                    if key in ("name", "type", "shape"):
+                    if key in ("name", "type", "shape", "verdict"):
                         row[key] = value
                     elif key == "balanced":
                         row[key] = value == "True"

@@ -4,15 +4,19 @@
 
     hf-tempbalance analyze gpt2 --csv layers.csv --plots esd/
     hf-tempbalance analyze ckpt.safetensors --arch timm:resnet18
+    hf-tempbalance analyze runs/tb --xmin ks --json -       # a Trainer run: its model or latest checkpoint
     hf-tempbalance plot runs/tb runs/baseline --out figures/
+    hf-tempbalance --version
 
-Exit status: 0 on success, 2 for a bad argument, path, model name or malformed input file (with
-one line on stderr that names the file, the line where relevant, and what to do).
+Exit status: 0 on success, 2 for a bad argument, path, model name, a model that is not in the
+local cache while offline, or a malformed input file (with one line on stderr that names the
+problem and what to run or change).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -23,10 +27,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .analysis import ModelAnalysis, analyze_model, analyze_state_dict, read_analysis_csv
+from . import __version__
+from .analysis import (
+    CALIBRATED_XMIN,
+    ModelAnalysis,
+    analyze_model,
+    analyze_state_dict,
+    read_analysis_csv,
+)
 from .config import LAYER_TYPES, TempBalanceConfig
 from .history import HISTORY_FILE, read_history
-from .loading import ModelLoadError, find_saved_model, load_model
+from .loading import LoadedModel, ModelLoadError, find_saved_model, load_model, resolve_model
 from .spectral.hill import XMIN_METHODS
 
 __all__ = ["main", "build_parser", "run_analyze", "run_plot", "CliError"]
@@ -41,25 +52,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-tempbalance",
         description="TempBalance diagnostics: HT-SR metrics of a model, plots of a training run.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     an = sub.add_parser(
         "analyze", help="per-layer alpha, spectral norm, stable rank of a model",
-        description="Print one row of spectral metrics per weight matrix of MODEL and a summary.")
+        description="Print one row of spectral metrics per weight matrix of MODEL and a summary. "
+                    "With the default --xmin median, alpha ranks the layers against each other "
+                    "(the ranking TempBalance sets LRs from) and no verdict is given: random "
+                    "weights mostly score 2-4 with it too. --xmin ks fits the tail as weightwatcher does "
+                    "and adds its verdicts (alpha < 2 over-trained, > 6 under-trained). A banner "
+                    "says when the weights are a random initialisation.",
+        epilog="Offline (HF_HUB_OFFLINE=1), a Hub id or pretrained timm weights that are not in "
+               "the local cache stop with exit status 2 and the command that downloads them.")
     an.add_argument("model", metavar="MODEL",
-                    help="a local Transformers or timm model directory, a .safetensors/.pt state "
-                         "dict (with --arch), a timm model name (resnet18 or timm:NAME) or a "
-                         "Hugging Face Hub id (gpt2 or hf:ID; needs a connection)")
+                    help="a local Transformers or timm model directory; a training output "
+                         "directory (its saved model, else its latest checkpoint-N); a "
+                         ".safetensors/.pt state dict (with --arch); a timm model name "
+                         "(resnet18 or timm:NAME; random init without --pretrained) or a "
+                         "Hugging Face Hub id (gpt2 or hf:ID; downloaded unless cached)")
     _add_loading_args(an)
+    an.add_argument("--checkpoint", metavar="N",
+                    help="for a training output directory: read its checkpoint-N (N, "
+                         "checkpoint-N or latest) instead of the saved model")
     an.add_argument("--pretrained", action="store_true",
                     help="for a timm model name: download its pretrained weights (default: random init)")
     an.add_argument("--revision", help="Hub revision (branch, tag or commit) of a Hub model")
-    an.add_argument("--csv", metavar="PATH", help="write the table as CSV")
+    an.add_argument("--csv", metavar="PATH", help="write the table as CSV (- for stdout)")
+    an.add_argument("--json", metavar="PATH",
+                    help="write the report as JSON (- for stdout): model, random_weights, "
+                         "summary, layers")
     an.add_argument("--plots", metavar="DIR", help="write one ESD plot (PNG) per layer into DIR")
     an.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                     help="eigensolver precision (default float32, as in training)")
     an.add_argument("--xmin", choices=XMIN_METHODS, default="median",
-                    help="start of the power-law tail (default median, the paper's)")
+                    help="start of the power-law tail: median (default, the paper's; a relative "
+                         "ranking), ks (KS fit as in weightwatcher; absolute, with verdicts), "
+                         "fix_finger")
     an.add_argument("--layer-types", nargs="+", choices=LAYER_TYPES, default=["linear", "conv"],
                     help="module kinds to analyse (default: linear conv)")
     an.add_argument("--include", action="append", default=[], metavar="REGEX",
@@ -108,6 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except BrokenPipeError:  # `... --csv - | head`: the reader left; not an error of ours
+        _silence_stdout()
+        return 0
     except (CliError, ModelLoadError, OSError) as err:
         # OSError: an unreadable or unwritable path (missing, a directory, no permission).
         print(f"hf-tempbalance {args.command}: error: {_one_line(err)}", file=sys.stderr)
@@ -118,6 +150,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hf-tempbalance {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the flush at exit does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. captured)
+        pass
 
 
 def _one_line(err: BaseException) -> str:
@@ -146,10 +187,21 @@ def _analyze_loaded(model, config: TempBalanceConfig, device: torch.device, *, l
                          progress=progress)
 
 
+RANDOM_BANNER = ("RANDOM WEIGHTS: {source} is timm's random initialisation (seed 0; no "
+                 "--pretrained), not a trained model: these numbers describe an untrained network.")
+
+
 def run_analyze(args: argparse.Namespace) -> ModelAnalysis:
-    """``analyze``: load, compute, print, and write the CSV and plots asked for."""
+    """``analyze``: load, compute, print, and write the CSV, JSON and plots asked for.
+
+    The human-readable report goes to stdout, unless ``--csv -`` or ``--json -`` puts data
+    there; then notes (and the random-weights banner) go to stderr.
+    """
     if args.top < 0:
         raise CliError("--top must be >= 0")
+    to_stdout = [flag for flag in ("csv", "json") if getattr(args, flag) == "-"]
+    if len(to_stdout) > 1:
+        raise CliError("--csv - and --json - both ask for stdout; write one of them to a file")
     device = _device(args.device)
     try:
         config = TempBalanceConfig(dtype=args.dtype, xmin=args.xmin,
@@ -157,25 +209,70 @@ def run_analyze(args: argparse.Namespace) -> ModelAnalysis:
                                    include=tuple(args.include), exclude=tuple(args.exclude))
     except ValueError as err:
         raise CliError(str(err)) from err
-    model = load_model(args.model, arch=args.arch, pretrained=args.pretrained,
-                       trust_remote_code=args.trust_remote_code, revision=args.revision)
+    loaded = resolve_model(args.model, arch=args.arch, pretrained=args.pretrained,
+                           trust_remote_code=args.trust_remote_code, revision=args.revision,
+                           checkpoint=args.checkpoint)
+    notes = []
+    if loaded.random_init:
+        notes.append(RANDOM_BANNER.format(source=loaded.source))
+    if loaded.note:
+        notes.append(loaded.note)
     progress = False if args.no_progress else None
-    report = _analyze_loaded(model, config, device,
+    report = _analyze_loaded(loaded.model, config, device,
                              layers="balanced" if args.balanced_only else "all",
                              keep_esds=bool(args.plots), progress=progress)
     if not report.layers:
         raise CliError(f"{args.model} has no layer of kinds {args.layer_types} matching the "
                        "filters; check --layer-types/--include/--exclude")
-    print(report.format_table())
-    print()
-    print(report.summary(top=args.top).format())
+    human = sys.stderr if to_stdout else sys.stdout
+    if loaded.random_init:
+        banner = "!" * 78
+        print("\n".join([banner, notes[0], banner]), file=human)
+    for note in notes[1 if loaded.random_init else 0:]:
+        print(f"note: {note}", file=human)
+    if not to_stdout:
+        print(report.format_table())
+        print()
+        print(report.summary(top=args.top).format())
     if args.csv:
         report.to_csv(args.csv)
-        print(f"\ntable written to {args.csv}")
+        if args.csv != "-":
+            print(f"\ntable written to {args.csv}", file=human)
+    if args.json:
+        _write_json(report_json(report, loaded, args.model, top=args.top), args.json)
+        if args.json != "-":
+            print(f"report written to {args.json}", file=human)
     if args.plots:
         written = write_esd_plots(report, args.plots, progress=not args.no_progress)
-        print(f"{written} ESD plot(s) written to {args.plots}")
+        print(f"{written} ESD plot(s) written to {args.plots}", file=human)
     return report
+
+
+def report_json(report: ModelAnalysis, loaded: LoadedModel, model: str, *, top: int = 3) -> dict:
+    """The JSON ``analyze --json`` writes: what was read, how alpha reads, summary and layers."""
+    return {
+        "hf_tempbalance": __version__,
+        "model": model,
+        "source": loaded.source,
+        "random_weights": loaded.random_init,
+        "note": loaded.note,
+        "alpha_reading": ("absolute: HT-SR verdicts on weightwatcher's scale"
+                          if report.config.xmin in CALIBRATED_XMIN else
+                          "relative: a ranking of the layers (TempBalance's LR order), no verdict"),
+        **report.to_dict(top=top),
+    }
+
+
+def _write_json(data: dict, path: str) -> None:
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    if path == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
 
 
 def esd_plot_name(layer_name: str) -> str:

@@ -11,6 +11,14 @@ Accepted sources (:func:`load_model`):
   hint ``arch``: ``timm:NAME``, ``hf:ID``, a Transformers config directory, or ``tensors`` to read
   the bare weight tensors (see :func:`hf_tempbalance.analysis.analyze_state_dict`).
 
+A training output directory counts as a model directory: the model ``trainer.save_model()``
+left in it, else its latest ``checkpoint-N`` (or the one ``checkpoint=`` names).
+
+Offline (``HF_HUB_OFFLINE=1``): a Hub id or timm pretrained weights that are not in the local
+cache stop with that said, and with the command that downloads them; never "unknown model".
+:func:`resolve_model` also says what was read (:class:`LoadedModel`), e.g. that a timm name
+without ``pretrained`` is a random initialisation.
+
 Safety: pickled files are only read with ``torch.load(..., weights_only=True)``, which cannot run
 code (a file that needs more is refused, never retried unsafely), and Transformers models never
 run code from their repository unless ``trust_remote_code=True``.
@@ -25,13 +33,15 @@ import os
 import pickle
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["ModelLoadError", "load_model", "load_state_dict", "find_saved_model", "WEIGHT_SUFFIXES"]
+__all__ = ["ModelLoadError", "LoadedModel", "load_model", "resolve_model", "load_state_dict",
+           "find_saved_model", "find_checkpoints", "offline_settings", "WEIGHT_SUFFIXES"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 # Files `save_pretrained`/`Trainer.save_model`/timm write, in the order they are tried.
@@ -40,10 +50,61 @@ _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 # Keys under which training scripts commonly nest the state dict in a checkpoint.
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "ema")
+# Environment variables that keep huggingface_hub / transformers off the network, and the values
+# huggingface_hub reads as true.
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+_TRUE = {"1", "ON", "YES", "TRUE"}
+# Exceptions huggingface_hub raises when a file is neither cached nor downloadable.
+_CACHE_MISS = ("LocalEntryNotFoundError", "OfflineModeIsEnabled")
 
 
 class ModelLoadError(ValueError):
     """A model could not be loaded; the message names the problem and the fix."""
+
+
+@dataclass
+class LoadedModel:
+    """What :func:`resolve_model` read.
+
+    Attributes:
+        model: the ``nn.Module`` (eval mode, CPU), or the bare state dict for ``arch="tensors"``.
+        source: what was read: a path (a run's checkpoint directory when one was picked), or
+            ``timm:NAME`` / ``hf:ID``.
+        random_init: the weights are a random initialisation, not trained ones (a timm name
+            without ``pretrained``; made with ``torch.manual_seed(RANDOM_INIT_SEED)``).
+        note: one line on the choice made, e.g. which checkpoint of a run was read (or None).
+    """
+
+    model: Any
+    source: str
+    random_init: bool = False
+    note: str | None = None
+
+
+def offline_settings(names: tuple[str, ...] = _OFFLINE_VARS) -> list[str]:
+    """``["HF_HUB_OFFLINE=1", ...]``: the offline switches that are set (to a true value)."""
+    return [f"{n}={os.environ[n]}" for n in names if os.environ.get(n, "").strip().upper() in _TRUE]
+
+
+def _is_cache_miss(err: BaseException | None) -> bool:
+    """Whether ``err`` (or an exception it came from) is huggingface_hub's "not cached, and the
+    network may not be used"."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if type(err).__name__ in _CACHE_MISS:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _not_cached(what: str, command: str, settings: list[str], alternative: str) -> ModelLoadError:
+    """The offline message: what is missing, which switch is set, the command that fetches it."""
+    online = " ".join(s.split("=")[0] + "=0" for s in settings)
+    verb = "is" if len(settings) == 1 else "are"
+    return ModelLoadError(
+        f"{what} not in the local cache, and {' and '.join(settings)} {verb} set. Download it "
+        f"once with network access: `{online} {command}`; or {alternative}.")
 
 
 # ---------------------------------------------------------------------------- state dicts
@@ -60,9 +121,9 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
-        except ImportError as err:
-            raise ModelLoadError("reading .safetensors needs safetensors: "
-                                 "pip install 'hf_tempbalance[plot]'") from err
+        except ImportError as err:  # a dependency of hf_tempbalance: a broken install
+            raise ModelLoadError("reading .safetensors needs safetensors, a dependency of "
+                                 "hf_tempbalance that is missing here: pip install safetensors") from err
 
         try:
             state = load_file(path, device="cpu")
@@ -139,10 +200,19 @@ def _timm_model(name: str, *, pretrained: bool = False, num_classes: int | None 
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as err:
-        raise ModelLoadError(
-            f"could not create timm model {name!r} (pretrained={pretrained}): {err}. Pretrained "
-            "weights come from the Hugging Face Hub: go online, or drop --pretrained for random init."
-        ) from err
+        if pretrained and _is_cache_miss(err) and (settings := offline_settings(("HF_HUB_OFFLINE",))):
+            raise _not_cached(f"the pretrained weights of timm model {name!r} are",
+                              f"hf-tempbalance analyze timm:{name} --pretrained", settings,
+                              "drop --pretrained to analyse a random initialisation") from err
+        hint = (" Pretrained weights come from the Hugging Face Hub: check the network "
+                "connection, or drop --pretrained for a random initialisation." if pretrained else "")
+        raise ModelLoadError(f"could not create timm model {name!r} (pretrained={pretrained}): "
+                             f"{_first_line(err)}.{hint}") from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _hf_config(source: str, *, trust_remote_code: bool, revision: str | None):
@@ -154,18 +224,35 @@ def _hf_config(source: str, *, trust_remote_code: bool, revision: str | None):
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
     except Exception as err:
-        raise _hf_error(source, err, trust_remote_code) from err
+        raise _hf_error(source, err, trust_remote_code, revision) from err
 
 
-def _hf_error(source: str, err: Exception, trust_remote_code: bool) -> ModelLoadError:
+def _hub_cached(repo_id: str, revision: str | None) -> bool:
+    """Whether the Hub repo's ``config.json`` is in the local cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
+    except Exception:  # not a valid repo id, or no huggingface_hub: nothing cached under it
+        return False
+
+
+def _hf_error(source: str, err: Exception, trust_remote_code: bool,
+              revision: str | None = None) -> ModelLoadError:
     text = str(err)
     if "trust_remote_code" in text and not trust_remote_code:
         return ModelLoadError(
             f"{source} needs custom code from its repository; read it first, then pass "
             "--trust-remote-code (trust_remote_code=True) if you trust it.")
-    where = "the local directory" if os.path.isdir(source) else "the Hugging Face Hub (are you online?)"
+    if not os.path.isdir(source):
+        settings = offline_settings()
+        if settings and (_is_cache_miss(err) or not _hub_cached(source, revision)):
+            command = f"hf-tempbalance analyze hf:{source}" + (f" --revision {revision}" if revision else "")
+            return _not_cached(f"Hugging Face Hub model {source!r} is", command, settings,
+                               "pass a local model directory")
+    where = "the local directory" if os.path.isdir(source) else "the Hugging Face Hub"
     return ModelLoadError(f"could not load Transformers model {source!r} from {where}: "
-                          f"{text.splitlines()[0] if text else type(err).__name__}")
+                          f"{_first_line(err)}")
 
 
 def _hf_class(config: Any):
@@ -191,7 +278,7 @@ def _hf_pretrained(source: str, *, trust_remote_code: bool, revision: str | None
         return cls.from_pretrained(source, config=config, trust_remote_code=trust_remote_code,
                                    revision=revision)
     except Exception as err:
-        raise _hf_error(source, err, trust_remote_code) from err
+        raise _hf_error(source, err, trust_remote_code, revision) from err
 
 
 def _hf_from_state_dict(arch: str, state: dict[str, torch.Tensor], *, trust_remote_code: bool,
@@ -258,21 +345,50 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _has_model(d: Path) -> bool:
+    return (d / "config.json").is_file() or any((d / f).is_file() for f in _WEIGHT_FILES)
+
+
+def find_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The ``checkpoint-N`` directories of a run that hold a model, by ascending N."""
+    run = Path(run_dir)
+    found = sorted((int(m.group(1)), p) for p in run.glob("checkpoint-*")
+                   if p.is_dir() and (m := _CHECKPOINT_DIR.match(p.name)) and _has_model(p))
+    return [p for _, p in found]
+
+
 def find_saved_model(run_dir: str | os.PathLike) -> str | None:
     """The model a training run saved: ``run_dir`` itself or its latest ``checkpoint-N``.
 
     A directory counts when it holds a ``config.json`` (Transformers/timm) or one of
     ``model.safetensors``, ``pytorch_model.bin``, ``model.pt``, ``model.pth``.
     """
-    def has_model(d: Path) -> bool:
-        return (d / "config.json").is_file() or any((d / f).is_file() for f in _WEIGHT_FILES)
-
     run = Path(run_dir)
-    if has_model(run):
+    if _has_model(run):
         return str(run)
-    ckpts = sorted((int(m.group(1)), p) for p in run.glob("checkpoint-*")
-                   if p.is_dir() and (m := _CHECKPOINT_DIR.match(p.name)) and has_model(p))
-    return str(ckpts[-1][1]) if ckpts else None
+    checkpoints = find_checkpoints(run)
+    return str(checkpoints[-1]) if checkpoints else None
+
+
+def _pick_checkpoint(run: Path, checkpoint: str | int) -> Path:
+    """``run/checkpoint-N`` for ``checkpoint`` = N, ``"checkpoint-N"`` or ``"latest"``."""
+    available = find_checkpoints(run)
+    names = ", ".join(p.name for p in available) or "none"
+    text = str(checkpoint).strip()
+    if text == "latest":
+        if not available:
+            raise ModelLoadError(f"--checkpoint latest: {run} has no checkpoint-N directory with "
+                                 "a model in it")
+        return available[-1]
+    match = re.fullmatch(r"(?:checkpoint-)?(\d+)", text)
+    if match is None:
+        raise ModelLoadError(f"--checkpoint {text!r}: give a step N (or checkpoint-N, or latest); "
+                             f"{run} has: {names}")
+    chosen = run / f"checkpoint-{int(match.group(1))}"
+    if chosen not in available:
+        raise ModelLoadError(f"--checkpoint {text}: {run} has no {chosen.name} with a model in it; "
+                             f"it has: {names}")
+    return chosen
 
 
 def load_model(
@@ -282,41 +398,122 @@ def load_model(
     pretrained: bool = False,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    checkpoint: str | int | None = None,
 ) -> nn.Module | dict[str, torch.Tensor]:
     """Load ``spec`` (see the module docstring) in eval mode on the CPU.
 
-    Returns the ``nn.Module``, or the bare state dict when ``arch == "tensors"``.
+    Returns the ``nn.Module``, or the bare state dict when ``arch == "tensors"``
+    (:func:`resolve_model` also says what was read).
+    """
+    return resolve_model(spec, arch=arch, pretrained=pretrained,
+                         trust_remote_code=trust_remote_code, revision=revision,
+                         checkpoint=checkpoint).model
+
+
+def resolve_model(
+    spec: str,
+    *,
+    arch: str | None = None,
+    pretrained: bool = False,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    checkpoint: str | int | None = None,
+) -> LoadedModel:
+    """Load ``spec`` like :func:`load_model` and say what was read (:class:`LoadedModel`).
+
+    Args:
+        checkpoint: for a training output directory: the ``checkpoint-N`` to read (N,
+            ``"checkpoint-N"`` or ``"latest"``; default: the saved model, else the latest).
     """
     path = Path(os.path.expanduser(spec))
+    if checkpoint is not None:
+        if not path.is_dir():
+            raise ModelLoadError(f"--checkpoint picks a checkpoint-N of a training output "
+                                 f"directory, and {spec} is not a directory")
+        chosen = _pick_checkpoint(path, checkpoint)
+        model = _load_dir(chosen, arch=arch, trust_remote_code=trust_remote_code, revision=revision)
+        return LoadedModel(model, str(chosen))
     if spec.startswith("timm:"):
-        return _timm_model(spec[5:], pretrained=pretrained).eval()
+        return _timm_loaded(spec[5:], pretrained)
     if spec.startswith("hf:"):
-        return _hf_pretrained(spec[3:], trust_remote_code=trust_remote_code, revision=revision).eval()
+        return LoadedModel(_hf_pretrained(spec[3:], trust_remote_code=trust_remote_code,
+                                          revision=revision).eval(), spec)
     if path.is_dir():
-        return _load_dir(path, arch=arch, trust_remote_code=trust_remote_code, revision=revision)
+        return _run_or_model_dir(path, arch=arch, trust_remote_code=trust_remote_code,
+                                 revision=revision)
     if path.is_file():
         if not spec.endswith(WEIGHT_SUFFIXES):
             raise ModelLoadError(f"{spec} is not a weights file (expected one of {', '.join(WEIGHT_SUFFIXES)})"
                                  " or a model directory")
-        return _from_weights(path, arch, trust_remote_code=trust_remote_code, revision=revision)
+        return LoadedModel(_from_weights(path, arch, trust_remote_code=trust_remote_code,
+                                         revision=revision), str(path))
     if _looks_like_path(spec):
         raise ModelLoadError(f"no such file or directory: {spec}")
     try:
         import timm
-
-        if timm.is_model(spec.split(".")[0]):
-            return _timm_model(spec, pretrained=pretrained).eval()
     except ImportError:
-        pass
+        timm = None
+    if timm is not None and timm.is_model(spec.split(".")[0]):
+        return _timm_loaded(spec, pretrained)
     if not _HUB_ID.match(spec):
         raise ModelLoadError(f"unknown model {spec!r}: not a path, a timm model name or a Hub id")
     try:
-        return _hf_pretrained(spec, trust_remote_code=trust_remote_code, revision=revision).eval()
+        import transformers  # noqa: F401
+    except ImportError:
+        missing = ["transformers (pip install 'hf_tempbalance[transformers]') to read it as a "
+                   "Hugging Face Hub id"]
+        if timm is None:
+            missing.insert(0, "timm (pip install 'hf_tempbalance[vision]') to read it as a "
+                              "timm model name")
+        raise ModelLoadError(f"{spec} is not a local file or directory; install "
+                             f"{' or '.join(missing)}") from None
+    try:
+        return LoadedModel(_hf_pretrained(spec, trust_remote_code=trust_remote_code,
+                                          revision=revision).eval(), f"hf:{spec}")
     except ModelLoadError as err:
+        if "not in the local cache" in str(err) or "--trust-remote-code" in str(err):
+            raise
         raise ModelLoadError(
             f"unknown model {spec!r}: no such file or directory, not a timm model name, and not "
             f"loadable as a Hugging Face Hub id ({err}). Pass a local model directory, a "
             "weights file with --arch, timm:NAME or hf:ID.") from err
+
+
+#: Seed of the random initialisation of a timm name without ``pretrained`` (the same numbers
+#: every time; the global RNG is left as it was).
+RANDOM_INIT_SEED = 0
+
+
+def _timm_loaded(name: str, pretrained: bool) -> LoadedModel:
+    if pretrained:
+        return LoadedModel(_timm_model(name, pretrained=True).eval(), f"timm:{name}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model = _timm_model(name).eval()
+    return LoadedModel(model, f"timm:{name}", random_init=True)
+
+
+def _run_or_model_dir(path: Path, *, arch: str | None, trust_remote_code: bool,
+                      revision: str | None) -> LoadedModel:
+    """A model directory, or a training output directory whose model is its latest checkpoint."""
+    if _has_model(path):
+        model = _load_dir(path, arch=arch, trust_remote_code=trust_remote_code, revision=revision)
+        checkpoints = find_checkpoints(path)
+        note = (f"read the model saved in {path}; it also has {len(checkpoints)} checkpoint(s) "
+                f"({checkpoints[0].name} .. {checkpoints[-1].name}): --checkpoint N reads one"
+                if checkpoints else None)
+        return LoadedModel(model, str(path), note=note)
+    checkpoints = find_checkpoints(path)
+    if not checkpoints:
+        raise ModelLoadError(
+            f"found no model in {path}: expected a config.json (a Transformers save_pretrained or "
+            f"timm directory), a weights file ({', '.join(_WEIGHT_FILES)}) with --arch, or a "
+            "training output directory with checkpoint-N subdirectories")
+    chosen = checkpoints[-1]
+    model = _load_dir(chosen, arch=arch, trust_remote_code=trust_remote_code, revision=revision)
+    note = (f"{path} holds no final model: read {chosen.name}, the latest of its "
+            f"{len(checkpoints)} checkpoint(s) (--checkpoint N for another)")
+    return LoadedModel(model, str(chosen), note=note)
 
 
 def _load_dir(path: Path, *, arch: str | None, trust_remote_code: bool,

@@ -54,6 +54,7 @@ from image_methods import (
     tempbalance_config,
 )
 from image_sweep import aggregate, format_table, write_sweep_outputs
+from metrics import load_metric
 from models.cifar_timm import PAPER_MODELS
 from torch import nn
 from tqdm.auto import tqdm
@@ -62,7 +63,6 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from hf_tempbalance import TempBalanceCallback, TempBalanceConfig
 from hf_tempbalance.history import HISTORY_FILE, read_history
-from hf_tempbalance.metrics import load_metric
 
 logger = logging.getLogger(__name__)
 

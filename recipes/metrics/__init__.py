@@ -1,8 +1,9 @@
-"""``evaluate`` metrics that work offline.
+"""``evaluate`` metrics that work offline (recipe code, not part of the installed package).
 
 :func:`load_metric` returns the Hub's metric when the Hub is reachable and the copy shipped in
 this folder otherwise (``HF_HUB_OFFLINE``/``HF_EVALUATE_OFFLINE`` set, or the Hub download
 failed). Both are ``evaluate.EvaluationModule`` objects with the same ``compute`` signature.
+The recipes import it as ``metrics`` (``recipes/`` is on the path when they run).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _load_local(name: str, cache_dir: str) -> Any:
     path = _HERE / f"{name}.py"
     if not path.exists():
         raise ValueError(f"no offline copy of the metric {name!r}; shipped metrics: {local_metrics()}")
-    spec = importlib.util.spec_from_file_location(f"hf_tempbalance_metric_{name}", path)
+    spec = importlib.util.spec_from_file_location(f"recipes_metric_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     classes = [obj for obj in vars(module).values() if isinstance(obj, type)

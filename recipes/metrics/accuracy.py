@@ -3,7 +3,7 @@
 ``evaluate.load("accuracy")`` fetches its script from the Hugging Face Hub; this module has the
 same inputs and output (``predictions``, ``references``, optional ``normalize`` and
 ``sample_weight``; returns ``{"accuracy": float}``) and is loaded by
-:func:`hf_tempbalance.metrics.load_metric` when the Hub is not reachable.
+:func:`metrics.load_metric` (``recipes/metrics``) when the Hub is not reachable.
 
 .. math::  \\text{accuracy} = \\frac{\\sum_i w_i\\,[\\hat y_i = y_i]}{\\sum_i w_i}
 
