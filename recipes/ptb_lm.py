@@ -63,7 +63,7 @@ from models.tensorized_transformer import (  # noqa: E402
     TensorizedTransformerForCausalLM,
 )
 
-from hf_tempbalance import TempBalance, TempBalanceConfig  # noqa: E402
+from hf_tempbalance import TempBalance, TempBalanceArguments  # noqa: E402
 from hf_tempbalance.integrations.accelerate import AcceleratedTempBalance, check_accelerator  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -118,16 +118,20 @@ class DataArguments:
 
 
 @dataclass
-class TempBalanceArguments:
+class PTBTempBalanceArguments(TempBalanceArguments):
+    """The library's ``--tb_*`` flags with the authors' LM setting as defaults: every Linear but
+    the position projection and the tied output, no first/last rule, (1.0, 2.0), every 10 steps."""
+
     method: str = field(default="tb", metadata={"help": "cal (cosine annealing only) or tb (TempBalance)."})
-    tb_interval: int = field(default=10, metadata={"help": "Optimizer steps between TempBalance updates."})
+    tb_interval: str = field(default="10", metadata={"help": "Optimizer steps between TempBalance updates."})
     tb_s1: float = field(default=1.0, metadata={"help": "Smallest LR multiplier (LM: 1.0)."})
     tb_s2: float = field(default=2.0, metadata={"help": "Largest LR multiplier (LM: 2.0)."})
-    tb_start_step: int = field(default=0)
+    tb_layer_types: list[str] = field(default_factory=lambda: ["linear"], metadata={
+        "help": "Module kinds balanced (LM: the Linears)."})
     tb_exclude: list[str] = field(default_factory=lambda: list(AUTHORS_EXCLUDE), metadata={
         "help": "Regexes of layers kept at the base LR (default: position projection, tied output)."})
-    tb_metric: str = field(default="alpha_hill")
-    tb_xmin: str = field(default="median")
+    tb_exclude_first_last: bool = field(default=False, metadata={
+        "help": "The authors' LM code removes the last layer only (excluded above by name)."})
 
 
 @dataclass
@@ -341,14 +345,6 @@ class TrainState:
         self.evals = list(state["evals"])
 
 
-def tempbalance_config(args: TempBalanceArguments) -> TempBalanceConfig:
-    """The authors' LM setting: every Linear but the excluded ones, no first/last rule."""
-    return TempBalanceConfig(s1=args.tb_s1, s2=args.tb_s2, interval=args.tb_interval,
-                             start_step=args.tb_start_step, metric=args.tb_metric,
-                             xmin=args.tb_xmin, layer_types=("linear",),
-                             exclude=tuple(args.tb_exclude), exclude_first_last=False)
-
-
 def every(value: float | None, max_steps: int) -> int:
     """Steps between two logs / evaluations / saves: ``TrainingArguments`` semantics, where a
     value below 1 is a fraction of ``max_steps`` (0 / None: never)."""
@@ -381,7 +377,7 @@ def refuse_unused_flags(args: PTBTrainingArguments) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, TempBalanceArguments, PTBTrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, PTBTempBalanceArguments, PTBTrainingArguments))
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
     return parser.parse_args_into_dataclasses(args=argv)
@@ -391,6 +387,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model_args, data_args, tb_args, args = parse_args(argv)
     if tb_args.method not in ("cal", "tb"):
         raise UsageError(f"--method {tb_args.method!r}: choose cal (baseline) or tb (TempBalance)")
+    try:
+        tb_config = tb_args.config()
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     if args.gradient_accumulation_steps != 1:
         raise UsageError("--gradient_accumulation_steps must be 1: a batch is a set of contiguous "
                          "streams; raise --per_device_train_batch_size or add processes instead.")
@@ -438,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     adam = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
             "eps": args.adam_epsilon}
     if tb_args.method == "tb":
-        tb = TempBalance(model, tempbalance_config(tb_args))
+        tb = TempBalance(model, tb_config)
         optimizer = torch.optim.Adam(tb.param_groups(lr=args.learning_rate,
                                                      weight_decay=args.weight_decay), **adam)
         logger.info("TempBalance balances %d layers: %s", len(tb.plan.layers), tb.plan.names)
