@@ -206,6 +206,30 @@ def test_lora_on_an_embedding_is_skipped_with_the_reason():
     assert all(name.endswith("q_proj") for name in tb.plan.names) and len(tb.plan.names) == 2
 
 
+def test_snr_gradient_reaches_a_and_b_through_the_effective_weight():
+    model = lora_llama().double()
+    strength = 0.1
+    tb = TempBalance(model, config(snr_strength=strength, snr_iterations=200, balance_lr=False))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    tb.snr.apply_()
+    got = [p.grad.clone() for p in trainable]
+    # Independently: autograd of (λ/2)·σ_max(W0 + s·B·A)² summed over the adapted modules.
+    for p in trainable:
+        p.grad = None
+    penalty = 0.0
+    for name in tb.plan.names:
+        owner = model.get_submodule(name)
+        w = owner.base_layer.weight + owner.scaling["default"] * (
+            owner.lora_B["default"].weight @ owner.lora_A["default"].weight)
+        penalty = penalty + 0.5 * strength * torch.linalg.matrix_norm(w, 2) ** 2
+    penalty.backward()
+    for p, g in zip(trainable, got):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-7)  # SNR runs in float32
+    assert all(g.abs().sum() > 0 for g in got)
+
+
 class Linear4bit(nn.Module):
     """Stands in for bitsandbytes' 4-bit linear (the class name is what is recognised)."""
 
