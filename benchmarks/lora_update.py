@@ -74,7 +74,7 @@ def bench(args: argparse.Namespace, device: torch.device) -> dict:
 
     times: dict[str, list[float]] = {"base": [], "lora": []}
     peaks: dict[str, list[int]] = {"base": [], "lora": []}
-    for which, tb in [("base", base_tb), ("lora", lora_tb)]:  # warm-up (allocator, threads)
+    for _, tb in [("base", base_tb), ("lora", lora_tb)]:  # warm-up (allocator, threads)
         tb.update()
     for _ in range(args.repeats):
         for which, tb in [("base", base_tb), ("lora", lora_tb)]:

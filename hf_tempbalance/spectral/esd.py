@@ -207,10 +207,14 @@ class _Deferred:
 
     def normalised(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W / max|W|, max|W|)``: the matrix as a ``(1, m, n)`` row-major stack, normalised in
-        place (an all-zero or non-finite weight gives zeros, hence a zero spectrum), and its scale."""
+        place (an all-zero or non-finite weight gives zeros, hence a zero spectrum), and its scale.
+        On CPU a matrix of ordinary magnitude is used as it is, with scale 1 (as the direct path
+        of :func:`batched_esd`: reading the scale is free there)."""
         with torch.no_grad():
             mats = _row_major(self.layer.effective_weight(dtype).unsqueeze(0))
         scale = _max_abs(mats, dtype)
+        if mats.device.type == "cpu" and _DIRECT_RANGE[0] <= float(scale) <= _DIRECT_RANGE[1]:
+            return mats, torch.ones_like(scale)
         factor = torch.where(_finite(scale), 1.0 / scale, torch.zeros_like(scale))
         mats.mul_(factor).nan_to_num_(0.0, 0.0, 0.0)
         return mats, scale

@@ -225,15 +225,16 @@ class LoraAdapted(nn.Module):
         if not torch.is_grad_enabled() and (
                 w0.untyped_storage().data_ptr() == stored.untyped_storage().data_ptr()
                 or any(self._magnitude(name) is not None for name in active)):
-            weight = w0.clone()  # the in-place sums below must not write into W0
+            # The in-place sums below must not write into W0: the first one writes a new tensor.
+            weight = None
         for name in active:
             a = self.owner.lora_A[name].weight.to(dtype)
             b = self.owner.lora_B[name].weight.to(dtype)
             scaling = float(self.owner.scaling[name])
             magnitude = self._magnitude(name)
             if magnitude is None:
-                if torch.is_grad_enabled():
-                    weight = torch.addmm(weight, b, a, alpha=scaling)
+                if torch.is_grad_enabled() or weight is None:
+                    weight = torch.addmm(w0 if weight is None else weight, b, a, alpha=scaling)
                 else:
                     weight.addmm_(b, a, alpha=scaling)
                 continue
@@ -242,8 +243,11 @@ class LoraAdapted(nn.Module):
             adapted = torch.addmm(w0, b, a, alpha=scaling)
             factor = magnitude.to(dtype) / torch.linalg.vector_norm(adapted, dim=1).detach()
             contribution = factor[:, None] * adapted - w0
-            weight = weight + contribution if torch.is_grad_enabled() else weight.add_(contribution)
-        return weight
+            if torch.is_grad_enabled() or weight is None:
+                weight = (w0 if weight is None else weight) + contribution
+            else:
+                weight.add_(contribution)
+        return w0.clone() if weight is None else weight  # (no active adapter: W0 itself)
 
     @property
     def weight(self) -> torch.Tensor:
