@@ -10,6 +10,12 @@ Walks ``model.named_modules()`` in registration order (the order the authors' co
    candidate named ``<module>.<parameter>`` (:class:`~hf_tempbalance.spectral.matrices.ExpertStack`),
    its ``<parameter>_bias`` following it; so is an MoE ``...Router`` that keeps its
    ``(num_experts, hidden)`` gate as a plain 2-D ``weight`` (as an ``nn.Linear`` gate would be).
+   A PEFT LoRA layer (``base_layer`` plus ``lora_A`` / ``lora_B`` dicts, see
+   :func:`~hf_tempbalance.spectral.matrices.is_lora_layer`) is one ``linear`` candidate named like
+   the PEFT module, :class:`~hf_tempbalance.spectral.matrices.LoraAdapted`: its ESD is that of
+   ``W0 + s·B·A``, its A/B (and DoRA magnitude) parameters follow it, and nothing inside it (the
+   frozen base, the r-sized ``lora_A`` / ``lora_B``) is a candidate. LoRA on a non-linear base or
+   a variant other than DoRA is skipped with the reason; a quantized base raises ``ValueError``.
 2. With ``exclude_first_last`` the first and last candidate are dropped (authors' choice: the stem
    and the classifier have few eigenvalues).
 3. Name filters (``include``/``exclude`` regexes, ``re.search``), then frozen weights, weights tied
@@ -189,11 +195,11 @@ def discover_layers(model: nn.Module, config: TempBalanceConfig) -> LayerPlan:
             adapted.add(f"{name}." if name else "")
             if "linear" not in config.layer_types:
                 continue
-            found = [(name, LoraAdapted(m))]
+            found: list[tuple[str, nn.Module]] = [(name, LoraAdapted(m))]
         elif kind_of(m) in config.layer_types and (
                 parametrize.is_parametrized(m, weight_name(m))  # (reading it could change it)
                 or isinstance(getattr(m, weight_name(m), None), torch.Tensor)):
-            found: list[tuple[str, nn.Module]] = [(name, m)]
+            found = [(name, m)]
         elif "linear" in config.layer_types and is_experts(m):
             found = [(f"{name}.{pname}" if name else pname, stack) for pname, stack in expert_stacks(m)]
         else:
