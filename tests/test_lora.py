@@ -230,6 +230,15 @@ def test_snr_gradient_reaches_a_and_b_through_the_effective_weight():
     assert all(g.abs().sum() > 0 for g in got)
 
 
+def test_fsdp2_sharded_lora_layers_are_refused_naming_ddp(monkeypatch):
+    import hf_tempbalance.distributed as distributed
+
+    tb = TempBalance(lora_llama(), config())
+    monkeypatch.setattr(distributed, "_is_dtensor", lambda tensor: True)  # as under fully_shard
+    with pytest.raises(RuntimeError, match="does not gather FSDP2.*train LoRA with DDP"):
+        tb.update()
+
+
 class Linear4bit(nn.Module):
     """Stands in for bitsandbytes' 4-bit linear (the class name is what is recognised)."""
 
