@@ -99,6 +99,19 @@ def test_step_zero_has_a_full_spectrum_while_every_b_is_zero():
     assert min(tb.multipliers.values()) < 1 < max(tb.multipliers.values())
 
 
+def test_a_non_finite_adapter_leaves_its_layer_invalid_and_the_rest_balanced():
+    model = lora_llama()
+    tb = TempBalance(model, config())
+    broken = tb.plan.names[3]
+    with torch.no_grad():
+        model.get_submodule(broken).lora_B["default"].weight[0, 0] = float("nan")
+    with pytest.warns(UserWarning, match=r"no valid alpha_hill for 1 layer"):
+        rows = tb.update()
+    assert [r["layer"] for r in rows if not r["valid"]] == [broken]
+    assert tb.multipliers[broken] == 1.0
+    assert (min(tb.multipliers.values()), max(tb.multipliers.values())) == pytest.approx((0.5, 1.5))
+
+
 def test_sgd_steps_each_adapter_with_base_lr_times_its_multiplier_and_base_weights_stay():
     model = lora_llama().double()  # float64: (before - after) / grad is exact enough to compare
     tb = TempBalance(model, config(interval=1))
