@@ -41,8 +41,10 @@ from torch.nn.utils import parametrize
 from .spectral.esd import gram_eig_cost
 from .spectral.matrices import (
     ExpertStack,
+    LoraAdapted,
     eval_parametrization,
     is_transposed_conv1d,
+    layer_device,
     stack_shape,
     weight_name,
     weight_of,
@@ -98,6 +100,8 @@ def declared_shape(module: nn.Module) -> tuple[int, ...] | None:
 
     Independent of the weight tensor, so it tells a whole weight from a local shard.
     """
+    if isinstance(module, LoraAdapted):
+        return module.shape  # (its parts are checked one by one, see check_unsharded)
     if is_transposed_conv1d(module):
         nx = getattr(module, "nx", None)
         return (nx, module.nf) if nx is not None else None
@@ -176,6 +180,12 @@ def check_unsharded(modules: Sequence[nn.Module] | Mapping[str, nn.Module],
     """
     named = (list(modules.items()) if isinstance(modules, Mapping)
              else [(type(m).__name__, m) for m in modules])
+    # A LoRA-adapted layer is checked through its parts: the base layer and each adapter's A / B.
+    named = [part for label, module in named for part in (
+        [(f"{label}.base_layer", module.base)] + [
+            (f"{label}.lora_{ab}.{adapter}", getattr(module.owner, f"lora_{ab}")[adapter])
+            for adapter in module.adapter_names() for ab in "AB"]
+        if isinstance(module, LoraAdapted) else [(label, module)])]
     if model is not None:
         for pname, param in model.named_parameters():
             if hasattr(param, "ds_id") or hasattr(param, "ds_numel"):
@@ -233,6 +243,13 @@ def collective_device(hint: torch.device) -> torch.device:
 
 def _gathered(module: nn.Module, keep: bool) -> nn.Module | torch.Tensor | None:
     """The whole weight of a DTensor layer (collective: every rank calls it), else the module."""
+    if isinstance(module, LoraAdapted):
+        if any(_is_dtensor(p) for p in (module.base.weight, *module.adapter_parameters())):
+            raise RuntimeError(
+                "TempBalance does not gather FSDP2/DTensor-sharded LoRA layers (W0 + s·B·A of a "
+                "sharded base and adapters); train LoRA with DDP, or leave the adapted layers out "
+                "with TempBalanceConfig(exclude=[...]).")
+        return module if keep else None
     weight = weight_of(module)
     if not _is_dtensor(weight):
         return module if keep else None
@@ -276,7 +293,7 @@ def sharded_metrics(
     local = compute([inputs[i] for i in mine], mine) if mine else []
     if size == 1:
         return [list(map(float, row)) for row in local], mine
-    hint = device if device is not None else (weight_of(modules[0]).device if modules else torch.device("cpu"))
+    hint = device if device is not None else (layer_device(modules[0]) if modules else torch.device("cpu"))
     buffer = torch.zeros(len(modules), num_values, dtype=torch.float64)
     if mine:
         buffer[mine] = torch.tensor(local, dtype=torch.float64).reshape(len(mine), num_values)

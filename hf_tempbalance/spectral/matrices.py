@@ -20,8 +20,13 @@ Conventions (the TempBalance authors', reference-notes §1):
 * A weight computed by a ``torch.nn.utils.parametrize`` parametrization (weight norm, spectral
   norm, ...) is analysed as the effective weight the layer uses, read as in eval mode
   (:func:`eval_parametrization`) so that reading it changes nothing.
+* A LoRA-adapted linear layer (PEFT's ``lora.Linear``) is seen through :class:`LoraAdapted` as
+  its effective weight ``W0 + Σ (α/r)·B·A`` over its active, unmerged adapters (DoRA's row
+  rescaling included): one ``out x in`` matrix, the size of the base weight. It is computed on
+  demand, one layer at a time (:meth:`LoraAdapted.effective_weight`), never stored.
 
-Nothing here imports Transformers: ``Conv1D`` is recognised by its class name and ``nf`` attribute.
+Nothing here imports Transformers or PEFT: ``Conv1D`` is recognised by its class name and ``nf``
+attribute, a LoRA layer by its ``base_layer`` / ``lora_A`` / ``lora_B`` / ``scaling`` attributes.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 __all__ = ["weight_of", "weight_name", "weight_matrices", "is_transposed_conv1d", "num_eigs",
-           "stack_shape", "eval_parametrization", "ExpertStack"]
+           "stack_shape", "eval_parametrization", "ExpertStack", "LoraAdapted", "is_lora_layer",
+           "layer_device"]
 
 def is_transposed_conv1d(module: nn.Module) -> bool:
     """True for Transformers' ``Conv1D`` (GPT-2 family), whose weight is stored ``in x out``."""
@@ -67,6 +73,196 @@ class ExpertStack(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{type(self.owner).__name__}.{self.param_name}, shape={tuple(self.weight.shape)}"
+
+
+def is_lora_layer(module: nn.Module) -> bool:
+    """A PEFT LoRA layer (``lora.Linear``, ``lora.Embedding``, ``lora.Conv2d``, bitsandbytes'
+    ``lora.Linear4bit``, ...), recognised by structure: a ``base_layer`` module, ``lora_A`` /
+    ``lora_B`` module dicts keyed by adapter name, and a ``scaling`` dict."""
+    return (isinstance(getattr(module, "base_layer", None), nn.Module)
+            and isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
+            and isinstance(getattr(module, "lora_B", None), nn.ModuleDict)
+            and isinstance(getattr(module, "scaling", None), dict))
+
+
+# Base-layer and weight classes whose stored weight is quantized (bitsandbytes, HQQ, torchao, ...).
+_QUANTIZED_MODULES = ("Linear4bit", "Linear8bitLt", "HQQLinear", "QuantLinear")
+_QUANTIZED_WEIGHTS = ("Params4bit", "Int8Params")
+
+
+class LoraAdapted(nn.Module):
+    """A LoRA-adapted linear layer presented as one layer whose weight is the effective one.
+
+    For the active, unmerged adapters ``j`` of ``owner`` (PEFT's ``lora.Linear``) the layer
+    computes ``x @ Wᵀ`` with ``W = W0 + Σ_j s_j·B_j·A_j`` (``s_j = owner.scaling[j]``, i.e.
+    ``lora_alpha / r``, or ``lora_alpha / √r`` with rsLoRA). A DoRA adapter (an entry in
+    ``owner.lora_magnitude_vector``) contributes ``(c_j - 1)·W0 + c_j·s_j·B_j·A_j`` with the
+    per-output-row factor ``c_j = m_j / ‖W0 + s_j·B_j·A_j‖_row``, exactly what its forward adds (for
+    one adapter: ``W = diag(c)·(W0 + s·B·A)``). Adapters already merged into ``W0``, inactive ones,
+    and all of them while ``owner.disable_adapters`` is set contribute nothing, as in the forward.
+
+    ``weight`` is that matrix, ``out x in`` whatever the base stores (GPT-2's ``Conv1D`` base,
+    ``fan_in_fan_out``, is ``in x out``), computed on every read (differentiable in ``A``, ``B``
+    and ``m``); :meth:`effective_weight` computes it without autograd into a fresh tensor of the
+    requested dtype. The owner is referenced, not registered: this wrapper owns no parameters.
+    """
+
+    def __init__(self, owner: nn.Module) -> None:
+        super().__init__()
+        self.__dict__["owner"] = owner  # bypass nn.Module.__setattr__: not a submodule
+
+    # -------------------------------------------------------------- structure
+    @property
+    def base(self) -> nn.Module:
+        """The innermost base layer (PEFT may nest ``base_layer`` wrappers)."""
+        base = self.owner.base_layer
+        for _ in range(8):
+            inner = getattr(base, "base_layer", None)
+            if not isinstance(inner, nn.Module):
+                break
+            base = inner
+        return base
+
+    @property
+    def transposed(self) -> bool:
+        """Whether the base stores its weight ``in x out`` (``fan_in_fan_out``, GPT-2 ``Conv1D``)."""
+        return bool(getattr(self.owner, "fan_in_fan_out", False)) or is_transposed_conv1d(self.base)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(out, in)`` of the effective weight, from the base weight's shape (no computation)."""
+        out_in = tuple(self.base.weight.shape)
+        return (out_in[1], out_in[0]) if self.transposed else out_in  # type: ignore[return-value]
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.weight.device
+
+    def adapter_names(self) -> list[str]:
+        """Every adapter the layer holds (active or not), in registration order."""
+        return list(self.owner.lora_A.keys())
+
+    def active_adapters(self) -> list[str]:
+        """Adapters that contribute to the forward: active, present here, not merged into ``W0``."""
+        if getattr(self.owner, "disable_adapters", False):
+            return []
+        active = getattr(self.owner, "active_adapters", None)
+        if active is None:
+            active = self.adapter_names()
+        elif isinstance(active, str):
+            active = [active]
+        merged = set(getattr(self.owner, "merged_adapters", ()))
+        return [name for name in active if name in self.owner.lora_A and name not in merged]
+
+    def _magnitude(self, adapter: str) -> nn.Parameter | None:
+        vectors = getattr(self.owner, "lora_magnitude_vector", None)
+        if isinstance(vectors, nn.ModuleDict) and adapter in vectors:
+            return vectors[adapter].weight
+        return None
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The parameters the adapters train (``A``, ``B`` and DoRA's magnitude ``m`` of every
+        adapter, in that order), whose LR follows this layer."""
+        params = []
+        for name in self.adapter_names():
+            params += [self.owner.lora_A[name].weight, self.owner.lora_B[name].weight]
+            magnitude = self._magnitude(name)
+            if magnitude is not None:
+                params.append(magnitude)
+        return params
+
+    def companion_parameters(self) -> list[nn.Parameter]:
+        """The adapters' other parameters (``lora_B`` bias with ``lora_bias=True``)."""
+        main = {id(p) for p in self.adapter_parameters()}
+        return [p for name in self.adapter_names()
+                for module in (self.owner.lora_A[name], self.owner.lora_B[name])
+                for p in module.parameters() if id(p) not in main]
+
+    def unsupported(self) -> str | None:
+        """Why this layer's effective weight is not ``W0 + Σ s·B·A`` (None when it is)."""
+        base = self.base
+        weight = getattr(base, "weight", None)
+        if not (isinstance(base, nn.Linear) or is_transposed_conv1d(base)
+                or type(base).__name__ in _QUANTIZED_MODULES):
+            return (f"LoRA on a {type(base).__name__} (only LoRA on linear layers is balanced; "
+                    "exclude it or adapt linear layers only)")
+        if not isinstance(weight, torch.Tensor) or (weight.ndim != 2 and not self.quantized()):
+            return f"LoRA base layer {type(base).__name__} has no 2-D weight"
+        for name in self.adapter_names():
+            a, b = self.owner.lora_A[name], self.owner.lora_B[name]
+            if not (isinstance(getattr(a, "weight", None), torch.Tensor) and a.weight.ndim == 2
+                    and isinstance(getattr(b, "weight", None), torch.Tensor) and b.weight.ndim == 2):
+                return f"LoRA adapter {name!r} is not a pair of linear maps"
+            variant = getattr(self.owner, "lora_variant", {}).get(name)
+            if variant is not None and not type(variant).__name__.startswith("Dora"):
+                return (f"LoRA variant {type(variant).__name__} of adapter {name!r} (its weight is "
+                        "not W0 + s·B·A; plain LoRA and DoRA are supported)")
+        return None
+
+    def quantized(self) -> str | None:
+        """The class name of a quantized base layer or weight (bitsandbytes 4/8-bit, HQQ, ...)."""
+        base = self.base
+        weight = getattr(base, "weight", None)
+        if type(base).__name__ in _QUANTIZED_MODULES:
+            return type(base).__name__
+        if type(weight).__name__ in _QUANTIZED_WEIGHTS or hasattr(base, "W_q") \
+                or type(weight).__module__.startswith("torchao."):
+            return type(weight).__name__
+        return None
+
+    # -------------------------------------------------------------- the matrix
+    def effective_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``W0 + Σ_j ΔW_j`` as a new ``out x in`` tensor in ``dtype`` (default: the promoted
+        dtype of the base and adapter weights); differentiable when grad mode is on."""
+        stored = self.base.weight
+        active = self.active_adapters()
+        if dtype is None:
+            dtype = stored.dtype
+            for name in active:
+                dtype = torch.promote_types(dtype, self.owner.lora_A[name].weight.dtype)
+        w0 = (stored.t() if self.transposed else stored).to(dtype)
+        weight = w0
+        if not torch.is_grad_enabled() and (
+                w0.untyped_storage().data_ptr() == stored.untyped_storage().data_ptr()
+                or any(self._magnitude(name) is not None for name in active)):
+            # The in-place sums below must not write into W0: the first one writes a new tensor.
+            weight = None
+        for name in active:
+            a = self.owner.lora_A[name].weight.to(dtype)
+            b = self.owner.lora_B[name].weight.to(dtype)
+            scaling = float(self.owner.scaling[name])
+            magnitude = self._magnitude(name)
+            if magnitude is None:
+                if torch.is_grad_enabled() or weight is None:
+                    weight = torch.addmm(w0 if weight is None else weight, b, a, alpha=scaling)
+                else:
+                    weight.addmm_(b, a, alpha=scaling)
+                continue
+            # DoRA: adds (c - 1)·W0 + c·s·B·A, c = m / ‖W0 + s·B·A‖ per output row (the norm is
+            # treated as a constant, as in its forward).
+            adapted = torch.addmm(w0, b, a, alpha=scaling)
+            factor = magnitude.to(dtype) / torch.linalg.vector_norm(adapted, dim=1).detach()
+            contribution = factor[:, None] * adapted - w0
+            if torch.is_grad_enabled() or weight is None:
+                weight = (w0 if weight is None else weight) + contribution
+            else:
+                weight.add_(contribution)
+        return w0.clone() if weight is None else weight  # (no active adapter: W0 itself)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.effective_weight()
+
+    def extra_repr(self) -> str:
+        out, inp = self.shape
+        return f"{type(self.owner).__name__}, W0 + Σ s·B·A over {self.active_adapters()}, ({out}, {inp})"
+
+
+def layer_device(layer: nn.Module | torch.Tensor) -> torch.device:
+    """Where a layer's weight lives, without computing it (a :class:`LoraAdapted` weight is)."""
+    if isinstance(layer, LoraAdapted):
+        return layer.device
+    return (layer if isinstance(layer, torch.Tensor) else weight_of(layer)).device
 
 
 def weight_name(layer: nn.Module) -> str:
@@ -126,6 +322,9 @@ def weight_matrices(layer: nn.Module | torch.Tensor) -> torch.Tensor:
     Returns:
         A view or copy of the weight, detached, in its own dtype and on its own device.
     """
+    if isinstance(layer, LoraAdapted):
+        with torch.no_grad():
+            return layer.effective_weight().unsqueeze(0)
     if isinstance(layer, ExpertStack):
         weight = layer.weight.detach()
         if weight.ndim != 3:
@@ -162,6 +361,9 @@ def stack_shape(layer: nn.Module | torch.Tensor,
     (default: the weight's own) may be a declared full shape of a sharded weight. A weight of
     fewer than two dimensions holds no matrix: ``(0, 0, 0)``.
     """
+    if isinstance(layer, LoraAdapted):
+        out, inp = layer.shape if shape is None else shape
+        return 1, out, inp
     if shape is None:
         shape = (layer if isinstance(layer, torch.Tensor) else weight_of(layer)).shape
     shape = tuple(shape)
