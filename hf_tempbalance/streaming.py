@@ -387,6 +387,7 @@ def analyze_checkpoint(
     keep_esds: bool = False,
     progress: bool | None = None,
     trust_remote_code: bool = False,
+    device: str | torch.device = "cpu",
     on_read: Callable[[str, torch.Tensor], None] | None = None,
 ) -> ModelAnalysis:
     """:func:`~hf_tempbalance.analysis.analyze_model` of a sharded safetensors checkpoint,
@@ -398,6 +399,7 @@ def analyze_checkpoint(
         select: analyse only the layers whose name matches this regex (``re.search``).
         progress: progress bar with an ETA (default: on, on the main process).
         trust_remote_code: allow a config that needs code from the checkpoint's repository.
+        device: where the spectra are computed (each group is moved there after reading).
         on_read: called with ``(key, tensor)`` for each tensor read (instrumentation).
     """
     config = TempBalanceConfig.build(config)
@@ -420,24 +422,25 @@ def analyze_checkpoint(
     show = (True if progress is None else progress) and world()[0] == 0
 
     results: list[Any] = [None] * len(planned)
-    total = sum(p.cost() for p in planned)
-    # The bar counts layers; its ETA is paced by estimated flops, so big layers weigh more.
-    with tqdm(total=len(planned), unit="layer", desc="ESD (streaming)", disable=not show,
+    # The bar advances by estimated flops (distributed.layer_cost), so its ETA weighs a big layer
+    # more than a small one; the postfix counts layers.
+    total = sum(p.cost() for p in planned) / 1e9
+    with tqdm(total=total, unit="Gflop", desc="ESD (streaming)", disable=not show,
+              bar_format="{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}{postfix}]",
               dynamic_ncols=True) as bar:
-        done_flops = 0.0
+        done = 0
         for group in _groups(planned):
             items = []
             for i in group:
                 p = planned[i]
-                weight = _build(sources[p.param], checkpoint, p.param)
+                weight = _build(sources[p.param], checkpoint, p.param).to(device)
                 items.append(_Item(p.name, p.type, _item_shape(p), _layer_of(p, weight), p.balanced))
                 del weight
             for i, row in zip(group, _chunk_results(items, config, dtype, keep_esds)):
                 results[i] = row
             del items
-            done_flops += sum(planned[i].cost() for i in group)
-            bar.update(len(group))
-            if total > 0:
-                bar.set_postfix_str(f"{100 * done_flops / total:.0f}% of the work")
+            done += len(group)
+            bar.set_postfix_str(f"{done}/{len(planned)} layers", refresh=False)
+            bar.update(sum(planned[i].cost() for i in group) / 1e9)
     return ModelAnalysis([r for r in results if r is not None], config)
 
