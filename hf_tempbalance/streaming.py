@@ -17,7 +17,8 @@ r"""Streaming analysis of a sharded safetensors checkpoint, one weight tensor at
    ``down_proj`` expert stacks, by the same conversion operations). A packed q/k/v projection is
    one tensor in the checkpoint and one matrix here, as in memory.
 4. Layers are read in groups of equal Gram size, each group at most as many bytes as the largest
-   single weight (a bigger weight alone), with plain ``pread``-style reads into tensors of the
+   single weight (a bigger weight alone) and several matrices large (one per worker thread on
+   CPU), with plain ``pread``-style reads into tensors of the
    stored dtype (no memory map, so no shard stays resident), and go through the same
    :func:`~hf_tempbalance.spectral.batched_esd` + metric code as the in-memory path
    (``analysis._chunk_results``). Each group is dropped before the next is read.
@@ -68,8 +69,11 @@ _DTYPES = {
 for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
     if hasattr(torch, _attr):
         _DTYPES[_name] = getattr(torch, _attr)
-# Flops (distributed.layer_cost) per group: paces the progress bar, as in the in-memory path.
-_GROUP_FLOPS = 2e10
+# Flops (distributed.layer_cost) per group at most: keeps the progress bar moving. Larger than the
+# in-memory path's chunks (2e10, one big LLM matrix each) on purpose: on CPU a group of several
+# matrices runs one matrix per worker thread, where a lone matrix runs LAPACK's own threading,
+# which stalls when the cores are shared (spectral/esd.py). The byte budget bounds the memory.
+_GROUP_FLOPS = 4e11
 
 
 def is_streamable(path: str | os.PathLike) -> bool:
