@@ -1,6 +1,6 @@
 """TempBalance's update at LLM scale: per layer and in total, measured here, extrapolated to 7B.
 
-    python benchmarks/train_scale.py [--repeats 2] [--skip-7b] [--check-blocks 1] [--json FILE]
+    python benchmarks/train_scale.py [--repeats 2] [--full] [--skip-7b] [--check-blocks 1] [--json FILE]
 
 1. **1.1B Llama on this CPU.** The model is TinyLlama-1.1B-shaped (22 blocks, width 2048, MLP
    5632, 32 heads, 4 KV heads, vocabulary 32000, 1.10B parameters). Its balanced layers come
@@ -12,7 +12,8 @@
    per layer, median of ``--repeats``; the update's total is the sum over the balanced layers.
    ``--check-blocks N`` also times a real ``TempBalance.update()`` of an N-block model of the
    same shapes (vocabulary 1024) and prints it next to the same sum for that model, as a check
-   that the per-layer sum is what an update costs.
+   that the per-layer sum is what an update costs; ``--full`` times one real update of the whole
+   1.1B model (4.4 GB of fp32 weights).
 2. **7B on GPUs (extrapolated).** Llama-2-7B shapes (32 blocks, width 4096, MLP 11008, 32 heads,
    vocabulary 32000): every balanced matrix has a 4096 x 4096 Gram. Measured here: ``eigvalsh``
    of one 4096 x 4096 Gram and the Gram product rate (flop/s). Per-matrix cost on a device =
@@ -88,6 +89,9 @@ def main() -> None:
     parser.add_argument("--check-blocks", type=int, default=1,
                         help="blocks of the model whose real update is timed (0: none)")
     parser.add_argument("--skip-7b", action="store_true")
+    parser.add_argument("--full", action="store_true",
+                        help="also time one real TempBalance.update() of the whole 1.1B model "
+                             "(fp32, 4.4 GB; weights N(0, 0.02^2) written into an empty model)")
     parser.add_argument("--gpu-eig-s", type=float, nargs="+", default=[0.05, 0.2, 0.5],
                         help="assumed eigvalsh time of one 4096x4096 Gram on the GPU (s)")
     parser.add_argument("--gpu-gram-tflops", type=float, default=50.0,
@@ -137,6 +141,26 @@ def main() -> None:
         print(f"\ncheck: real update of a {args.check_blocks}-block model ({len(tb.plan.layers)} "
               f"layers): {real:.1f} s; per-layer sum: {predicted:.1f} s")
         del small, tb
+
+    if args.full:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from hf_tempbalance import TempBalance
+
+        with torch.device("meta"):
+            big = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **TINYLLAMA))
+        big = big.to_empty(device="cpu")
+        with torch.no_grad():
+            for p in big.parameters():
+                p.normal_(0.0, 0.02, generator=gen)
+        tb = TempBalance(big, steps_per_epoch=10**9)
+        t0 = time.perf_counter()
+        tb.update()
+        real = time.perf_counter() - t0
+        out["1.1b"]["measured_update_s"] = real
+        print(f"\nmeasured: one TempBalance.update() of the whole {params / 1e9:.2f}B model "
+              f"({len(tb.plan.layers)} layers): {real:.1f} s (per-layer sum above: {total:.1f} s)")
+        del big, tb
 
     if args.skip_7b:
         print(json.dumps(out) if args.json is None else "")
