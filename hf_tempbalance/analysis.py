@@ -348,6 +348,7 @@ def analyze_model(
     dtype: str | torch.dtype | None = None,
     keep_esds: bool = False,
     progress: bool | None = None,
+    select: str | None = None,
 ) -> ModelAnalysis:
     """Spectral metrics of every weight matrix of ``model`` (see the module docstring).
 
@@ -364,6 +365,9 @@ def analyze_model(
         keep_esds: keep each layer's eigenvalues (``LayerAnalysis.eigs``), e.g. for
             :func:`hf_tempbalance.plotting.plot_esd`.
         progress: show a progress bar (default: on the main process, for 24 layers or more).
+        select: a regex (``re.search``): analyse only the layers whose name matches it
+            (``analyze --layers``); unlike ``config.include`` it does not change which layers
+            count as ``balanced``.
     """
     config = TempBalanceConfig.build(config)
     if layers not in ("all", "balanced"):
@@ -373,6 +377,8 @@ def analyze_model(
                            else config.replace(exclude_first_last=False, min_eigs=0))
     items = []
     for layer in plan.layers:
+        if not _selected(layer.name, select):
+            continue
         shape = tuple(weight_of(layer.module).shape)
         if is_transposed_conv1d(layer.module):
             shape = shape[::-1]  # report (out, in) like nn.Linear
@@ -388,6 +394,7 @@ def analyze_state_dict(
     dtype: str | torch.dtype | None = None,
     keep_esds: bool = False,
     progress: bool | None = None,
+    select: str | None = None,
 ) -> ModelAnalysis:
     """Metrics of the bare ``*weight`` tensors of a state dict, when no architecture is known.
 
@@ -407,7 +414,7 @@ def analyze_state_dict(
         name = key[: -len(".weight")] if key.endswith(".weight") else key
         if include and not any(p.search(name) for p in include):
             continue
-        if any(p.search(name) for p in exclude):
+        if any(p.search(name) for p in exclude) or not _selected(name, select):
             continue
         items.append(_Item(name, "tensor", tuple(tensor.shape), tensor, False))
     return _analyze(items, config, dtype, keep_esds, progress)
@@ -440,8 +447,6 @@ def _chunks(items: Sequence[_Item]) -> list[list[int]]:
 def _analyze(items: list[_Item], config: TempBalanceConfig, dtype: Any, keep_esds: bool,
              progress: bool | None) -> ModelAnalysis:
     dtype = resolve_dtype(dtype if dtype is not None else config.dtype)
-    metrics = list(STANDARD_METRICS) + ([config.metric] if config.metric not in STANDARD_METRICS else [])
-    fit_kw = {"xmin": config.xmin, "rtol": config.eig_rtol, "include_xmin": config.include_xmin}
     if progress is None:
         progress = len(items) >= _PROGRESS_MIN_LAYERS
     progress = progress and world()[0] == 0
@@ -449,27 +454,47 @@ def _analyze(items: list[_Item], config: TempBalanceConfig, dtype: Any, keep_esd
     results: list[LayerAnalysis | None] = [None] * len(items)
     with tqdm(total=len(items), unit="layer", desc="ESD", disable=not progress) as bar:
         for chunk in _chunks(items):
-            eig_list = batched_esd([items[i].layer for i in chunk], dtype=dtype)
-            # One host transfer per chunk for the metrics; hill_fit adds the tail start and size.
-            values = metric_table(eig_list, metrics, **fit_kw)
-            for i, eigs, row in zip(chunk, eig_list, values):
-                item = items[i]
-                fit = hill_fit(eigs, config.xmin, rtol=config.eig_rtol,
-                               include_xmin=config.include_xmin)
-                named = dict(zip(metrics, row))
-                results[i] = LayerAnalysis(
-                    name=item.name, type=item.type, shape=item.shape,
-                    num_eigs=num_eigs(item.layer),
-                    alpha=named.pop("alpha_hill"), xmin=fit.xmin, n_tail=fit.n_tail,
-                    spectral_norm=named.pop("spectral_norm"),
-                    alpha_weighted=named.pop("alpha_weighted"),
-                    stable_rank=named.pop("stable_rank"), balanced=item.balanced, extra=named,
-                    eigs=eigs.detach().to("cpu", torch.float64).numpy() if keep_esds else None,
-                )
-                if config.xmin in CALIBRATED_XMIN:
-                    results[i].verdict = ht_sr_verdict(results[i].alpha)
+            for i, result in zip(chunk, _chunk_results([items[i] for i in chunk], config, dtype,
+                                                       keep_esds)):
+                results[i] = result
             bar.update(len(chunk))
     return ModelAnalysis([r for r in results if r is not None], config)
+
+
+def _metric_names(config: TempBalanceConfig) -> list[str]:
+    return list(STANDARD_METRICS) + ([config.metric] if config.metric not in STANDARD_METRICS else [])
+
+
+@torch.no_grad()
+def _chunk_results(chunk: Sequence[_Item], config: TempBalanceConfig, dtype: torch.dtype,
+                   keep_esds: bool) -> list[LayerAnalysis]:
+    """The rows of one group of layers: one :func:`batched_esd` call and the registered metrics
+    (shared by the in-memory and the streaming path, :mod:`hf_tempbalance.streaming`)."""
+    metrics = _metric_names(config)
+    fit_kw = {"xmin": config.xmin, "rtol": config.eig_rtol, "include_xmin": config.include_xmin}
+    eig_list = batched_esd([item.layer for item in chunk], dtype=dtype)
+    # One host transfer per chunk for the metrics; hill_fit adds the tail start and size.
+    values = metric_table(eig_list, metrics, **fit_kw)
+    out = []
+    for item, eigs, row in zip(chunk, eig_list, values):
+        fit = hill_fit(eigs, config.xmin, rtol=config.eig_rtol, include_xmin=config.include_xmin)
+        named = dict(zip(metrics, row))
+        result = LayerAnalysis(
+            name=item.name, type=item.type, shape=item.shape, num_eigs=num_eigs(item.layer),
+            alpha=named.pop("alpha_hill"), xmin=fit.xmin, n_tail=fit.n_tail,
+            spectral_norm=named.pop("spectral_norm"), alpha_weighted=named.pop("alpha_weighted"),
+            stable_rank=named.pop("stable_rank"), balanced=item.balanced, extra=named,
+            eigs=eigs.detach().to("cpu", torch.float64).numpy() if keep_esds else None,
+        )
+        if config.xmin in CALIBRATED_XMIN:
+            result.verdict = ht_sr_verdict(result.alpha)
+        out.append(result)
+    return out
+
+
+def _selected(name: str, select: str | re.Pattern | None) -> bool:
+    """Whether a layer passes ``--layers REGEX`` (``re.search``; None selects every layer)."""
+    return select is None or re.search(select, name) is not None
 
 
 def read_analysis_csv(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -37,8 +37,18 @@ from .analysis import (
 )
 from .config import LAYER_TYPES, TempBalanceConfig
 from .history import HISTORY_FILE, read_history
-from .loading import LoadedModel, ModelLoadError, find_saved_model, load_model, resolve_model
+from .loading import (
+    LoadedModel,
+    ModelLoadError,
+    _has_model,
+    _pick_checkpoint,
+    find_checkpoints,
+    find_saved_model,
+    load_model,
+    resolve_model,
+)
 from .spectral.hill import XMIN_METHODS
+from .streaming import analyze_checkpoint, is_streamable
 
 __all__ = ["main", "build_parser", "run_analyze", "run_plot", "CliError"]
 
@@ -99,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only the layers TempBalance would balance (default: all layers)")
     an.add_argument("--top", type=int, default=3, help="extremes named in the summary (default 3)")
     an.add_argument("--no-progress", action="store_true", help="no progress bar")
+    an.add_argument("--layers", metavar="REGEX",
+                    help="analyse only the layers whose name matches REGEX (re.search), e.g. "
+                         "'layers\\.(0|31)\\.' or 'mlp'; unlike --include it does not change "
+                         "which layers count as balanced")
+    an.add_argument("--no-stream", action="store_true",
+                    help="load the whole model even for a sharded safetensors checkpoint "
+                         "(default: such a checkpoint is streamed, one tensor group at a time)")
     an.set_defaults(func=run_analyze)
 
     pl = sub.add_parser(
@@ -179,12 +196,31 @@ def _device(name: str) -> torch.device:
 
 
 def _analyze_loaded(model, config: TempBalanceConfig, device: torch.device, *, layers: str = "all",
-                    keep_esds: bool = False, progress: bool | None = None) -> ModelAnalysis:
+                    keep_esds: bool = False, progress: bool | None = None,
+                    select: str | None = None) -> ModelAnalysis:
     if isinstance(model, dict):
         return analyze_state_dict({k: v.to(device) for k, v in model.items()}, config,
-                                  keep_esds=keep_esds, progress=progress)
+                                  keep_esds=keep_esds, progress=progress, select=select)
     return analyze_model(model.to(device), config, layers=layers, keep_esds=keep_esds,
-                         progress=progress)
+                         progress=progress, select=select)
+
+
+def _streamable_dir(args: argparse.Namespace) -> Path | None:
+    """The directory ``analyze`` would load when it is a sharded safetensors checkpoint
+    (a model directory, the picked ``--checkpoint`` or a run's latest one), else None."""
+    path = Path(os.path.expanduser(args.model))
+    if not path.is_dir():
+        return None
+    if args.checkpoint is not None:
+        chosen = _pick_checkpoint(path, args.checkpoint)
+    elif _has_model(path):
+        chosen = path
+    else:
+        checkpoints = find_checkpoints(path)
+        if not checkpoints:
+            return None
+        chosen = checkpoints[-1]
+    return chosen if is_streamable(chosen) else None
 
 
 RANDOM_BANNER = ("RANDOM WEIGHTS: {source} is timm's random initialisation (seed 0; no "
@@ -209,21 +245,34 @@ def run_analyze(args: argparse.Namespace) -> ModelAnalysis:
                                    include=tuple(args.include), exclude=tuple(args.exclude))
     except ValueError as err:
         raise CliError(str(err)) from err
-    loaded = resolve_model(args.model, arch=args.arch, pretrained=args.pretrained,
-                           trust_remote_code=args.trust_remote_code, revision=args.revision,
-                           checkpoint=args.checkpoint)
+    if args.layers is not None:
+        try:
+            re.compile(args.layers)
+        except re.error as err:
+            raise CliError(f"--layers {args.layers!r} is not a regular expression ({err})") from err
+    progress = False if args.no_progress else None
+    layers = "balanced" if args.balanced_only else "all"
+    stream_dir = None if args.no_stream else _streamable_dir(args)
+    if stream_dir is not None:
+        # A sharded safetensors checkpoint: streamed, never loaded whole.
+        loaded = LoadedModel(None, str(stream_dir))
+        report = analyze_checkpoint(stream_dir, config, layers=layers, select=args.layers,
+                                    keep_esds=bool(args.plots), progress=progress,
+                                    trust_remote_code=args.trust_remote_code, device=device)
+    else:
+        loaded = resolve_model(args.model, arch=args.arch, pretrained=args.pretrained,
+                               trust_remote_code=args.trust_remote_code, revision=args.revision,
+                               checkpoint=args.checkpoint)
+        report = _analyze_loaded(loaded.model, config, device, layers=layers,
+                                 keep_esds=bool(args.plots), progress=progress, select=args.layers)
     notes = []
     if loaded.random_init:
         notes.append(RANDOM_BANNER.format(source=loaded.source))
     if loaded.note:
         notes.append(loaded.note)
-    progress = False if args.no_progress else None
-    report = _analyze_loaded(loaded.model, config, device,
-                             layers="balanced" if args.balanced_only else "all",
-                             keep_esds=bool(args.plots), progress=progress)
     if not report.layers:
         raise CliError(f"{args.model} has no layer of kinds {args.layer_types} matching the "
-                       "filters; check --layer-types/--include/--exclude")
+                       "filters; check --layer-types/--include/--exclude/--layers")
     human = sys.stderr if to_stdout else sys.stdout
     if loaded.random_init:
         banner = "!" * 78
