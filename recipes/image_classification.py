@@ -22,6 +22,9 @@ Examples::
     python recipes/image_classification.py --dataset fashion_mnist --model resnet18 --width 0.25 \\
         --method tb --epochs 2 --max-train-samples 2000 --output-dir runs/quick
 
+A run saved with ``--save_strategy epoch`` continues after a kill with ``--resume_from_checkpoint
+OUTPUT_DIR/checkpoint-N`` (TempBalance's multipliers and history included).
+
 Each run writes ``results.json`` (config, final and per-epoch test accuracy, TempBalance layers
 and history) and ``tempbalance_history.jsonl`` to its output dir. Several methods, ``--lrs`` or
 ``--seeds`` make a grid: runs go to ``OUTPUT_DIR/METHOD/lrLR/seedSEED/`` and the paper-style
@@ -287,7 +290,9 @@ def train_one(method: str, model_args: ModelArguments, data_args: DataArguments,
         preprocess_logits_for_metrics=_predicted_labels,
         optimizers=(optimizer, scheduler), callbacks=callbacks,
     )
-    train_result = trainer.train()
+    # --resume_from_checkpoint DIR/checkpoint-N continues a killed run (save with --save_strategy
+    # epoch); TempBalance's state and history come back with it (TempBalanceCallback's resume).
+    train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
     history = epoch_history(trainer.state.log_history)
     if not history or "test_accuracy" not in history[-1]:  # no evaluation at the last epoch
         trainer.evaluate()  # logged with the current epoch, so it joins that epoch's row
@@ -350,6 +355,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
     with args.main_process_first(desc="loading the data set"):  # one process downloads
         data = prepare_data(data_args)
     single = len(runs) == 1
+    if args.resume_from_checkpoint and not single:
+        raise ValueError("--resume_from_checkpoint continues one run; a grid reuses its finished runs "
+                         "instead (recipes/studies/ resume every run of a grid)")
     results = []
     for method, lr, seed in tqdm(runs, desc="runs", disable=single or not args.should_log):
         out = args.output_dir if single else os.path.join(args.output_dir, method, f"lr{lr:g}",
