@@ -40,6 +40,7 @@ from study_tools import (  # noqa: E402
     cosine_lr,
     format_duration,
     mean_multiplier,
+    pair_row,
     paired_differences,
     run_grid,
     verdict,
@@ -150,15 +151,6 @@ def _by_seed(results, method, lr) -> dict[int, float]:
             if r["method"] == method and float(r["lr"]) == float(lr)}
 
 
-def _pair_row(label: str, pair: dict[str, Any]) -> str:
-    if pair["n"] == 0:
-        return f"| {label} | | 0 | | |"
-    diffs = ", ".join(f"{s}: {d:+.2f}" for s, d in zip(pair["seeds"], pair["differences"]))
-    ci = "" if pair["ci"] is None else f"[{pair['ci'][0]:+.2f}, {pair['ci'][1]:+.2f}]"
-    std = "" if pair["std"] is None else f" ± {pair['std']:.2f}"
-    return f"| {label} | {diffs} | {pair['n']} | {pair['mean']:+.2f}{std} | {ci} |"
-
-
 def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: int) -> dict[str, Any]:
     """``report.md``, ``summary.json`` and ``curves.png`` in ``args.results_dir``."""
     out = Path(args.results_dir)
@@ -188,14 +180,14 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
     for lr in args.lrs:
         pair = paired_differences(_by_seed(results, base, lr), _by_seed(results, other, lr))
         summary["paired"][f"lr={lr:g}"] = pair
-        lines.append(_pair_row(f"{lr:g}", pair))
+        lines.append(pair_row(f"{lr:g}", pair))
     best = best_lrs(cells)
     headline = None
     if base in best and other in best:
         headline = paired_differences(_by_seed(results, base, best[base].lr),
                                       _by_seed(results, other, best[other].lr))
         summary["paired"]["best_vs_best"] = headline | {"lrs": [best[base].lr, best[other].lr]}
-        lines.append(_pair_row(f"each at its best LR ({base} {best[base].lr:g}, {other} "
+        lines.append(pair_row(f"each at its best LR ({base} {best[base].lr:g}, {other} "
                                f"{best[other].lr:g})", headline))
     lines += ["", "The best LR is picked on the test accuracy itself (as the paper's tables do), "
               "which favours whichever method's grid happens to be noisier upwards; the per-LR rows "

@@ -34,7 +34,7 @@ from typing import Any
 
 __all__ = ["Run", "settings_hash", "last_checkpoint", "load_finished", "run_grid",
            "paired_differences", "t_quantile_975", "mean_multiplier", "cosine_lr", "format_duration",
-           "verdict"]
+           "verdict", "pair_row"]
 
 RESULTS_FILE = "results.json"
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
@@ -157,8 +157,12 @@ def run_grid(runs: Sequence[Run], *, results_dir: str | os.PathLike,
     child_env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": str(threads),
                  "MKL_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE",
                  "TOKENIZERS_PARALLELISM": "false"}
+    # The recipes import hf_tempbalance: the copy of this repository, not another installed one.
+    repo = str(Path(__file__).resolve().parents[2])
+    child_env["PYTHONPATH"] = os.pathsep.join(
+        [repo] + [p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p and p != repo])
     prefix = ["nice", "-n", str(nice)] if nice and shutil.which("nice") else []
-    _exit_on_sigterm()  # `kill PID` of the grid stops its workers too (they resume next time)
+    previous_handler = _exit_on_sigterm()  # `kill PID` of the grid stops its workers too
     try:
         while queue or active:
             while queue and len(active) < workers:
@@ -202,24 +206,29 @@ def run_grid(runs: Sequence[Run], *, results_dir: str | os.PathLike,
                 _say(_progress(runs, finished, queue, active, total, start_steps, started_at,
                                checkpoint_root, workers))
     finally:
-        for run, process, log in active.values():  # interrupted: the runs resume next time
+        for _run, process, log in active.values():  # interrupted: the runs resume next time
             process.terminate()
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
             log.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
     if failed:
         _say(f"{len(failed)} runs failed: {', '.join(failed)}")
     return _ordered(runs, finished)
 
 
-def _exit_on_sigterm() -> None:
+def _exit_on_sigterm() -> Any:
+    """SIGTERM raises SystemExit, so the grid's ``finally`` stops its workers (they resume next
+    time); returns the previous handler (None off the main thread, where nothing changes)."""
     def stop(signum, frame):
         raise SystemExit(128 + signum)
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, stop)
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, stop)
 
 
 def _ordered(runs: Sequence[Run], finished: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -323,6 +332,17 @@ def cosine_lr(total_steps: int) -> Callable[[int], float]:
     """The Trainer's / ``get_scheduler``'s cosine schedule without warmup, relative to the initial LR."""
     return lambda t: 0.5 * (1.0 + math.cos(math.pi * t / total_steps))
 
+
+
+def pair_row(label: str, pair: dict[str, Any], digits: int = 2) -> str:
+    """A markdown row ``| label | per seed | n | mean ± std | 95% t-interval |`` of a pair."""
+    if pair["n"] == 0:
+        return f"| {label} | | 0 | | |"
+    f = f"{{:+.{digits}f}}"
+    diffs = ", ".join(f"{s}: {f.format(d)}" for s, d in zip(pair["seeds"], pair["differences"]))
+    ci = "" if pair["ci"] is None else f"[{f.format(pair['ci'][0])}, {f.format(pair['ci'][1])}]"
+    std = "" if pair["std"] is None else f" ± {pair['std']:.{digits}f}"
+    return f"| {label} | {diffs} | {pair['n']} | {f.format(pair['mean'])}{std} | {ci} |"
 
 
 def verdict(pair: dict[str, Any], *, what: str, unit: str, higher_is_better: bool,
