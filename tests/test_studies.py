@@ -199,6 +199,16 @@ def test_image_study_reuses_finished_runs_and_resumes_a_killed_one(image_study) 
     folder = next((tmp / "ckpt2").glob("tb_lr0.1_seed43-*"))
     assert "FAILED tb_lr0.1_seed43" in (tmp / "grid.log").read_text()
     assert not (folder / "results.json").exists()  # killed before the end
+    # --report_only shows the killed run's accuracy so far, read from its last checkpoint
+    checkpoint, step = st.last_checkpoint(folder)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    so_far = [100 * e["eval_accuracy"] for e in state["log_history"] if "eval_accuracy" in e]
+    assert len(so_far) == step // 5
+    snapshot = subprocess.run(argv + ["--report_only"], env=ENV, capture_output=True, text=True,
+                              timeout=120)
+    assert snapshot.returncode == 0, snapshot.stderr[-3000:]
+    assert (f"| tb_lr0.1_seed43 | {len(so_far)} | " + ", ".join(f"{a:.2f}" for a in so_far)
+            in (tmp / "results2" / "report.md").read_text())
     resumed = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert re.search(r"start tb_lr0.1_seed43 \(pid \d+\), resuming at step (5|10) of 15", resumed.stdout)

@@ -14,7 +14,8 @@ when their settings match; checkpoints (one per epoch) live in ``--checkpoint_di
 repository) and a killed run resumes from its last one. After every finished run the report is
 rewritten: ``report.md`` (mean ± std table, per-seed paired differences with 95% t-intervals, the
 mean TempBalance multiplier, the verdict), ``summary.json`` and ``curves.png`` (test accuracy
-over epochs). ``--report_only`` rewrites them from the committed results without training.
+over epochs). ``--report_only`` rewrites them from the committed results without training, with a
+snapshot of the unfinished runs' accuracy so far (from their checkpoints).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from study_tools import (  # noqa: E402
     Run,
     cosine_lr,
     format_duration,
+    last_checkpoint,
+    load_finished,
     mean_multiplier,
     pair_row,
     paired_differences,
@@ -145,14 +148,34 @@ def collect(run: Run, folder: Path) -> dict[str, Any]:
     return out
 
 
+def in_progress(runs: list[Run], args: StudyArguments, finished: set[str]) -> list[dict[str, Any]]:
+    """Unfinished runs with a checkpoint: their test accuracy per epoch so far (from the
+    checkpoint's ``trainer_state.json``). Not results: mid-way through a cosine schedule."""
+    out = []
+    for run in runs:
+        if run.key in finished:
+            continue
+        checkpoint, step = last_checkpoint(run.checkpoint_dir(args.checkpoint_dir))
+        if checkpoint is None:
+            continue
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        curve = [(round(float(e["epoch"])), 100 * float(e["eval_accuracy"]))
+                 for e in state["log_history"] if "eval_accuracy" in e]
+        out.append({"key": run.key, "method": run.settings["method"], "lr": run.settings["lr"],
+                    "seed": run.settings["seed"], "step": step, "curve": curve})
+    return out
+
+
 # ------------------------------------------------------------------------------------ report
 def _by_seed(results, method, lr) -> dict[int, float]:
     return {int(r["seed"]): 100.0 * float(r["test_accuracy"]) for r in results
             if r["method"] == method and float(r["lr"]) == float(lr)}
 
 
-def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: int) -> dict[str, Any]:
-    """``report.md``, ``summary.json`` and ``curves.png`` in ``args.results_dir``."""
+def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: int,
+                 running: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``report.md``, ``summary.json`` and ``curves.png`` in ``args.results_dir``; ``running``
+    (from :func:`in_progress`) adds a snapshot of the unfinished runs."""
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     base, other = args.methods[0], args.methods[-1]
@@ -164,6 +187,9 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
                                "study": asdict(args) | {"results_dir": None, "checkpoint_dir": None,
                                                         "data_dir": None},
                                "paired": {}, "multiplier": {}}
+    if running:
+        lines += _running_section(running, args)
+        summary["in_progress"] = running
     if not results:
         lines.append("No run has finished yet: not yet measured.")
         (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -231,6 +257,31 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
     return summary
 
 
+def _running_section(running: list[dict[str, Any]], args: StudyArguments) -> list[str]:
+    base, other = args.methods[0], args.methods[-1]
+    lines = ["## Runs in progress (a snapshot, not a result)", "",
+             f"Test accuracy after the last checkpointed epoch of each unfinished run, of "
+             f"{args.epochs}. Mid-way through a cosine schedule this says little about the end.", "",
+             "| run | epochs done | test accuracy (%) by epoch |", "|---|---|---|"]
+    for r in running:
+        lines.append(f"| {r['key']} | {len(r['curve'])} | "
+                     + ", ".join(f"{a:.2f}" for _, a in r["curve"]) + " |")
+    pairs = {}
+    for r in running:
+        pairs.setdefault((r["lr"], r["seed"]), {})[r["method"]] = dict(r["curve"])
+    diffs = []
+    for (lr, seed), by in pairs.items():
+        if base in by and other in by:
+            common = sorted(set(by[base]) & set(by[other]))
+            if common:
+                diffs.append(f"LR {lr:g} seed {seed}: " + ", ".join(
+                    f"e{e} {by[other][e] - by[base][e]:+.2f}" for e in common))
+    if diffs:
+        lines += ["", f"Same-seed differences {other} - {base} (pp) at the epochs both reached: "
+                  + "; ".join(diffs) + "."]
+    return lines + [""]
+
+
 def _plot_curves(results: list[dict[str, Any]], args: StudyArguments, path: Path) -> None:
     from matplotlib.figure import Figure
 
@@ -270,14 +321,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_report(results, args, len(runs))
 
     if args.report_only:
-        from study_tools import load_finished
-
         results = [r for run in runs if (r := load_finished(run, args.results_dir)) is not None]
+        running = in_progress(runs, args, {r["key"] for r in results})
     else:
         results = run_grid(runs, results_dir=args.results_dir, checkpoint_root=args.checkpoint_dir,
                            collect=collect, on_update=report, workers=args.workers,
                            threads=args.threads, nice=args.nice, eta_every=args.eta_every)
-    summary = write_report(results, args, len(runs))
+        running = None
+    summary = write_report(results, args, len(runs), running)
     print((Path(args.results_dir) / "report.md").read_text(encoding="utf-8"))
     return summary
 
