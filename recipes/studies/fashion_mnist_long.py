@@ -65,6 +65,8 @@ class StudyArguments:
     model: str = field(default="resnet18")
     width: float = field(default=0.125, metadata={"help": "channel multiplier of the ResNet18"})
     batch_size: int = field(default=128)
+    channels_last: bool = field(default=True, metadata={
+        "help": "channels-last model (measured ~1.4x faster per step on one thread)"})
     max_train_samples: int | None = field(default=None, metadata={"help": "smoke tests only"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "smoke tests only"})
     data_dir: str = field(default=str(CACHE / "data"), metadata={
@@ -95,7 +97,7 @@ def build_runs(args: StudyArguments) -> list[Run]:
                 s1, s2 = paper_tb_range(method, "fashion_mnist", args.model)
                 settings = {
                     "study": "fashion_mnist_long", "dataset": "fashion_mnist", "model": args.model,
-                    "width": args.width, "method": method, "lr": float(lr), "seed": seed,
+                    "width": args.width, "channels_last": args.channels_last, "method": method, "lr": float(lr), "seed": seed,
                     "epochs": args.epochs, "batch_size": args.batch_size, "optim": "sgd momentum 0.9",
                     "weight_decay": 5e-4, "lr_scheduler": "cosine", "train_samples":
                     args.max_train_samples or "all", "test_samples": args.max_eval_samples or "all",
@@ -110,7 +112,7 @@ def build_runs(args: StudyArguments) -> list[Run]:
                            "--per_device_train_batch_size", str(args.batch_size),
                            "--save_strategy", "epoch", "--save_total_limit", "1",
                            "--use_cpu", "true", "--dataloader_num_workers", "0",
-                           "--disable_tqdm", "true"]
+                           "--disable_tqdm", "true", "--channels_last", str(args.channels_last)]
                 if args.max_train_samples is not None:
                     command += ["--max_train_samples", str(args.max_train_samples)]
                 if args.max_eval_samples is not None:
