@@ -168,7 +168,9 @@ class ImageClassifier(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None):
         if self.channels_last:
-            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+            # .to(), not .contiguous(): a 1-channel NCHW tensor already counts as channels-last,
+            # and .contiguous() would keep its strides (and the slow kernels).
+            pixel_values = pixel_values.to(memory_format=torch.channels_last)
         logits = self.net(pixel_values)
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return ImageClassifierOutput(loss=loss, logits=logits)
