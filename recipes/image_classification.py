@@ -22,6 +22,9 @@ Examples::
     python recipes/image_classification.py --dataset fashion_mnist --model resnet18 --width 0.25 \\
         --method tb --epochs 2 --max-train-samples 2000 --output-dir runs/quick
 
+A run saved with ``--save_strategy epoch`` continues after a kill with ``--resume_from_checkpoint
+OUTPUT_DIR/checkpoint-N`` (TempBalance's multipliers and history included).
+
 Each run writes ``results.json`` (config, final and per-epoch test accuracy, TempBalance layers
 and history) and ``tempbalance_history.jsonl`` to its output dir. Several methods, ``--lrs`` or
 ``--seeds`` make a grid: runs go to ``OUTPUT_DIR/METHOD/lrLR/seedSEED/`` and the paper-style
@@ -78,6 +81,9 @@ class ModelArguments:
     width: float = field(default=1.0, metadata={
         "help": "channel multiplier of the paper's models (paper: 0.5, 1, 1.5)"})
     drop_rate: float = field(default=0.0, metadata={"help": "dropout before the classifier"})
+    channels_last: bool = field(default=False, metadata={
+        "help": "feed images in channels-last memory format (measured ~1.4x faster steps of the "
+                "small ResNet18 on one CPU thread; results equal up to float rounding)"})
 
 
 @dataclass
@@ -153,11 +159,18 @@ def parse_args(argv: list[str] | None = None):
 class ImageClassifier(nn.Module):
     """A timm model as the Trainer expects it: ``forward(pixel_values, labels)`` -> loss, logits."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, channels_last: bool = False) -> None:
         super().__init__()
         self.net = net
+        # Channels-last input makes the convolutions compute (and pass on) channels-last
+        # activations; the weights stay contiguous, so checkpoints (safetensors) are unchanged.
+        self.channels_last = channels_last
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None):
+        if self.channels_last:
+            # .to(), not .contiguous(): a 1-channel NCHW tensor already counts as channels-last,
+            # and .contiguous() would keep its strides (and the slow kernels).
+            pixel_values = pixel_values.to(memory_format=torch.channels_last)
         logits = self.net(pixel_values)
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return ImageClassifierOutput(loss=loss, logits=logits)
@@ -272,7 +285,7 @@ def train_one(method: str, model_args: ModelArguments, data_args: DataArguments,
     set_seed(args.seed)  # before the model is built: same init for every method at a seed
     net = create_model(model_args.model, spec.num_classes, spec.channels, model_args.width,
                        model_args.drop_rate)
-    model = ImageClassifier(net)
+    model = ImageClassifier(net, channels_last=model_args.channels_last)
 
     optimizer, scheduler = build_optimizer(
         method, model, args, num_examples=len(train), sgdr_t0=method_args.sgdr_t0,
@@ -287,7 +300,9 @@ def train_one(method: str, model_args: ModelArguments, data_args: DataArguments,
         preprocess_logits_for_metrics=_predicted_labels,
         optimizers=(optimizer, scheduler), callbacks=callbacks,
     )
-    train_result = trainer.train()
+    # --resume_from_checkpoint DIR/checkpoint-N continues a killed run (save with --save_strategy
+    # epoch); TempBalance's state and history come back with it (TempBalanceCallback's resume).
+    train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
     history = epoch_history(trainer.state.log_history)
     if not history or "test_accuracy" not in history[-1]:  # no evaluation at the last epoch
         trainer.evaluate()  # logged with the current epoch, so it joins that epoch's row
@@ -350,6 +365,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
     with args.main_process_first(desc="loading the data set"):  # one process downloads
         data = prepare_data(data_args)
     single = len(runs) == 1
+    if args.resume_from_checkpoint and not single:
+        raise ValueError("--resume_from_checkpoint continues one run; a grid reuses its finished runs "
+                         "instead (recipes/studies/ resume every run of a grid)")
     results = []
     for method, lr, seed in tqdm(runs, desc="runs", disable=single or not args.should_log):
         out = args.output_dir if single else os.path.join(args.output_dir, method, f"lr{lr:g}",

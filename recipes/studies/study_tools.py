@@ -1,0 +1,369 @@
+"""What the long studies share: a resumable grid of runs in parallel workers, and paired statistics.
+
+A *run* is one training command (``recipes/image_classification.py`` or ``recipes/ptb_lm.py``)
+identified by its *settings* (a small dict: method, LR, seed, epochs, ...). The grid:
+
+* reuses a finished run when the committed JSON in the results dir holds the same settings;
+* keeps checkpoints outside the repository, in ``CHECKPOINT_DIR/<key>-<hash of the settings>``,
+  so a killed run is found again by its settings and resumes from its last ``checkpoint-N``;
+* runs ``workers`` commands at once, each under ``nice`` with ``threads`` torch/OpenMP threads,
+  its output in ``worker.log`` in its checkpoint folder;
+* prints the progress and an estimate of the remaining time every ``eta_every`` seconds (from the
+  rate measured in this sitting; progress is read from the last checkpoint of each run).
+
+Statistics: :func:`paired_differences` (per-seed ``b - a`` with a 95% t-interval) and
+:func:`mean_multiplier` (the average TempBalance LR multiplier over training, from its history).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Run", "settings_hash", "last_checkpoint", "load_finished", "run_grid",
+           "paired_differences", "t_quantile_975", "mean_multiplier", "cosine_lr", "format_duration",
+           "verdict", "pair_row"]
+
+RESULTS_FILE = "results.json"
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    """8 hex digits of the settings' canonical JSON: the checkpoint folder's suffix."""
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+@dataclass
+class Run:
+    """One training command of a study.
+
+    Attributes:
+        key: a readable name (``tb_lr0.1_seed43``): the committed JSON is ``results_dir/key.json``.
+        settings: what decides the result besides chance; a finished run is reused only if equal.
+        command: the command line without output folder and resume flags.
+        total_steps: optimizer steps of the whole run (for the progress and the estimate).
+        output_flag, resume_flag: the command's flags for its output folder and checkpoint.
+    """
+
+    key: str
+    settings: dict[str, Any]
+    command: list[str]
+    total_steps: int
+    output_flag: str = "--output_dir"
+    resume_flag: str = "--resume_from_checkpoint"
+
+    def checkpoint_dir(self, root: str | os.PathLike) -> Path:
+        return Path(root) / f"{self.key}-{settings_hash(self.settings)}"
+
+    def result_path(self, results_dir: str | os.PathLike) -> Path:
+        return Path(results_dir) / "runs" / f"{self.key}.json"
+
+
+def last_checkpoint(folder: str | os.PathLike) -> tuple[Path | None, int]:
+    """``(path, step)`` of the newest complete ``checkpoint-N`` in ``folder`` (``(None, 0)``).
+
+    A checkpoint counts once its folder holds files (a kill while saving leaves an empty or partial
+    folder; the Trainer writes ``trainer_state.json`` last, Accelerate ``random_states*`` last).
+    """
+    best: tuple[Path | None, int] = (None, 0)
+    folder = Path(folder)
+    if not folder.is_dir():
+        return best
+    for path in folder.iterdir():
+        match = _CHECKPOINT.fullmatch(path.name)
+        if not match or not path.is_dir():
+            continue
+        names = {p.name for p in path.iterdir()}
+        complete = "trainer_state.json" in names or any(n.startswith("random_states") for n in names)
+        if complete and int(match.group(1)) > best[1]:
+            best = (path, int(match.group(1)))
+    return best
+
+
+def load_finished(run: Run, results_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The committed result of ``run`` when it was made with the same settings, else None."""
+    path = run.result_path(results_dir)
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+    same = json.loads(json.dumps(run.settings, default=str))
+    return saved if saved.get("study_settings") == same else None
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def _say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def run_grid(runs: Sequence[Run], *, results_dir: str | os.PathLike,
+             checkpoint_root: str | os.PathLike,
+             collect: Callable[[Run, Path], dict[str, Any]],
+             on_update: Callable[[list[dict[str, Any]]], None] | None = None,
+             workers: int = 2, threads: int = 1, nice: int = 10, eta_every: float = 60.0,
+             poll: float = 2.0, env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Train every run not finished yet, ``workers`` at a time; return all finished results.
+
+    ``collect(run, checkpoint_dir)`` turns a finished run's output folder into the (small) dict that
+    is committed as ``results_dir/runs/<key>.json`` (with ``study_settings`` and ``key`` added).
+    ``on_update(results)`` is called with every finished result at the start and after each run
+    (the study rewrites its tables and plots there). A run whose command fails is reported with the
+    end of its log and left out; the others go on.
+    """
+    results_dir = Path(results_dir)
+    finished: dict[str, dict[str, Any]] = {}
+    pending: list[Run] = []
+    for run in runs:
+        saved = load_finished(run, results_dir)
+        folder = run.checkpoint_dir(checkpoint_root)
+        if saved is None and (folder / RESULTS_FILE).is_file():  # trained, not yet collected
+            saved = _store(run, collect(run, folder), results_dir)
+        if saved is not None:
+            finished[run.key] = saved
+        else:
+            pending.append(run)
+    _say(f"{len(finished)} of {len(runs)} runs finished before (reused), {len(pending)} to train; "
+         f"checkpoints in {checkpoint_root}, results in {results_dir}")
+    if on_update is not None:
+        on_update(_ordered(runs, finished))
+
+    total = {run.key: run.total_steps for run in pending}
+    start_steps = {run.key: last_checkpoint(run.checkpoint_dir(checkpoint_root))[1] for run in pending}
+    started_at = time.time()
+    last_eta = started_at
+    active: dict[str, tuple[Run, subprocess.Popen, Any]] = {}
+    queue = list(pending)
+    failed: list[str] = []
+    child_env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": str(threads),
+                 "MKL_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE",
+                 "TOKENIZERS_PARALLELISM": "false"}
+    # The recipes import hf_tempbalance: the copy of this repository, not another installed one.
+    repo = str(Path(__file__).resolve().parents[2])
+    child_env["PYTHONPATH"] = os.pathsep.join(
+        [repo] + [p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p and p != repo])
+    prefix = ["nice", "-n", str(nice)] if nice and shutil.which("nice") else []
+    previous_handler = _exit_on_sigterm()  # `kill PID` of the grid stops its workers too
+    try:
+        while queue or active:
+            while queue and len(active) < workers:
+                run = queue.pop(0)
+                folder = run.checkpoint_dir(checkpoint_root)
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "study_settings.json").write_text(
+                    json.dumps(run.settings, indent=1, sort_keys=True, default=str) + "\n")
+                checkpoint, step = last_checkpoint(folder)
+                command = prefix + run.command + [run.output_flag, str(folder)]
+                if checkpoint is not None:
+                    command += [run.resume_flag, str(checkpoint)]
+                log = open(folder / "worker.log", "a", encoding="utf-8")  # noqa: SIM115
+                log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
+                log.flush()
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                           env=child_env)
+                active[run.key] = (run, process, log)
+                _say(f"start {run.key} (pid {process.pid})" +
+                     (f", resuming at step {step} of {run.total_steps}" if checkpoint else ""))
+            time.sleep(poll)
+            for key, (run, process, log) in list(active.items()):
+                if process.poll() is None:
+                    continue
+                log.close()
+                del active[key]
+                folder = run.checkpoint_dir(checkpoint_root)
+                if process.returncode == 0 and (folder / RESULTS_FILE).is_file():
+                    finished[key] = _store(run, collect(run, folder), results_dir)
+                    _say(f"done {key} ({len(finished)} of {len(runs)} finished)")
+                    if on_update is not None:
+                        on_update(_ordered(runs, finished))
+                else:
+                    failed.append(key)
+                    tail = (folder / "worker.log").read_text(encoding="utf-8", errors="replace")
+                    _say(f"FAILED {key} (exit {process.returncode}); end of {folder / 'worker.log'}:\n"
+                         + tail[-2000:])
+            now = time.time()
+            if active and now - last_eta >= eta_every:
+                last_eta = now
+                _say(_progress(runs, finished, queue, active, total, start_steps, started_at,
+                               checkpoint_root, workers))
+    finally:
+        for _run, process, log in active.values():  # interrupted: the runs resume next time
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            log.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+    if failed:
+        _say(f"{len(failed)} runs failed: {', '.join(failed)}")
+    return _ordered(runs, finished)
+
+
+def _exit_on_sigterm() -> Any:
+    """SIGTERM raises SystemExit, so the grid's ``finally`` stops its workers (they resume next
+    time); returns the previous handler (None off the main thread, where nothing changes)."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, stop)
+
+
+def _ordered(runs: Sequence[Run], finished: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [finished[run.key] for run in runs if run.key in finished]
+
+
+def _store(run: Run, result: dict[str, Any], results_dir: Path) -> dict[str, Any]:
+    result = {"key": run.key, "study_settings": json.loads(json.dumps(run.settings, default=str)),
+              **result}
+    path = run.result_path(results_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=_plain) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return result
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def _progress(runs, finished, queue, active, total, start_steps, started_at, checkpoint_root,
+              workers) -> str:
+    done_now = {key: last_checkpoint(run.checkpoint_dir(checkpoint_root))[1]
+                for key, (run, _, _) in active.items()}
+    gained = sum(done_now[k] - start_steps[k] for k in done_now)
+    gained += sum(total[k] - start_steps[k] for k in total if k in finished)
+    remaining = sum(total[run.key] - start_steps[run.key] for run in queue)
+    remaining += sum(total[k] - done_now[k] for k in done_now)
+    parts = [f"{key} {done_now[key]}/{total[key]}" for key in done_now]
+    elapsed = time.time() - started_at
+    if gained > 0:
+        # Steps per second of the whole pool in this sitting; the last workers of a grid run alone.
+        rate = gained / elapsed
+        eta = f"about {format_duration(remaining / rate)} left ({rate * 3600 / workers:.0f} steps/h per worker)"
+    else:
+        eta = "remaining time known after the first checkpoint"
+    return (f"{len(finished)} of {len(runs)} runs finished, {len(active)} running "
+            f"[{', '.join(parts)}], {len(queue)} queued; {eta}")
+
+
+# ------------------------------------------------------------------------------------ statistics
+def t_quantile_975(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (two-sided 95%)."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, df))
+
+
+def paired_differences(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
+    """Per-seed ``b - a`` over the seeds both have: mean, sample std, 95% t-interval of the mean.
+
+    ``ci`` is ``None`` with fewer than two pairs (no spread to estimate).
+    """
+    seeds = [s for s in a if s in b]
+    diffs = [b[s] - a[s] for s in seeds]
+    n = len(diffs)
+    if n == 0:
+        return {"seeds": [], "differences": [], "n": 0, "mean": None, "std": None, "ci": None}
+    mean = sum(diffs) / n
+    if n < 2:
+        return {"seeds": seeds, "differences": diffs, "n": 1, "mean": mean, "std": None, "ci": None}
+    std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    half = t_quantile_975(n - 1) * std / math.sqrt(n)
+    return {"seeds": seeds, "differences": diffs, "n": n, "mean": mean, "std": std,
+            "ci": [mean - half, mean + half]}
+
+
+def mean_multiplier(rows: Iterable[dict[str, Any]], total_steps: int,
+                    base_lr: Callable[[int], float] | None = None) -> dict[str, float] | None:
+    """The TempBalance LR multiplier averaged over the balanced layers and over training.
+
+    ``rows``: history rows (``step``, ``layer``, ``multiplier``). The multipliers of an update at
+    step ``t`` hold until the next update (or ``total_steps``); before the first update they are 1.
+    Returns ``{"mean": ..., "lr_weighted": ..., "updates": ...}``: ``mean`` weighs every optimizer
+    step equally; ``lr_weighted`` weighs step ``t`` by the scheduler's LR ``base_lr(t)`` (so it is
+    the ratio of the average layer LR to the baseline's average LR). None without rows.
+    """
+    by_step: dict[int, list[float]] = {}
+    for row in rows:
+        by_step.setdefault(int(row["step"]), []).append(float(row["multiplier"]))
+    if not by_step or total_steps <= 0:
+        return None
+    per_step = [1.0] * total_steps
+    steps = sorted(s for s in by_step if s < total_steps)
+    for i, step in enumerate(steps):
+        end = steps[i + 1] if i + 1 < len(steps) else total_steps
+        value = sum(by_step[step]) / len(by_step[step])
+        for t in range(step, end):
+            per_step[t] = value
+    out = {"mean": sum(per_step) / total_steps, "updates": len(steps)}
+    if base_lr is not None:
+        weights = [base_lr(t) for t in range(total_steps)]
+        out["lr_weighted"] = sum(w * m for w, m in zip(weights, per_step)) / sum(weights)
+    return out
+
+
+def cosine_lr(total_steps: int) -> Callable[[int], float]:
+    """The Trainer's / ``get_scheduler``'s cosine schedule without warmup, relative to the initial LR."""
+    return lambda t: 0.5 * (1.0 + math.cos(math.pi * t / total_steps))
+
+
+
+def pair_row(label: str, pair: dict[str, Any], digits: int = 2) -> str:
+    """A markdown row ``| label | per seed | n | mean ± std | 95% t-interval |`` of a pair."""
+    if pair["n"] == 0:
+        return f"| {label} | | 0 | | |"
+    f = f"{{:+.{digits}f}}"
+    diffs = ", ".join(f"{s}: {f.format(d)}" for s, d in zip(pair["seeds"], pair["differences"]))
+    ci = "" if pair["ci"] is None else f"[{f.format(pair['ci'][0])}, {f.format(pair['ci'][1])}]"
+    std = "" if pair["std"] is None else f" ± {pair['std']:.{digits}f}"
+    return f"| {label} | {diffs} | {pair['n']} | {f.format(pair['mean'])}{std} | {ci} |"
+
+
+def verdict(pair: dict[str, Any], *, what: str, unit: str, higher_is_better: bool,
+            finished: int, planned: int) -> str:
+    """One sentence no stronger than ``pair`` (from :func:`paired_differences` of ``tb - cal``).
+
+    A difference is called one only when the 95% interval excludes 0; otherwise the sentence says
+    how large a difference the interval still allows. Partial grids say so.
+    """
+    partial = f" (partial: {finished} of {planned} runs)" if finished < planned else ""
+    if pair["n"] == 0:
+        return f"{what}: not yet measured{partial}."
+    if pair["ci"] is None:
+        return (f"{what}: one paired seed so far ({pair['mean']:+.2f} {unit}); no interval, no "
+                f"verdict{partial}.")
+    low, high = pair["ci"]
+    text = (f"{what}: TempBalance - baseline = {pair['mean']:+.2f} {unit}, 95% CI "
+            f"[{low:+.2f}, {high:+.2f}] over {pair['n']} paired seeds")
+    if low > 0 or high < 0:
+        better = (low > 0) == higher_is_better
+        return (f"{text}: TempBalance is {'better' if better else 'worse'} at this setting; "
+                f"the interval excludes 0{partial}.")
+    return (f"{text}: no difference detected; the interval allows anything from "
+            f"{low:+.2f} to {high:+.2f} {unit}{partial}.")

@@ -1,0 +1,275 @@
+"""Issue 19's long studies (recipes/studies/): statistics, and a smoke run of each study command.
+
+The smoke runs train tiny versions of the real commands (a few hundred fake Fashion-MNIST images /
+a few LM steps) through the real grid: parallel workers, committed results, reuse, resume after a
+killed worker, tables checked against statistics computed here independently (scipy's paired t-test).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDIES = ROOT / "recipes" / "studies"
+sys.path.insert(0, str(STUDIES))
+
+import study_tools as st  # noqa: E402
+
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+       "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+       "WANDB_DISABLED": "true"}
+
+
+# ------------------------------------------------------------------------------------ statistics
+def test_paired_differences_match_scipy_paired_t_test() -> None:
+    a = {43: 90.1, 37: 89.7, 13: 90.4, 51: 90.0}
+    b = {43: 90.5, 37: 89.6, 13: 91.0, 51: 90.3, 71: 99.0}  # seed 71 has no partner: left out
+    pair = st.paired_differences(a, b)
+    seeds = [43, 37, 13, 51]
+    diffs = [b[s] - a[s] for s in seeds]
+    assert pair["seeds"] == seeds and pair["differences"] == pytest.approx(diffs)
+    assert pair["mean"] == pytest.approx(np.mean(diffs))
+    assert pair["std"] == pytest.approx(np.std(diffs, ddof=1))
+    ci = stats.ttest_rel([b[s] for s in seeds], [a[s] for s in seeds]).confidence_interval(0.95)
+    assert pair["ci"] == pytest.approx([ci.low, ci.high])
+    # by hand: differences 1, 2, 3 -> 2 ± t(0.975, 2) · 1 / sqrt(3), t = 4.302653
+    hand = st.paired_differences({1: 0.0, 2: 0.0, 3: 0.0}, {1: 1.0, 2: 2.0, 3: 3.0})
+    assert hand["ci"] == pytest.approx([2 - 4.302653 / math.sqrt(3), 2 + 4.302653 / math.sqrt(3)])
+    one = st.paired_differences({1: 1.0}, {1: 3.0})
+    assert (one["n"], one["mean"], one["ci"]) == (1, 2.0, None)
+
+
+def test_verdict_is_no_stronger_than_the_interval() -> None:
+    def pair(low: float, high: float) -> dict:
+        return {"n": 3, "mean": (low + high) / 2, "ci": [low, high]}
+
+    text = st.verdict(pair(0.1, 0.5), what="x", unit="pp", higher_is_better=True, finished=18,
+                      planned=18)
+    assert "TempBalance is better" in text and "PARTIAL" not in text.upper()
+    text = st.verdict(pair(0.1, 0.5), what="x", unit="PPL", higher_is_better=False, finished=2,
+                      planned=6)
+    assert "TempBalance is worse" in text and "partial: 2 of 6 runs" in text
+    text = st.verdict(pair(-0.2, 0.5), what="x", unit="pp", higher_is_better=True, finished=18,
+                      planned=18)
+    assert "no difference detected" in text and "better" not in text and "worse" not in text
+    assert "not yet measured" in st.verdict({"n": 0}, what="x", unit="pp", higher_is_better=True,
+                                            finished=0, planned=18)
+
+
+def test_mean_multiplier_holds_each_update_until_the_next() -> None:
+    rows = [{"step": 1, "layer": "a", "multiplier": 0.5}, {"step": 1, "layer": "b", "multiplier": 1.5},
+            {"step": 3, "layer": "a", "multiplier": 0.6}, {"step": 3, "layer": "b", "multiplier": 0.8}]
+    # steps 0..4: 1 (before any update), 1.0, 1.0, 0.7, 0.7
+    weights = [5.0, 4.0, 3.0, 2.0, 1.0]
+    out = st.mean_multiplier(rows, 5, base_lr=lambda t: weights[t])
+    assert out["mean"] == pytest.approx((1 + 1 + 1 + 0.7 + 0.7) / 5)
+    assert out["lr_weighted"] == pytest.approx((5 + 4 + 3 + 0.7 * 2 + 0.7 * 1) / 15)
+    assert out["updates"] == 2
+    assert st.mean_multiplier([], 5) is None
+    cos = st.cosine_lr(4)
+    assert [cos(t) for t in range(5)] == pytest.approx([1, (1 + math.sqrt(0.5)) / 2, 0.5,
+                                                        (1 - math.sqrt(0.5)) / 2, 0])
+
+
+def test_last_checkpoint_skips_incomplete_folders(tmp_path: Path) -> None:
+    assert st.last_checkpoint(tmp_path / "missing") == (None, 0)
+    for step, files in ((5, ["trainer_state.json"]), (10, ["random_states_0.pkl"]), (15, [])):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        for name in files:
+            (tmp_path / f"checkpoint-{step}" / name).write_text("{}")
+    (tmp_path / "checkpoint-20").write_text("not a folder")
+    assert st.last_checkpoint(tmp_path) == (tmp_path / "checkpoint-10", 10)
+
+
+# ------------------------------------------------------------------------------------ image study
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + array.astype(np.uint8).tobytes())
+
+
+def _fake_fashion_mnist(data_dir: Path, n_train: int, n_test: int) -> None:
+    folder = data_dir / "fashion_mnist" / "usr/share/datasets/fashion-mnist"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    names = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+             "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = np.arange(n) % 10
+        pics = rng.integers(0, 40, (n, 28, 28))
+        for i, c in enumerate(labels):
+            pics[i, 2 * c:2 * c + 8, 2 * c:2 * c + 8] = 250
+        _write_idx(folder / names[split][0], pics)
+        _write_idx(folder / names[split][1], labels)
+
+
+def _image_argv(tmp: Path, *extra: str) -> list[str]:
+    # 640 images = 5 steps an epoch, 3 epochs: long enough to kill a worker after its first epoch
+    return [sys.executable, str(STUDIES / "fashion_mnist_long.py"), "--lrs", "0.1", "--epochs", "3",
+            "--max_train_samples", "640", "--max_eval_samples", "128", "--data_dir",
+            str(tmp / "data"), "--eta_every", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def image_study(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fmnist_study")
+    _fake_fashion_mnist(tmp / "data", 640, 128)
+    argv = _image_argv(tmp, "--seeds", "43", "37", "--results_dir", str(tmp / "results"),
+                       "--checkpoint_dir", str(tmp / "ckpt"))
+    done = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return tmp, argv, done.stdout
+
+
+@pytest.mark.slow
+def test_image_study_report_matches_independent_statistics(image_study) -> None:
+    tmp, _, stdout = image_study
+    results = tmp / "results"
+    assert "0 of 4 runs finished before" in stdout and "4 of 4 finished" in stdout
+    runs = {p.stem: json.loads(p.read_text()) for p in (results / "runs").glob("*.json")}
+    assert sorted(runs) == ["cal_lr0.1_seed37", "cal_lr0.1_seed43", "tb_lr0.1_seed37",
+                            "tb_lr0.1_seed43"]
+    for key, run in runs.items():
+        assert run["study_settings"]["method"] == key.split("_")[0]
+        assert [row["epoch"] for row in run["history"]] == [1, 2, 3]
+        assert run["steps"] == 15 and run["run_settings"]["train_samples"] == 640
+    # paired differences tb - cal (pp) against scipy's paired t-test on the committed accuracies
+    acc = {k: 100 * r["test_accuracy"] for k, r in runs.items()}
+    tb = [acc["tb_lr0.1_seed43"], acc["tb_lr0.1_seed37"]]
+    cal = [acc["cal_lr0.1_seed43"], acc["cal_lr0.1_seed37"]]
+    summary = json.loads((results / "summary.json").read_text())
+    pair = summary["paired"]["lr=0.1"]
+    assert pair["differences"] == pytest.approx([t - c for t, c in zip(tb, cal)])
+    if tb[0] - cal[0] != tb[1] - cal[1]:  # a zero spread has no t-interval in scipy
+        ci = stats.ttest_rel(tb, cal).confidence_interval(0.95)
+        assert pair["ci"] == pytest.approx([ci.low, ci.high])
+    cell = {(c["method"], c["lr"]): c for c in summary["cells"]}[("tb", 0.1)]
+    assert cell["mean"] == pytest.approx(np.mean(tb)) and cell["std"] == pytest.approx(np.std(tb, ddof=1))
+    # the mean multiplier: each epoch's update held for its 5 steps, recomputed from the per-layer history
+    for seed in (43, 37):
+        ckpt = next((tmp / "ckpt").glob(f"tb_lr0.1_seed{seed}-*"))
+        rows = [json.loads(line) for line in (ckpt / "tempbalance_history.jsonl").read_text().splitlines()]
+        per_update = {}
+        for row in rows:
+            per_update.setdefault(row["step"], []).append(row["multiplier"])
+        assert sorted(per_update) == [0, 5, 10]
+        expected = np.mean([np.mean(m) for m in per_update.values()])  # equal 5-step spans
+        got = runs[f"tb_lr0.1_seed{seed}"]["tempbalance"]["mean_multiplier"]["mean"]
+        assert got == pytest.approx(expected)
+        assert 0.5 <= got <= 1.5
+    report = (results / "report.md").read_text()
+    assert "Status: complete." in report and "| tb | **" in report
+    assert f"{np.mean(tb):.2f} ± {np.std(tb, ddof=1):.2f}" in report
+    assert (results / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_image_study_reuses_finished_runs_and_resumes_a_killed_one(image_study) -> None:
+    tmp, argv, _ = image_study
+    # 1. rerun: everything reused, nothing trained
+    again = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "4 of 4 runs finished before (reused), 0 to train" in again.stdout
+    assert "start " not in again.stdout
+    # 2. a fresh grid of one run whose worker is killed after its first epoch's checkpoint
+    argv = _image_argv(tmp, "--methods", "tb", "--seeds", "43", "--workers", "1",
+                       "--results_dir", str(tmp / "results2"), "--checkpoint_dir", str(tmp / "ckpt2"))
+    log = open(tmp / "grid.log", "w")  # noqa: SIM115
+    grid = subprocess.Popen(argv, env=ENV, stdout=log, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not list((tmp / "ckpt2").glob("*/checkpoint-5/trainer_state.json")):
+        assert time.time() < deadline and grid.poll() is None, (tmp / "grid.log").read_text()[-3000:]
+        time.sleep(0.02)
+    pid = int(re.search(r"start tb_lr0.1_seed43 \(pid (\d+)\)", (tmp / "grid.log").read_text()).group(1))
+    os.kill(pid, signal.SIGKILL)
+    grid.wait(timeout=120)
+    log.close()
+    folder = next((tmp / "ckpt2").glob("tb_lr0.1_seed43-*"))
+    assert "FAILED tb_lr0.1_seed43" in (tmp / "grid.log").read_text()
+    assert not (folder / "results.json").exists()  # killed before the end
+    # --report_only shows the killed run's accuracy so far, read from its last checkpoint
+    checkpoint, step = st.last_checkpoint(folder)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    so_far = [100 * e["eval_accuracy"] for e in state["log_history"] if "eval_accuracy" in e]
+    assert len(so_far) == step // 5
+    snapshot = subprocess.run(argv + ["--report_only"], env=ENV, capture_output=True, text=True,
+                              timeout=120)
+    assert snapshot.returncode == 0, snapshot.stderr[-3000:]
+    assert (f"| tb_lr0.1_seed43 | {len(so_far)} | " + ", ".join(f"{a:.2f}" for a in so_far)
+            in (tmp / "results2" / "report.md").read_text())
+    resumed = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert re.search(r"start tb_lr0.1_seed43 \(pid \d+\), resuming at step (5|10) of 15", resumed.stdout)
+    assert "--resume_from_checkpoint" in (folder / "worker.log").read_text()
+    # same result as the uninterrupted run of the same settings (first grid)
+    a = json.loads((tmp / "results" / "runs" / "tb_lr0.1_seed43.json").read_text())
+    b = json.loads((tmp / "results2" / "runs" / "tb_lr0.1_seed43.json").read_text())
+    assert a["study_settings"] == b["study_settings"]
+    assert [r["test_accuracy"] for r in b["history"]] == [r["test_accuracy"] for r in a["history"]]
+    assert [r["train_loss"] for r in b["history"]] == pytest.approx([r["train_loss"] for r in a["history"]])
+    for key in ("step", "mean", "min", "max"):
+        assert [u[key] for u in b["tempbalance"]["by_update"]] == pytest.approx(
+            [u[key] for u in a["tempbalance"]["by_update"]])
+
+
+# ------------------------------------------------------------------------------------ LM study
+def _corpus(root: Path) -> None:
+    import random
+
+    rng = random.Random(0)
+    words = {"s": ["the king", "a lord", "my lady", "the fool", "<unk>"],
+             "v": ["loves", "fears", "serves", "mocks"], "o": ["the crown", "his sword", "her ring"]}
+    root.mkdir(parents=True)
+    for split, n in (("train", 300), ("valid", 40), ("test", 40)):
+        lines = [" ".join(rng.choice(words[k]) for k in "svo") for _ in range(n)]
+        (root / f"ptb.{split}.txt").write_text("".join(f" {line} \n" for line in lines))
+
+
+@pytest.mark.slow
+def test_lm_study_smoke(tmp_path: Path) -> None:
+    _corpus(tmp_path / "corpus")
+    # d_model 64, 3·d_head 60: every scheduled Linear has >= 50 eigenvalues
+    argv = [sys.executable, str(STUDIES / "ptb_lm_long.py"), "--seeds", "43", "37", "--max_steps",
+            "20", "--eval_steps", "10", "--save_steps", "10", "--batch_size", "4", "--d_model", "64",
+            "--d_head", "20", "--d_inner", "96", "--num_layers", "1", "--max_eval_windows", "3",
+            "--data_dir", str(tmp_path / "corpus"), "--results_dir", str(tmp_path / "results"),
+            "--checkpoint_dir", str(tmp_path / "ckpt"), "--eta_every", "1"]
+    done = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "results" / "runs").glob("*.json")}
+    assert sorted(runs) == ["cal_seed37", "cal_seed43", "tb_seed37", "tb_seed43"]
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    for key in ("valid_ppl", "test_ppl"):
+        cal = [runs[f"cal_seed{s}"][key] for s in (43, 37)]
+        tb = [runs[f"tb_seed{s}"][key] for s in (43, 37)]
+        ci = stats.ttest_rel(tb, cal).confidence_interval(0.95)
+        assert summary["paired"][key]["ci"] == pytest.approx([ci.low, ci.high])
+    for seed in (43, 37):
+        tb = runs[f"tb_seed{seed}"]
+        assert tb["steps"] == 20 and [e["step"] for e in tb["evals"]] == [10, 20]
+        # multipliers every 10 steps (tb_interval 10): updates at 0 and 10, each held 10 steps
+        ckpt = next((tmp_path / "ckpt").glob(f"tb_seed{seed}-*"))
+        rows = [json.loads(line) for line in (ckpt / "tempbalance_history.jsonl").read_text().splitlines()]
+        by = {}
+        for row in rows:
+            by.setdefault(row["step"], []).append(row["multiplier"])
+        assert sorted(by) == [0, 10]
+        got = tb["tempbalance"]["mean_multiplier"]["mean"]
+        assert got == pytest.approx(np.mean([np.mean(m) for m in by.values()]))
+        assert 1.0 <= got <= 2.0
+        assert runs[f"cal_seed{seed}"].get("tempbalance") is None
+    report = (tmp_path / "results" / "report.md").read_text()
+    assert "Status: complete." in report and "| valid_ppl |" in report
+    assert (tmp_path / "results" / "curves.png").is_file()
