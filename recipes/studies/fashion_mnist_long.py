@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ for _path in (str(RECIPES), str(HERE)):  # image_sweep, image_methods; study_too
 from image_methods import paper_tb_range  # noqa: E402
 from image_sweep import aggregate, best_lrs, format_table  # noqa: E402
 from study_tools import (  # noqa: E402
+    CACHE,
     Run,
     cosine_lr,
     format_duration,
@@ -49,8 +49,6 @@ from study_tools import (  # noqa: E402
     verdict,
 )
 from transformers import HfArgumentParser  # noqa: E402
-
-CACHE = Path(os.environ.get("HF_TEMPBALANCE_CACHE", Path.home() / ".cache" / "hf_tempbalance"))
 
 
 @dataclass

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from study_tools import (  # noqa: E402
+    CACHE,
     Run,
     cosine_lr,
     load_finished,
@@ -45,8 +45,6 @@ from study_tools import (  # noqa: E402
     verdict,
 )
 from transformers import HfArgumentParser  # noqa: E402
-
-CACHE = Path(os.environ.get("HF_TEMPBALANCE_CACHE", Path.home() / ".cache" / "hf_tempbalance"))
 
 
 @dataclass

@@ -32,12 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Run", "settings_hash", "last_checkpoint", "load_finished", "run_grid",
+__all__ = ["CACHE", "Run", "settings_hash", "last_checkpoint", "load_finished", "run_grid",
            "paired_differences", "t_quantile_975", "mean_multiplier", "cosine_lr", "format_duration",
            "verdict", "pair_row"]
 
 RESULTS_FILE = "results.json"
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+#: Where the studies keep data and checkpoints (outside the repository).
+CACHE = Path(os.environ.get("HF_TEMPBALANCE_CACHE", Path.home() / ".cache" / "hf_tempbalance"))
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
