@@ -63,7 +63,8 @@ from models.tensorized_transformer import (  # noqa: E402
     TensorizedTransformerForCausalLM,
 )
 
-from hf_tempbalance import TempBalance, TempBalanceArguments  # noqa: E402
+from hf_tempbalance import TempBalance  # noqa: E402
+from hf_tempbalance.arguments import TempBalanceSettings  # noqa: E402
 from hf_tempbalance.integrations.accelerate import AcceleratedTempBalance, check_accelerator  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ class DataArguments:
 
 
 @dataclass
-class PTBTempBalanceArguments(TempBalanceArguments):
+class PTBTempBalanceArguments(TempBalanceSettings):
     """The library's ``--tb_*`` flags with the authors' LM setting as defaults: every Linear but
     the position projection and the tied output, no first/last rule, (1.0, 2.0), every 10 steps."""
 

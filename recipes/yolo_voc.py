@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from deepforest_voc import build_voc, find_wheel  # noqa: E402
 from voc_to_yolo import VOC_CLASSES, convert_voc, difficult_path, read_yolo_boxes, voc_ignore_mask  # noqa: E402
 
-from hf_tempbalance import TempBalanceArguments  # noqa: E402
+from hf_tempbalance.arguments import TempBalanceSettings  # noqa: E402
 from hf_tempbalance.history import HISTORY_FILE  # noqa: E402
 from hf_tempbalance.integrations.ultralytics import TempBalanceTrainerMixin  # noqa: E402
 
@@ -105,7 +105,7 @@ class TrainArguments:
 
 
 @dataclass
-class VOCTempBalanceArguments(TempBalanceArguments):
+class VOCTempBalanceArguments(TempBalanceSettings):
     """The library's ``--tb_*`` flags with the paper's VOC range as defaults (App. G)."""
 
     tb_s1: float = field(default=0.6, metadata={"help": "Smallest LR multiplier (paper, VOC: 0.6)."})
