@@ -46,6 +46,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from image_data import get_spec, load_image_dataset, with_image_transforms
+from image_data.loading import DataUnavailableError
 from image_methods import (
     PAPER_SEEDS,
     build_optimizer,
@@ -70,6 +71,11 @@ from hf_tempbalance.history import HISTORY_FILE, read_history
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
+
+
+class UsageError(ValueError):
+    """A bad flag or a data set that cannot be had: the script prints one line saying what to do
+    and exits with status 2 (a ValueError, so library callers can catch it as before)."""
 
 
 @dataclass
@@ -197,10 +203,10 @@ def create_model(name: str, num_classes: int, in_chans: int, width: float = 1.0,
     if timm_name in PAPER_MODELS.values():
         kwargs["width"] = width
     elif width != 1.0:
-        raise ValueError(f"--width applies to the paper's models {sorted(PAPER_MODELS)}, not to "
+        raise UsageError(f"--width applies to the paper's models {sorted(PAPER_MODELS)}, not to "
                          f"the timm model {name!r}")
     if not timm.is_model(timm_name.split(".")[0]):
-        raise ValueError(f"unknown model {name!r}: use one of {sorted(PAPER_MODELS)} or a timm "
+        raise UsageError(f"unknown model {name!r}: use one of {sorted(PAPER_MODELS)} or a timm "
                          "model name (timm.list_models())")
     return timm.create_model(timm_name, pretrained=False, **kwargs)
 
@@ -237,7 +243,10 @@ def epoch_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def prepare_data(data_args: DataArguments):
     """``(spec, train, test)``: transformed datasets, cut to ``max_*_samples``."""
     spec = get_spec(data_args.dataset)
-    raw = load_image_dataset(spec, data_args.data_dir)
+    try:
+        raw = load_image_dataset(spec, data_args.data_dir)
+    except DataUnavailableError as err:  # its message says how to get the data
+        raise UsageError(str(err)) from None
     train, test = raw[spec.train_split], raw[spec.test_split]
     if data_args.max_train_samples is not None:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
@@ -368,7 +377,10 @@ def grid(method_args: MethodArguments, args: TrainingArguments, dataset: str,
     seeds = method_args.seeds or [args.seed]
     lrs = {}
     for method in method_args.method:
-        get_method(method)  # fail before any training on a typo
+        try:
+            get_method(method)  # fail before any training on a typo
+        except ValueError as err:
+            raise UsageError(str(err)) from None
         lrs[method.lower()] = method_args.lrs or [
             args.learning_rate if args.learning_rate is not None else paper_lr(method, dataset, model)]
     return [(method, float(values[i]), int(seed))
@@ -385,7 +397,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
         data = prepare_data(data_args)
     single = len(runs) == 1
     if args.resume_from_checkpoint and not single:
-        raise ValueError("--resume_from_checkpoint continues one run; a grid reuses its finished runs "
+        raise UsageError("--resume_from_checkpoint continues one run; a grid reuses its finished runs "
                          "instead (recipes/studies/ resume every run of a grid)")
     results = []
     for method, lr, seed in tqdm(runs, desc="runs", disable=single or not args.should_log):
@@ -413,7 +425,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    model_args, data_args, method_args, args = parse_args(argv)
+    try:
+        model_args, data_args, method_args, args = parse_args(argv)
+        get_spec(data_args.dataset)
+    except ValueError as err:  # an unknown flag or data set
+        raise UsageError(str(err)) from None
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if args.should_log else logging.WARNING)
     results = run(model_args, data_args, method_args, args)
@@ -424,4 +440,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UsageError as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"image_classification.py: error: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(2)
