@@ -3,8 +3,9 @@
 README.md, docs/*.md and recipes/README.md: every Python block runs as printed (with small models
 and data in place of ``model = ...`` and the like) and does what the text around it says; the
 configuration table matches TempBalanceConfig; every relative link and anchor resolves; the
-documented extras and public names exist. Shell blocks are not run here: the commands they show
-are exercised by the recipe, CLI and distributed tests.
+documented extras and public names exist. Shell blocks are not run here: every command they (and
+inline code) show is run, or mapped to its smoke form or covering test, in
+test_documented_commands.py.
 """
 
 from __future__ import annotations
