@@ -121,6 +121,7 @@ def test_analyze_transformers_dir_matches_reference(gpt2_dir, tmp_path, capsys):
     assert "under-trained" not in printed.replace("under-/over-trained verdict", "")
     assert "alpha in [2, 4]" not in printed and "RANDOM WEIGHTS" not in printed
     assert "ranks the layers against each other" in printed and "--xmin ks" in printed
+    assert "conv_norm" not in printed  # GPT-2's Conv1D is a Linear: no conv scaling to label
     assert "verdict" not in rows[0]
 
 
@@ -490,6 +491,8 @@ def test_random_weights_banner_json_and_stdout(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert out.splitlines()[1].startswith("RANDOM WEIGHTS: timm:test_resnet is timm's random "
                                           "initialisation (seed 0; no --pretrained)")
+    # spec_norm is of W as stored; training's conv metrics use √conv_norm·W: the table says so
+    assert "conv layers use √conv_norm·W, λ_max × 0.5" in out
 
     # --json -: only JSON on stdout (strict: no NaN), the banner on stderr; the same numbers.
     assert main(["analyze", "test_resnet", "--json", "-", "--device", "cpu", "--no-progress"]) == 0
