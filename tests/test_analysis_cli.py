@@ -381,8 +381,8 @@ def test_plot_alpha_distributions_tb_vs_baseline(tb_run, tmp_path):
         stairs = ax.patches[0].get_data()
         np.testing.assert_array_equal(stairs.edges, edges)
         np.testing.assert_array_equal(stairs.values, np.histogram(plot.data[label]["alphas"], bins=edges)[0])
-        marks = [ln.get_xdata()[0] for ln in ax.lines]  # mean, median, alpha = 2
-        np.testing.assert_allclose(marks, [alphas.mean(), np.median(alphas), 2.0], rtol=1e-4)
+        marks = [ln.get_xdata()[0] for ln in ax.lines]  # mean, median; no verdict line
+        np.testing.assert_allclose(marks, [alphas.mean(), np.median(alphas)], rtol=1e-4)
 
     # A run without a saved model falls back to its last update; a baseline CSV from `analyze`.
     (tb_dir / "model.safetensors").unlink()
