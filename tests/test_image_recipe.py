@@ -394,6 +394,7 @@ def test_the_long_study_command_keeps_its_settings() -> None:
     if str(RECIPES / "studies") not in sys.path:
         sys.path.insert(0, str(RECIPES / "studies"))
     import fashion_mnist_long
+
     from hf_tempbalance import TempBalanceConfig
 
     args = fashion_mnist_long.StudyArguments()

@@ -346,7 +346,7 @@ SUMMARY_TAGS = {f"tempbalance/{k}" for k in ("alpha_hill_mean", "alpha_hill_min"
                                                "multiplier_min", "multiplier_max")}
 
 
-def _tensorboard_scalars(folder) -> "EventAccumulator":
+def _tensorboard_scalars(folder):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     files = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if "tfevents" in f]
