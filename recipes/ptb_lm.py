@@ -526,6 +526,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             accelerator.print(f"step {state.step}: train loss {train_loss:.3f} | valid ppl "
                               f"{math.exp(valid_nll):.2f} (best {math.exp(state.best_valid_nll):.2f} "
                               f"at {state.best_step})")
+            if tempbalance is not None and tempbalance.summary_line():
+                accelerator.print(f"  {tempbalance.summary_line()}")  # the console's share
         if save_every and state.step % save_every == 0 and state.step < args.max_steps:
             checkpoint = out_dir / f"checkpoint-{state.step}"
             accelerator.save_state(str(checkpoint))
