@@ -15,6 +15,10 @@
 and ``python run_clm.py ... --use_tempbalance --tb_interval 100 --tb_s1 0.5`` or a YAML/JSON
 file (``parser.parse_yaml_file``) sets it. The prefix keeps the names apart from
 ``TrainingArguments``' (as ``lora_r`` does in TRL).
+
+:class:`TempBalanceSettings` is the same without ``use_tempbalance``: the base of scripts where
+something else decides whether TempBalance runs (the recipes' ``--method cal|tb``), so that they
+offer one switch, not two.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 
 from .config import TempBalanceConfig
 
-__all__ = ["TempBalanceArguments", "PREFIX"]
+__all__ = ["TempBalanceArguments", "TempBalanceSettings", "PREFIX"]
 
 PREFIX = "tb_"
 
@@ -54,8 +58,7 @@ def _argument_type(name: str, hint: Any) -> tuple[Any, Any]:
 def _fields() -> list[tuple[str, Any, dataclasses.Field]]:
     hints = typing.get_type_hints(TempBalanceConfig)
     helps = _config_help()
-    out = [("use_tempbalance", bool, dataclasses.field(default=False, metadata={
-        "help": "turn TempBalance on (layer-wise LRs from each layer's ESD, Zhou et al. 2023)"}))]
+    out = []
     for f in dataclasses.fields(TempBalanceConfig):
         kind, convert = _argument_type(f.name, hints[f.name])
         default = convert(f.default)
@@ -92,8 +95,18 @@ def _callbacks(self) -> list:
     return [TempBalanceCallback(self.config())]
 
 
+TempBalanceSettings = dataclasses.make_dataclass(
+    "TempBalanceSettings", _fields(),
+    namespace={"config": _config,
+               "__doc__": "The ``tb_*`` fields and ``.config()``, without an on/off switch (see the "
+                          "module docstring)."})
+TempBalanceSettings.__module__ = __name__
+
 TempBalanceArguments = dataclasses.make_dataclass(
-    "TempBalanceArguments", _fields(),
-    namespace={"config": _config, "callbacks": _callbacks,
+    "TempBalanceArguments",
+    [("use_tempbalance", bool, dataclasses.field(default=False, metadata={
+        "help": "turn TempBalance on (layer-wise LRs from each layer's ESD, Zhou et al. 2023)"}))],
+    bases=(TempBalanceSettings,),
+    namespace={"callbacks": _callbacks,
                "__doc__": "TempBalance settings for ``HfArgumentParser`` (see the module docstring)."})
 TempBalanceArguments.__module__ = __name__

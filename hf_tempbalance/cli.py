@@ -281,6 +281,10 @@ def run_analyze(args: argparse.Namespace) -> ModelAnalysis:
         print(f"note: {note}", file=human)
     if not to_stdout:
         print(report.format_table())
+        if any(re.fullmatch(r"Conv(Transpose)?[123]d", layer.type) for layer in report.layers):
+            # training's spectral_norm / alpha_weighted see √conv_norm·W (the authors' scaling)
+            print(f"(spec_norm, alpha_w: of each weight as stored; as TempBalance metrics, conv "
+                  f"layers use √conv_norm·W, λ_max × {config.conv_norm:g})")
         print()
         print(report.summary(top=args.top).format())
     if args.csv:

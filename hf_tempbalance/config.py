@@ -68,7 +68,8 @@ class TempBalanceConfig:
         snr_iterations: power iterations per step for the SNR gradient (authors: 5).
         balance_lr: compute metrics and scale LRs (False: spectral-norm regularisation alone,
             the paper's SNR baseline, with ``snr_strength > 0``).
-        log_layers: also log per-layer alpha and multiplier (summary stats are always logged).
+        log_layers: also send per-layer alpha and multiplier to the reporters (TensorBoard, W&B,
+            ...); the summary always goes to the console and the reporters.
     """
 
     s1: float = 0.5

@@ -16,6 +16,8 @@ Integrity. Nothing in a history file is dropped silently:
 * A file is only ever rewritten as a whole (:func:`rewrite_history`: a new file moved into place,
   so a crash leaves the old file or the new one, never a mix), and when the new content leaves
   out a line of the old file, the old file is first kept as ``<file>.<k>.bak`` with a warning.
+  The newest :data:`KEEP_BACKUPS` backups are kept (older ones are deleted as a new one is made),
+  so a run resumed again and again does not fill its folder.
 * An integration writes nothing until there is a row to record: no file for a run that balances
   no layer or never reaches an update.
 
@@ -41,7 +43,7 @@ from typing import Any
 
 __all__ = ["HISTORY_FILE", "HistoryFormatError", "HistoryLog", "HistoryWriter", "append_history",
            "read_history", "rewrite_history", "history_before", "history_backups", "row_problem",
-           "sync_history"]
+           "sync_history", "KEEP_BACKUPS"]
 
 HISTORY_FILE = "tempbalance_history.jsonl"
 _LISTED = 5  # bad lines named in one warning
@@ -194,6 +196,10 @@ def sync_history(path: str | os.PathLike) -> None:
             os.fsync(fh.fileno())
 
 
+#: Backups :func:`rewrite_history` keeps of one history file (the newest).
+KEEP_BACKUPS = 5
+
+
 def history_backups(path: str | os.PathLike) -> list[str]:
     """The backups :func:`rewrite_history` kept of ``path``, newest first."""
     path = os.path.abspath(path)
@@ -233,7 +239,7 @@ def rewrite_history(rows: Iterable[dict[str, Any]], path: str | os.PathLike, *,
 
     Lines of the old file that the new content leaves out (rows, torn or foreign lines) are
     never lost: the old file is first kept as ``<file>.<k>.bak`` (``k`` one more than the last
-    backup's) and a warning says how many lines, why (``reason``), and where they are. The new
+    backup's; backups beyond the newest :data:`KEEP_BACKUPS` are deleted) and a warning says how many lines, why (``reason``), and where they are. The new
     content replaces the file in one step. No rows and no file: nothing is created.
     """
     path = os.path.abspath(path)
@@ -256,8 +262,12 @@ def rewrite_history(rows: Iterable[dict[str, Any]], path: str | os.PathLike, *,
             except OSError:  # no hard links here (some network or FAT file systems)
                 with open(backup, "wb") as fh:
                     fh.write(old)
+            for old_backup in history_backups(path)[KEEP_BACKUPS:]:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(old_backup)
             warnings.warn(f"{path}: {len(lost)} line(s) of the history file are not kept ({reason}); "
-                          f"the previous file is kept as {backup}.", stacklevel=2)
+                          f"the previous file is kept as {backup} (the newest {KEEP_BACKUPS} "
+                          "backups are kept).", stacklevel=2)
     if new:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         _replace_atomically(path, new)

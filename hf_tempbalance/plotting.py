@@ -5,7 +5,7 @@ r"""The paper's pictures from a model or a training history (matplotlib, Agg, no
 * :func:`plot_heatmaps`: per-layer LR and alpha over training (Figure 13).
 * :func:`plot_layer_curves`: LR and alpha curves of chosen layers (Figure 14).
 * :func:`plot_alpha_distributions`: alpha histograms of several runs side by side, mean and
-  median marked, alpha = 2 shown (Figure 11).
+  median marked (Figure 11).
 
 Every function returns a :class:`Plot`: the ``figure`` (a ``matplotlib.figure.Figure`` built
 without pyplot, so no global backend or figure registry is touched) and ``data``, the arrays it
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .analysis import WELL_TRAINED_RANGE, LayerAnalysis
+from .analysis import LayerAnalysis
 from .history import read_history
 from .spectral.hill import filter_eigs, hill_fit
 
@@ -315,8 +315,10 @@ def plot_alpha_distributions(distributions: Mapping[str, Sequence[float]], *, bi
                              path: str | os.PathLike | None = None) -> Plot:
     """Histograms of per-layer alpha, one panel per run, on shared bins (Figure 11).
 
-    Each panel marks the mean (solid) and median (dashed) of its finite alphas and the alpha = 2
-    boundary of HT-SR's well-trained range (dotted). ``data[label]`` holds ``alphas`` (finite
+    Each panel marks the mean (solid) and median (dashed) of its finite alphas. No "well-trained"
+    boundary is drawn: the median-xmin alphas TempBalance fits rank layers against each other and
+    random weights also land in [2, 4] with them (see ``analyze``), so such a line would claim a
+    verdict these numbers cannot support. ``data[label]`` holds ``alphas`` (finite
     values), ``counts``, ``mean``, ``median``; ``data["edges"]`` the shared bin edges.
     """
     if not distributions:
@@ -329,8 +331,7 @@ def plot_alpha_distributions(distributions: Mapping[str, Sequence[float]], *, bi
             raise ValueError(f"{label!r} has no finite alpha to plot")
         clean[label] = arr
     everything = np.concatenate(list(clean.values()))
-    lo = min(everything.min(), WELL_TRAINED_RANGE[0])
-    hi = max(everything.max(), WELL_TRAINED_RANGE[0]) + 1e-9
+    lo, hi = everything.min(), everything.max() + 1e-9
     edges = np.linspace(lo, hi, bins + 1)
     fig = _new_figure(4.0 * len(clean), 3.6)
     axes = np.atleast_1d(fig.subplots(1, len(clean), sharex=True, sharey=True))
@@ -341,7 +342,6 @@ def plot_alpha_distributions(distributions: Mapping[str, Sequence[float]], *, bi
         ax.stairs(counts, edges, fill=True, color="tab:blue", alpha=0.6)
         ax.axvline(mean, color="tab:red", linestyle="-", label=f"mean {mean:.2f}")
         ax.axvline(median, color="tab:orange", linestyle="--", label=f"median {median:.2f}")
-        ax.axvline(WELL_TRAINED_RANGE[0], color="grey", linestyle=":", label=r"$\alpha$ = 2")
         ax.set_title(f"{label} ({arr.size} layers)", fontsize=10)
         ax.set_xlabel("alpha (PL_Alpha_Hill)")
         ax.legend(fontsize=7)

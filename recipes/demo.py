@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--width", str(args.width), "--method", "cal", "tb", "--lr", str(args.lr),
         "--epochs", str(args.epochs), "--seed", str(args.seed),
         "--max-train-samples", str(args.train_samples),
-        "--max-eval-samples", str(args.eval_samples), "--tb-interval", str(args.tb_interval),
+        "--max-eval-samples", str(args.eval_samples), "--tb_interval", str(args.tb_interval),
         "--output-dir", runs_dir, "--rerun",
         # Pinned host memory only helps copies to a GPU (and warns without one).
         "--dataloader_pin_memory", str(torch.cuda.is_available()),

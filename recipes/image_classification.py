@@ -46,6 +46,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from image_data import get_spec, load_image_dataset, with_image_transforms
+from image_data.loading import DataUnavailableError
 from image_methods import (
     PAPER_SEEDS,
     build_optimizer,
@@ -54,7 +55,6 @@ from image_methods import (
     paper_norm_follow,
     paper_snr_strength,
     paper_tb_range,
-    tempbalance_config,
 )
 from image_sweep import aggregate, format_table, write_sweep_outputs
 from metrics import load_metric
@@ -65,11 +65,17 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from hf_tempbalance import TempBalanceCallback, TempBalanceConfig
+from hf_tempbalance.arguments import TempBalanceSettings
 from hf_tempbalance.history import HISTORY_FILE, read_history
 
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
+
+
+class UsageError(ValueError):
+    """A bad flag or a data set that cannot be had: the script prints one line saying what to do
+    and exits with status 2 (a ValueError, so library callers can catch it as before)."""
 
 
 @dataclass
@@ -99,7 +105,12 @@ class DataArguments:
 
 
 @dataclass
-class MethodArguments:
+class MethodArguments(TempBalanceSettings):
+    """The method grid and its knobs; TempBalance's are the library's ``--tb_*`` flags (as in
+    ptb_lm.py and yolo_voc.py), with the paper's value for the method, dataset and model wherever
+    a flag is left unset. ``--method`` decides whether TempBalance runs (``tb``, ``tb+snr``,
+    ``tb+sgdp``) and whether it balances LRs or only regularises (``snr``)."""
+
     method: list[str] = field(default_factory=lambda: ["tb"], metadata={
         "help": "one or more of cal, tb, snr, tb+snr, sgdr, lars, lamb, sgdp, lookahead, adam, "
                 "adamw, tb+sgdp"})
@@ -107,14 +118,21 @@ class MethodArguments:
         "help": "grid of initial LRs (default: --lr, else the paper's LR of each method)"})
     seeds: list[int] = field(default_factory=list, metadata={
         "help": f"grid of seeds (default: --seed; the paper's: {' '.join(map(str, PAPER_SEEDS))})"})
-    s1: float | None = field(default=None, metadata={
-        "help": "smallest TempBalance LR multiplier (default: paper's, 0.5 or 0.6)"})
-    s2: float | None = field(default=None, metadata={
-        "help": "largest TempBalance LR multiplier (default: paper's, 1.5 or 1.4)"})
-    snr_strength: float | None = field(default=None, metadata={
-        "help": "λ_sr of snr / tb+snr (default: the paper's value for the dataset and model)"})
-    tb_interval: str = field(default="epoch", metadata={
-        "help": "TempBalance update interval: 'epoch' (paper) or a number of optimizer steps"})
+    tb_s1: float | None = field(default=None, metadata={
+        "help": "smallest TempBalance LR multiplier (default: the paper's, 0.5 or 0.6)"})
+    tb_s2: float | None = field(default=None, metadata={
+        "help": "largest TempBalance LR multiplier (default: the paper's, 1.5 or 1.4)"})
+    tb_snr_strength: float | None = field(default=None, metadata={
+        "help": "λ_sr of snr / tb+snr (default: the paper's value for the dataset and model; "
+                "methods without SNR use 0)"})
+    tb_norm_follow: str | None = field(default=None, metadata={
+        "help": "which layer a norm follows (default: 'previous' for timm's VGGs, whose BNs are "
+                "named features.N, else 'authors')"})
+    tb_balance_lr: bool | None = field(default=None, metadata={
+        "help": "default: the method's (False for snr: SNR alone); False with tb is the identity "
+                "baseline on TempBalance's code path"})
+    tb_log_layers: bool = field(default=False, metadata={
+        "help": "also send per-layer values to report_to (default off: the history file has them)"})
     sgdr_t0: int = field(default=10, metadata={"help": "SGDR: epochs of the first cycle"})
     sgdr_t_mult: int = field(default=2, metadata={"help": "SGDR: cycle length multiplier"})
     lookahead_k: int = field(default=5, metadata={"help": "Lookahead: fast steps per sync"})
@@ -185,10 +203,10 @@ def create_model(name: str, num_classes: int, in_chans: int, width: float = 1.0,
     if timm_name in PAPER_MODELS.values():
         kwargs["width"] = width
     elif width != 1.0:
-        raise ValueError(f"--width applies to the paper's models {sorted(PAPER_MODELS)}, not to "
+        raise UsageError(f"--width applies to the paper's models {sorted(PAPER_MODELS)}, not to "
                          f"the timm model {name!r}")
     if not timm.is_model(timm_name.split(".")[0]):
-        raise ValueError(f"unknown model {name!r}: use one of {sorted(PAPER_MODELS)} or a timm "
+        raise UsageError(f"unknown model {name!r}: use one of {sorted(PAPER_MODELS)} or a timm "
                          "model name (timm.list_models())")
     return timm.create_model(timm_name, pretrained=False, **kwargs)
 
@@ -225,7 +243,10 @@ def epoch_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def prepare_data(data_args: DataArguments):
     """``(spec, train, test)``: transformed datasets, cut to ``max_*_samples``."""
     spec = get_spec(data_args.dataset)
-    raw = load_image_dataset(spec, data_args.data_dir)
+    try:
+        raw = load_image_dataset(spec, data_args.data_dir)
+    except DataUnavailableError as err:  # its message says how to get the data
+        raise UsageError(str(err)) from None
     train, test = raw[spec.train_split], raw[spec.test_split]
     if data_args.max_train_samples is not None:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
@@ -236,18 +257,25 @@ def prepare_data(data_args: DataArguments):
 
 def method_tempbalance_config(method: str, dataset: str, model_args: ModelArguments,
                               method_args: MethodArguments) -> TempBalanceConfig | None:
-    """The TempBalance settings of ``method`` (None without TempBalance): the paper's ranges and
-    SNR strengths unless the flags say otherwise."""
+    """The TempBalance settings of ``method`` (None without TempBalance): the ``--tb_*`` flags,
+    with the paper's range, SNR strength and norm rule for each one left unset."""
+    spec = get_method(method)
+    if not (spec.tempbalance or spec.snr):
+        return None
     s1, s2 = paper_tb_range(method, dataset, model_args.model)
-    interval = method_args.tb_interval
-    tb_config = tempbalance_config(
-        method, s1=method_args.s1 or s1, s2=method_args.s2 or s2,
-        snr_strength=(method_args.snr_strength if method_args.snr_strength is not None
-                      else paper_snr_strength(method, dataset, model_args.model)),
-        interval=int(interval) if interval.isdigit() else interval,
-        norm_follow=paper_norm_follow(model_args.model))
-    # Per-layer values go to the history file; the console logs keep the summary only.
-    return tb_config.replace(log_layers=False) if tb_config is not None else None
+
+    def given(value, paper):
+        return paper if value is None else value
+
+    filled = dataclasses.replace(
+        method_args, tb_s1=given(method_args.tb_s1, s1), tb_s2=given(method_args.tb_s2, s2),
+        tb_norm_follow=given(method_args.tb_norm_follow, paper_norm_follow(model_args.model)),
+        tb_balance_lr=given(method_args.tb_balance_lr, spec.tempbalance),
+        # SNR is part of the method: a method without it regularises nothing
+        tb_snr_strength=(given(method_args.tb_snr_strength,
+                               paper_snr_strength(method, dataset, model_args.model))
+                         if spec.snr else 0.0))
+    return filled.config()
 
 
 def run_settings(method: str, model_args: ModelArguments, method_args: MethodArguments,
@@ -349,7 +377,10 @@ def grid(method_args: MethodArguments, args: TrainingArguments, dataset: str,
     seeds = method_args.seeds or [args.seed]
     lrs = {}
     for method in method_args.method:
-        get_method(method)  # fail before any training on a typo
+        try:
+            get_method(method)  # fail before any training on a typo
+        except ValueError as err:
+            raise UsageError(str(err)) from None
         lrs[method.lower()] = method_args.lrs or [
             args.learning_rate if args.learning_rate is not None else paper_lr(method, dataset, model)]
     return [(method, float(values[i]), int(seed))
@@ -366,7 +397,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
         data = prepare_data(data_args)
     single = len(runs) == 1
     if args.resume_from_checkpoint and not single:
-        raise ValueError("--resume_from_checkpoint continues one run; a grid reuses its finished runs "
+        raise UsageError("--resume_from_checkpoint continues one run; a grid reuses its finished runs "
                          "instead (recipes/studies/ resume every run of a grid)")
     results = []
     for method, lr, seed in tqdm(runs, desc="runs", disable=single or not args.should_log):
@@ -394,7 +425,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    model_args, data_args, method_args, args = parse_args(argv)
+    try:
+        model_args, data_args, method_args, args = parse_args(argv)
+        get_spec(data_args.dataset)
+    except ValueError as err:  # an unknown flag or data set
+        raise UsageError(str(err)) from None
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if args.should_log else logging.WARNING)
     results = run(model_args, data_args, method_args, args)
@@ -405,4 +440,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UsageError as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"image_classification.py: error: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(2)

@@ -36,11 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_tempbalance import TempBalanceConfig
 from hf_tempbalance.schedule import steps_per_epoch as tb_steps_per_epoch
 
 __all__ = ["METHODS", "Method", "get_method", "paper_lr", "paper_snr_strength", "paper_tb_range",
-           "tempbalance_config", "build_optimizer", "steps_per_epoch", "PAPER_SEEDS"]
+           "build_optimizer", "steps_per_epoch", "PAPER_SEEDS"]
 
 #: Appendix D: "five random seeds ... always 43, 37, 13, 51, 71".
 PAPER_SEEDS = (43, 37, 13, 51, 71)
@@ -152,18 +151,6 @@ def paper_norm_follow(model: str) -> str:
     ``features.conv_i``/``bn_i``).
     """
     return "previous" if _family(model) == "vgg" else "authors"
-
-
-def tempbalance_config(method: str, *, s1: float, s2: float, snr_strength: float,
-                       interval: int | str = "epoch", norm_follow: str = "authors",
-                       ) -> TempBalanceConfig | None:
-    """The callback's config for ``method`` (None when the method does not use TempBalance)."""
-    spec = get_method(method)
-    if not (spec.tempbalance or spec.snr):
-        return None
-    return TempBalanceConfig(s1=s1, s2=s2, interval=interval, balance_lr=spec.tempbalance,
-                             snr_strength=snr_strength if spec.snr else 0.0,
-                             norm_follow=norm_follow)
 
 
 def steps_per_epoch(num_examples: int, args: Any) -> int:

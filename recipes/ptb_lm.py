@@ -63,7 +63,8 @@ from models.tensorized_transformer import (  # noqa: E402
     TensorizedTransformerForCausalLM,
 )
 
-from hf_tempbalance import TempBalance, TempBalanceArguments  # noqa: E402
+from hf_tempbalance import TempBalance  # noqa: E402
+from hf_tempbalance.arguments import TempBalanceSettings  # noqa: E402
 from hf_tempbalance.integrations.accelerate import AcceleratedTempBalance, check_accelerator  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ class DataArguments:
 
 
 @dataclass
-class PTBTempBalanceArguments(TempBalanceArguments):
+class PTBTempBalanceArguments(TempBalanceSettings):
     """The library's ``--tb_*`` flags with the authors' LM setting as defaults: every Linear but
     the position projection and the tied output, no first/last rule, (1.0, 2.0), every 10 steps."""
 
@@ -525,6 +526,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             accelerator.print(f"step {state.step}: train loss {train_loss:.3f} | valid ppl "
                               f"{math.exp(valid_nll):.2f} (best {math.exp(state.best_valid_nll):.2f} "
                               f"at {state.best_step})")
+            if tempbalance is not None and tempbalance.summary_line():
+                accelerator.print(f"  {tempbalance.summary_line()}")  # the console's share
         if save_every and state.step % save_every == 0 and state.step < args.max_steps:
             checkpoint = out_dir / f"checkpoint-{state.step}"
             accelerator.save_state(str(checkpoint))

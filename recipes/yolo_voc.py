@@ -45,13 +45,24 @@ from ultralytics.utils import ASSETS_URL, USER_CONFIG_DIR, WEIGHTS_DIR, ops  # n
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from deepforest_voc import build_voc, find_wheel  # noqa: E402
-from voc_to_yolo import VOC_CLASSES, convert_voc, difficult_path, read_yolo_boxes, voc_ignore_mask  # noqa: E402
+from voc_to_yolo import (  # noqa: E402
+    VOC_CLASSES,
+    convert_voc,
+    difficult_path,
+    find_voc_dir,
+    read_yolo_boxes,
+    voc_ignore_mask,
+)
 
-from hf_tempbalance import TempBalanceArguments  # noqa: E402
+from hf_tempbalance.arguments import TempBalanceSettings  # noqa: E402
 from hf_tempbalance.history import HISTORY_FILE  # noqa: E402
 from hf_tempbalance.integrations.ultralytics import TempBalanceTrainerMixin  # noqa: E402
 
 VOC2007_ZIPS = ("VOCtrainval_06-Nov-2007.zip", "VOCtest_06-Nov-2007.zip")  # 446 MB + 438 MB
+
+
+class UsageError(ValueError):
+    """A bad flag or missing data: the script prints one line saying what to do and exits with 2."""
 
 
 # ---------------------------------------------------------------------- arguments
@@ -105,7 +116,7 @@ class TrainArguments:
 
 
 @dataclass
-class VOCTempBalanceArguments(TempBalanceArguments):
+class VOCTempBalanceArguments(TempBalanceSettings):
     """The library's ``--tb_*`` flags with the paper's VOC range as defaults (App. G)."""
 
     tb_s1: float = field(default=0.6, metadata={"help": "Smallest LR multiplier (paper, VOC: 0.6)."})
@@ -175,7 +186,10 @@ def prepare_data(args: DataArguments) -> tuple[Path, str]:
     if dataset == "auto":
         dataset = "voc2007" if args.voc_root or not OFFLINE else "trees"
     if dataset == "trees":
-        wheel = find_wheel(data_dir / "downloads", args.deepforest_wheel)
+        try:
+            wheel = find_wheel(data_dir / "downloads", args.deepforest_wheel)
+        except (FileNotFoundError, RuntimeError) as err:  # the message names the command to run
+            raise UsageError(str(err)) from None
         voc = build_voc(wheel, data_dir / "trees_voc", tile=args.tile)
         yaml_path, stats = convert_voc(voc, data_dir / "trees_yolo", classes=("tree",))
         name = f"DeepForest 2.1.0 aerial trees as VOC ({args.tile}px tiles)"
@@ -183,12 +197,17 @@ def prepare_data(args: DataArguments) -> tuple[Path, str]:
         root = args.voc_root
         if root is None:
             if OFFLINE:
-                raise SystemExit("VOC2007 is not available offline: pass --voc-root (standard VOC layout) "
-                                 "or --dataset trees.")
+                raise UsageError("VOC2007 is not available offline: pass --voc-root (standard VOC "
+                                 "layout) or --dataset trees.")
             from ultralytics.utils.downloads import download
 
             root = data_dir / "VOC2007_raw"
             download([f"{ASSETS_URL}/{z}" for z in VOC2007_ZIPS], dir=root, exist_ok=True)
+        try:
+            find_voc_dir(root)
+        except FileNotFoundError as err:
+            raise UsageError(f"{err}; or train offline on the DeepForest tree boxes with "
+                             "YOLO_OFFLINE=1 and --dataset trees") from None
         yaml_path, stats = convert_voc(root, data_dir / "voc2007_yolo", classes=VOC_CLASSES)
         name = "VOC2007"
     summary = ", ".join(f"{s.image_set}: {s.images} images, {s.objects} objects + {s.difficult} difficult"
@@ -216,7 +235,7 @@ def parse_kv(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--ultralytics_args expects key=value pairs, got {item!r}")
+            raise UsageError(f"--ultralytics_args expects key=value pairs, got {item!r}")
         out[key] = smart_value(value)
     return out
 
@@ -285,4 +304,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UsageError as err:
+        print(f"yolo_voc.py: error: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(2)

@@ -284,7 +284,9 @@ def test_each_method_builds_its_optimizer_and_groups(method: str, tmp_path: Path
     else:
         assert scheduler is None
 
-    config = im.tempbalance_config(method, s1=0.6, s2=1.4, snr_strength=0.01, interval=5)
+    *_, method_args, _ = ic.parse_args(["--method", method, "--tb_s1", "0.6", "--tb_s2", "1.4",
+                                        "--tb_snr_strength", "0.01", "--tb_interval", "5"])
+    config = ic.method_tempbalance_config(method, "cifar100", ic.ModelArguments(), method_args)
     spec = im.METHODS[method]
     if not (spec.tempbalance or spec.snr):
         assert config is None
@@ -351,6 +353,66 @@ def test_cli_defaults_and_aliases() -> None:
                    ("cal", 0.2, 1), ("tb", 0.2, 1), ("cal", 0.2, 2), ("tb", 0.2, 2)]
     with pytest.raises(ValueError, match="unknown method"):
         ic.grid(ic.MethodArguments(method=["sgd"]), default, "cifar100", "resnet18")
+
+
+def _config_for(argv: list[str], method: str, dataset: str = "cifar100"):
+    model_args, _, method_args, _ = ic.parse_args(argv)
+    return ic.method_tempbalance_config(method, dataset, model_args, method_args)
+
+
+def test_tb_flags_fall_back_to_the_papers_values_per_method_and_model() -> None:
+    # Appendix D, Table 1: (0.5, 1.5) for ResNet18 on CIFAR-100; TB+SNR (0.6, 1.4) and λ_sr 1e-3;
+    # SNR alone 1e-2 without balancing; timm's VGG pairs each BN with the conv before it.
+    from hf_tempbalance import TempBalanceConfig
+
+    assert _config_for(["--method", "tb"], "tb") == TempBalanceConfig(log_layers=False)
+    assert _config_for(["--method", "tb+snr"], "tb+snr") == TempBalanceConfig(
+        s1=0.6, s2=1.4, snr_strength=1e-3, log_layers=False)
+    assert _config_for(["--method", "snr"], "snr") == TempBalanceConfig(
+        balance_lr=False, snr_strength=1e-2, log_layers=False)
+    assert _config_for(["--method", "tb", "--model", "vgg16"], "tb").norm_follow == "previous"
+    assert _config_for(["--method", "tb"], "tb", "tiny_imagenet").s2 == 1.4
+    # a given flag wins over the paper's value; a method without SNR regularises nothing
+    given = _config_for(["--method", "tb", "--tb_s1", "0.7", "--tb_snr_strength", "0.5",
+                         "--tb_norm_follow", "next", "--tb_xmin", "ks"], "tb")
+    assert (given.s1, given.s2, given.snr_strength, given.norm_follow, given.xmin) == (
+        0.7, 1.5, 0.0, "next", "ks")
+    assert _config_for(["--method", "cal", "--tb_s1", "0.7"], "cal") is None
+
+
+@pytest.mark.parametrize("flag", ["--use_tempbalance", "--s1=0.6", "--snr_strength=0.1"])
+def test_one_switch_and_the_library_flag_names(flag: str) -> None:
+    # --method decides whether TempBalance runs; the knobs are the library's --tb_* flags only
+    with pytest.raises(ValueError, match="not used by the HfArgumentParser"):
+        ic.parse_args(["--method", "tb", flag])
+
+
+def test_the_long_study_command_keeps_its_settings() -> None:
+    """The command recipes/studies/fashion_mnist_long.py launches (and resumes) must describe the
+    run it described when its checkpoints were made: the same TempBalance config and the same
+    recorded settings (the values here are those the earlier --s1/--s2 recipe recorded)."""
+    if str(RECIPES / "studies") not in sys.path:
+        sys.path.insert(0, str(RECIPES / "studies"))
+    import fashion_mnist_long
+
+    from hf_tempbalance import TempBalanceConfig
+
+    args = fashion_mnist_long.StudyArguments()
+    runs = {run.key.split("_")[0]: run for run in fashion_mnist_long.build_runs(args)}
+    assert set(runs) == {"cal", "tb"}
+    for method, run in runs.items():
+        script = run.command.index(str(RECIPES / "image_classification.py"))
+        argv = run.command[script + 1:] + ["--output_dir", "out"]
+        model_args, data_args, method_args, targs = ic.parse_args(argv)
+        settings = ic.run_settings(method, model_args, method_args, targs, 60000, 10000,
+                                   data_args.dataset)
+        assert settings["method_args"] == {"sgdr_t0": 10, "sgdr_t_mult": 2, "lookahead_k": 5,
+                                           "lookahead_alpha": 0.5}
+        expected = (TempBalanceConfig(s1=0.5, s2=1.5, interval="epoch", log_layers=False).to_dict()
+                    if method == "tb" else None)
+        assert settings["tempbalance_config"] == expected
+        assert (settings["lr"], settings["seed"], settings["epochs"], settings["batch_size"]) == (
+            run.settings["lr"], run.settings["seed"], args.epochs, args.batch_size)
 
 
 # ------------------------------------------------------------------------------------ runs

@@ -652,3 +652,26 @@ def test_idle_ultralytics_hook_writes_and_logs_nothing(tmp_path, overrides):
         optimizer.zero_grad()
         hook.on_train_epoch_end(trainer)
     assert trainer.lr == {"lr/pg0": LR} and not (tmp_path / "run").exists()
+
+
+def test_history_backups_are_bounded(tmp_path):
+    """A file rewritten again and again (a run resumed many times) keeps the newest KEEP_BACKUPS
+    backups, each holding the file as it was before its rewrite."""
+    from hf_tempbalance.history import KEEP_BACKUPS, rewrite_history
+
+    path = tmp_path / HISTORY_FILE
+    contents = []
+    for k in range(KEEP_BACKUPS + 3):
+        rows = [{"step": k, "update": k, "layer": "a", "metric": "alpha_hill", "value": 2.0 + k,
+                 "multiplier": 1.0, "valid": True}]
+        before = path.read_bytes() if path.exists() else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rewrite_history(rows, path, reason="test")
+        if before is not None:
+            contents.append(before)
+    backups = history_backups(path)
+    assert len(backups) == KEEP_BACKUPS == 5
+    assert [Path(b).name for b in backups] == [f"{HISTORY_FILE}.{k}.bak" for k in range(7, 2, -1)]
+    assert [Path(b).read_bytes() for b in backups] == contents[::-1][:KEEP_BACKUPS]
+

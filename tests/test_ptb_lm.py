@@ -537,3 +537,17 @@ def test_auto_contraction_keeps_dense_at_the_published_size():
     # non-causal L=128: factored needs 256·128²·80 MACs, under half of dense's 128³·336
     assert contraction_cost(128, 80, 256, False) == {"dense": 128 ** 3 * 336, "factored": 256 * 128 ** 2 * 80}
     assert auto_contraction(128, 80, 256, causal=False) == "factored"
+
+
+def test_method_is_the_only_switch_and_the_flags_are_the_librarys():
+    # The authors' LM setting as the defaults of the library's --tb_* flags; --method decides
+    # whether TempBalance runs, so there is no --use_tempbalance to contradict it.
+    from hf_tempbalance import TempBalanceConfig
+
+    _, _, tb, _ = ptb_lm.parse_args(["--method", "cal", "--tb_s2", "3.0"])
+    assert tb.method == "cal"
+    assert tb.config() == TempBalanceConfig(
+        s1=1.0, s2=3.0, interval=10, layer_types=("linear",), exclude=tuple(ptb_lm.AUTHORS_EXCLUDE),
+        exclude_first_last=False)
+    with pytest.raises(ValueError, match="use_tempbalance"):
+        ptb_lm.parse_args(["--use_tempbalance"])

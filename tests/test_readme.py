@@ -3,14 +3,16 @@
 README.md, docs/*.md and recipes/README.md: every Python block runs as printed (with small models
 and data in place of ``model = ...`` and the like) and does what the text around it says; the
 configuration table matches TempBalanceConfig; every relative link and anchor resolves; the
-documented extras and public names exist. Shell blocks are not run here: the commands they show
-are exercised by the recipe, CLI and distributed tests.
+documented extras and public names exist. Shell blocks are not run here: every command they (and
+inline code) show is run, or mapped to its smoke form or covering test, in
+test_documented_commands.py.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -405,13 +407,46 @@ def test_api_page_lists_every_public_name():
         module = re.fullmatch(r"`(hf_tempbalance[\w.]*)`.*", cells[0])
         if module:
             rows[module.group(1)] = cells[1]
-    assert len(rows) == 9
+    assert len(rows) == 10
     for name, listed in rows.items():
         # the top level also re-exports the integrations' names, listed in their own rows
         listed = page if name == "hf_tempbalance" else listed
         public = importlib.import_module(name).__all__
         missing = [n for n in public if not re.search(rf"`{n}[`(]", listed)]
         assert not missing, f"{name}: {missing} not on docs/api.md"
+
+
+def test_timm_layer_decay_and_tempbalance_stack():
+    """Each parameter's real LR, measured from a plain-SGD update (p_before - p_after) / grad, is
+    the cosine schedule x timm's lr_scale of its group x the multiplier of its layer."""
+    pytest.importorskip("timm")
+    scope = run_block("timm-layer-decay", {}, {
+        "interval=100": "interval=1, min_eigs=10, dtype='float64'",
+        "momentum=0.9, weight_decay=5e-4": "momentum=0.0, weight_decay=0.0",
+        "t_initial=10_000": "t_initial=10"})
+    model, tb, optimizer, scheduler = (scope[k] for k in ("model", "tb", "optimizer", "scheduler"))
+    model.double()
+    names = {id(p): n for n, p in model.named_parameters()}
+    scale = {names[id(p)]: g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    assert len(set(scale.values())) > 3  # several depths of layer decay
+    owner = tb.plan.owner_of()
+    gen = torch.Generator().manual_seed(0)
+    factors_seen = set()
+    for t in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        optimizer.step()  # interval=1: the multipliers are recomputed first, at every step
+        schedule = 0.5 * 0.1 * (1 + math.cos(math.pi * t / 10))  # timm's cosine, lr_min 0
+        for name, p in model.named_parameters():
+            used = ((before[name] - p.detach()) / p.grad).flatten()
+            factor = tb.multipliers[owner[name]] if name in owner else 1.0
+            factors_seen.add(round(factor, 6))
+            expected = schedule * scale[name] * factor
+            torch.testing.assert_close(used, torch.full_like(used, expected), rtol=1e-9, atol=0,
+                                       msg=f"step {t}, {name}")
+        scheduler.step_update(t + 1)
+    assert tb.num_updates == 3 and min(factors_seen) == pytest.approx(0.5)
 
 
 BLOCK_TESTS = {
@@ -425,4 +460,5 @@ BLOCK_TESTS = {
     "ultralytics": test_ultralytics_snippet_trains_with_both_hooks,
     "diagnostics": test_diagnostics_snippet_runs_as_printed,
     "ptb": test_ptb_snippet_balances_the_four_linears_of_each_block,
+    "timm-layer-decay": test_timm_layer_decay_and_tempbalance_stack,
 }

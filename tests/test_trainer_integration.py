@@ -8,6 +8,7 @@ param group really has when ``optimizer.step()`` runs, and compares it with
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -341,19 +342,42 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, trainer_cls, restore_flag
 
 
 # ----------------------------------------------------------------------------- logging
-def test_logged_keys_reach_tensorboard(tmp_path):
-    pytest.importorskip("tensorboard")
+SUMMARY_TAGS = {f"tempbalance/{k}" for k in ("alpha_hill_mean", "alpha_hill_min", "alpha_hill_max",
+                                               "multiplier_min", "multiplier_max")}
+
+
+def _tensorboard_scalars(folder):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if "tfevents" in f]
+    assert len(files) == 1
+    acc = EventAccumulator(os.path.dirname(files[0]))
+    acc.Reload()
+    return acc
+
+
+def _printed_logs(out: str) -> list[dict]:
+    """The dicts PrinterCallback printed (disable_tqdm=True), one a line."""
+    return [ast.literal_eval(line) for line in out.splitlines() if line.startswith("{'loss'")]
+
+
+def test_logged_keys_reach_tensorboard(tmp_path, capsys):
+    pytest.importorskip("tensorboard")
 
     trainer = run(tmp_path, tb={"interval": 4}, max_steps=8, logging_steps=1,
                   report_to=["tensorboard"], trainer_cls=TempBalanceTrainer)
     engine = tb_callback(trainer).engine
-    files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if "tfevents" in f]
-    assert files
-    acc = EventAccumulator(os.path.dirname(files[0]))
-    acc.Reload()
-    tags = acc.Tags()["scalars"]
-    assert "train/tempbalance/alpha_hill_mean" in tags
+    acc = _tensorboard_scalars(tmp_path)
+    tags = set(acc.Tags()["scalars"])
+    # the names docs/trainer.md prints: the Trainer's writer puts train/ before each key
+    per_layer = {f"train/tempbalance/{kind}/{name}" for name in engine.plan.names
+                 for kind in ("alpha_hill", "multiplier")}
+    assert {f"train/{t}" for t in SUMMARY_TAGS} | per_layer <= tags
+    assert not {t for t in tags if "tempbalance" in t} - per_layer - {f"train/{t}" for t in SUMMARY_TAGS}
+    # the console line holds the summary only, next to the Trainer's own keys
+    printed = _printed_logs(capsys.readouterr().out)
+    assert len(printed) == 8
+    assert all({k for k in line if "tempbalance" in k} == SUMMARY_TAGS for line in printed)
     layer = engine.plan.names[1]
     logged = {e.step: e.value for e in acc.Scalars(f"train/tempbalance/multiplier/{layer}")}
     by_update = {r["step"]: r["multiplier"] for r in engine.history if r["layer"] == layer}
@@ -369,6 +393,19 @@ def test_logged_keys_reach_tensorboard(tmp_path):
         values = [r["value"] for r in engine.history if r["step"] == last]
         assert row["tempbalance/alpha_hill_mean"] == pytest.approx(np.mean(values), rel=1e-9)
         assert not any(key.startswith("tempbalance/multiplier/") for key in row)
+
+
+def test_log_layers_off_sends_the_summary_only(tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    trainer = run(tmp_path, tb={"interval": 2, "log_layers": False}, max_steps=4, logging_steps=1,
+                  report_to=["tensorboard"], trainer_cls=TempBalanceTrainer)
+    tags = {t for t in _tensorboard_scalars(tmp_path).Tags()["scalars"] if "tempbalance" in t}
+    assert tags == {f"train/{t}" for t in SUMMARY_TAGS}
+    assert all({k for k in line if "tempbalance" in k} == SUMMARY_TAGS
+               for line in _printed_logs(capsys.readouterr().out))
+    # the history file keeps every layer whatever log_layers says
+    engine = tb_callback(trainer).engine
+    assert len(read_history(trainer.args.output_dir)) == engine.num_updates * len(engine.plan.names)
 
 
 def test_plain_trainer_warns_that_reporters_miss_the_values(tmp_path):

@@ -523,3 +523,17 @@ def test_recipe_end_to_end(tmp_path):
     rows = read_history(run / HISTORY_FILE)
     assert rows and {r["epoch"] for r in rows} == {1} and {r["update"] for r in rows} == {0}
     assert font.exists()  # offline font in place
+
+
+def test_method_is_the_only_switch_and_the_flags_are_the_librarys():
+    # The same --tb_* names as the other recipes, the paper's VOC range as defaults; --method
+    # decides whether TempBalance runs, so there is no --use_tempbalance to contradict it.
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((yolo_voc.ModelArguments, yolo_voc.DataArguments,
+                               yolo_voc.TrainArguments, yolo_voc.VOCTempBalanceArguments))
+    *_, train, tb = parser.parse_args_into_dataclasses(args=["--tb_interval", "5"])
+    assert train.method == "tb"
+    assert tb.config() == TempBalanceConfig(s1=0.6, s2=1.4, interval=5)
+    with pytest.raises(ValueError, match="use_tempbalance"):
+        parser.parse_args_into_dataclasses(args=["--use_tempbalance"])

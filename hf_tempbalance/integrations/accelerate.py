@@ -10,7 +10,7 @@
     accelerator.register_for_checkpointing(tempbalance)   # save_state / load_state resume it
     for batch in loader:
         ...; accelerator.backward(loss); optimizer.step(); scheduler.step(); optimizer.zero_grad()
-        accelerator.log(tempbalance.log())      # new history rows -> file, on the main process
+        accelerator.log(tempbalance.log())      # history rows -> file; values -> the trackers
 
 What the prepared objects do to the LRs. ``AcceleratedOptimizer.step()`` calls the wrapped torch
 optimizer only on real optimizer steps (gradient accumulation, skipped fp16 steps), and the
@@ -44,6 +44,7 @@ from typing import Any
 from ..distributed import UNSUPPORTED_SHARDING, check_launch
 from ..engine import TempBalance
 from ..history import HISTORY_FILE, HistoryLog
+from ..reporting import LogValues, route_log_values, summary_line
 from ..schedule import steps_per_epoch
 
 __all__ = ["AcceleratedTempBalance", "check_accelerator"]
@@ -109,13 +110,23 @@ class AcceleratedTempBalance:
     def log(self) -> dict[str, float]:
         """Append the history rows of updates since the last call (main process only).
 
-        Returns the ``tempbalance/...`` summary values (empty before the first update), ready for
-        ``accelerator.log`` (which itself logs on the main process only).
+        Returns the values for the reporters, ready for ``accelerator.log`` (which itself logs on
+        the main process only): the ``tempbalance/...`` summary and, with ``log_layers``, the
+        per-layer values (:mod:`hf_tempbalance.reporting`); empty before the first update. For
+        the console, print :meth:`summary_line`.
         """
         if self._log is None:
             self._start_log()
         self._log.record()
-        return self.tb.log_values(per_layer=False) if self.tb.num_updates else {}
+        return self._values().reporters
+
+    def summary_line(self) -> str:
+        """The console summary as one line ("" before the first update), e.g. for
+        ``accelerator.print``."""
+        return summary_line(self._values())
+
+    def _values(self) -> LogValues:
+        return route_log_values(self.tb) if self.tb.num_updates else LogValues()
 
     def _start_log(self) -> None:
         """Begin the history where this process took over: for a resumed run the rows of the

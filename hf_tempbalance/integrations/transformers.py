@@ -15,11 +15,13 @@ lr_scheduler.step() -> on_step_end``, reference-notes §4):
 * Resume: the engine state is saved with each checkpoint through ``ExportableState`` and restored
   from the checkpoint's ``trainer_state.json`` (with or without
   ``restore_callback_states_from_checkpoint``), so a resumed run applies the same LRs.
-* Logging: ``tempbalance/...`` keys (summary and, with ``log_layers``, per layer) are added to the
-  Trainer's logs. The Trainer calls user callbacks after its reporting integrations, and no
-  supported API lets a callback change that order: with a plain ``Trainer`` the keys reach the
-  console and ``trainer_state.json`` (summary only) and the callback warns if ``report_to`` names
-  an integration; :class:`TempBalanceTrainer` adds them in ``log()``, before any callback.
+* Logging (the rule is :mod:`hf_tempbalance.reporting`): the summary goes to the console and
+  ``trainer_state.json``, the summary and per-layer values (``log_layers``) to the reporting
+  integrations. The Trainer calls user callbacks after its reporting integrations, and no
+  supported API lets a callback change that order: with a plain ``Trainer`` only the console and
+  ``trainer_state.json`` get the summary and the callback warns if ``report_to`` names an
+  integration; :class:`TempBalanceTrainer` adds the summary in ``log()``, before any callback, and
+  then hands the per-layer values to the reporting integrations alone.
   The full history is written to ``<output_dir>/tempbalance_history.jsonl`` (main process only),
   from the first update on: a run that balances no layer, or has made no update yet, adds no file
   and no log key. Resuming cuts the file back to the checkpoint, keeping the old file as a backup
@@ -42,6 +44,13 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_callback import ExportableState
 from transformers.utils import logging as hf_logging
 
+try:  # every reporting integration the Trainer knows (report_to names, or added by hand)
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+    _REPORTERS: tuple[type, ...] = tuple(INTEGRATION_TO_CALLBACK.values())
+except ImportError:  # pragma: no cover - moved in some future Transformers
+    from transformers.integrations import TensorBoardCallback, WandbCallback
+    _REPORTERS = (TensorBoardCallback, WandbCallback)
+
 try:  # Transformers >= 5: optimizer factories (Muon, Dion) are called with the model
     from transformers.trainer_optimizer import is_optimizer_factory
 except ImportError:  # pragma: no cover - older Transformers have none
@@ -52,6 +61,7 @@ from ..config import TempBalanceConfig
 from ..distributed import check_launch
 from ..engine import TempBalance
 from ..history import HISTORY_FILE, HistoryLog
+from ..reporting import LogValues, route_log_values
 from ..schedule import steps_per_epoch
 
 __all__ = ["TempBalanceCallback", "TempBalanceTrainer", "tempbalance_optimizer_cls_and_kwargs"]
@@ -227,24 +237,23 @@ class TempBalanceCallback(TrainerCallback, ExportableState):
             self.engine.detach()
 
     # ------------------------------------------------------------------ logging
-    def log_values(self) -> dict[str, float]:
-        """The ``tempbalance/...`` values for the Trainer's logs (empty before the first update and
-        when no layer is balanced)."""
+    def log_values(self) -> LogValues:
+        """The ``tempbalance/...`` values of this logging step by destination
+        (:func:`~hf_tempbalance.reporting.route_log_values`); empty before the first update and when
+        no layer is balanced."""
         engine = self.engine
-        return engine.log_values() if engine is not None and engine.num_updates else {}
+        return route_log_values(engine) if engine is not None and engine.num_updates else LogValues()
 
     def on_log(self, args, state, control, logs: dict | None = None, **kwargs):
         if logs is not None and "loss" in logs:  # training logs only, not eval/final summaries
-            values = self.log_values()
-            if values and not values.keys() <= logs.keys():
+            console = self.log_values().console
+            if console and not console.keys() <= logs.keys():
+                # not added by TempBalanceTrainer.log: the reporters ran without them
                 self._warn_if_reporters_miss_values(args)
-            logs.update(values)
-            # The Trainer stored its copy of these logs before calling us: give it the summary
-            # too (the per-layer values would bloat trainer_state.json; the history file has them).
-            if values and state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
-                summary = self.engine.log_values(per_layer=False)
-                state.log_history[-1].update(summary)
-
+                logs.update(console)
+                # The Trainer stored its copy of these logs before calling us: add them there too.
+                if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
+                    state.log_history[-1].update(console)
 
     def _warn_if_reporters_miss_values(self, args: TrainingArguments) -> None:
         # The Trainer runs its reporting integrations before user callbacks, so keys added here
@@ -308,17 +317,27 @@ class TempBalanceTrainer(Trainer):
             self.add_callback(callback)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """The Trainer's ``log`` with the TempBalance values added first, so that every callback,
-        the reporting integrations (TensorBoard, W&B, ...) included, receives them; the per-layer
-        ones stay out of ``state.log_history`` (trainer_state.json), which keeps the summary."""
+        """The Trainer's ``log`` with the TempBalance summary added first, so that every callback
+        (console, ``log_history``, the reporting integrations) receives it; the per-layer values
+        then go to the reporting integrations (TensorBoard, W&B, ...) only
+        (:mod:`hf_tempbalance.reporting`)."""
         callback = self.tempbalance
-        values = callback.log_values() if callback is not None and "loss" in logs else {}
-        super().log({**logs, **values}, *args, **kwargs)
-        if values and self.state.log_history:
-            summary = callback.engine.log_values(per_layer=False)
-            entry = self.state.log_history[-1]
-            for key in values.keys() - summary.keys():
-                entry.pop(key, None)
+        values = callback.log_values() if callback is not None and "loss" in logs else LogValues()
+        super().log({**logs, **values.console}, *args, **kwargs)
+        if values.reporters_only:
+            self._report_only(values.reporters_only)
+
+    def _report_only(self, values: dict[str, float]) -> None:
+        """``on_log`` of the reporting integrations alone, at the current step (the console
+        printers and the user's callbacks do not see these values)."""
+        handler = self.callback_handler
+        for reporter in handler.callbacks:
+            if isinstance(reporter, _REPORTERS):
+                reporter.on_log(self.args, self.state, self.control, logs=dict(values),
+                                model=handler.model, processing_class=handler.processing_class,
+                                optimizer=handler.optimizer, lr_scheduler=handler.lr_scheduler,
+                                train_dataloader=handler.train_dataloader,
+                                eval_dataloader=handler.eval_dataloader)
 
     @property
     def tempbalance(self) -> TempBalanceCallback | None:

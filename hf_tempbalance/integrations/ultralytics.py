@@ -27,9 +27,10 @@ What the hook does, and why Ultralytics' own behaviour is untouched:
 * ``m_i`` is recomputed at the first optimizer step of every epoch (``interval="epoch"``, the
   paper) or every ``interval`` optimizer steps (one step per batch when ``batch >= nbs``;
   Ultralytics accumulates gradients over ``nbs / batch`` batches otherwise).
-* Logs: at each epoch end ``tempbalance/<metric>/<layer>``, ``tempbalance/multiplier/<layer>``
-  and summary keys join ``trainer.lr``, which Ultralytics writes to ``results.csv`` and passes to
-  its loggers (TensorBoard, W&B, MLflow, ...). The history file
+* Logs (the rule is :mod:`hf_tempbalance.reporting`): at each epoch end the summary is printed
+  as one line, and the summary keys and (``log_layers``) ``tempbalance/<metric>/<layer>``,
+  ``tempbalance/multiplier/<layer>`` join ``trainer.lr``, which Ultralytics writes to
+  ``results.csv`` and passes to its loggers (TensorBoard, W&B, MLflow, ...). The history file
   (:data:`hf_tempbalance.history.HISTORY_FILE`) is appended in ``save_dir`` with the Ultralytics
   epoch (1-based, as in ``results.csv``), from the first update on, and flushed to disk with every
   checkpoint. Files are written by the main process only. With no balanced layer (or
@@ -53,6 +54,7 @@ from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 from ..config import TempBalanceConfig
 from ..engine import TempBalance
 from ..history import HISTORY_FILE, HistoryLog
+from ..reporting import route_log_values, summary_line
 
 __all__ = ["TempBalanceHook", "TempBalanceTrainerMixin", "TempBalanceDetectionTrainer",
            "add_tempbalance", "CHECKPOINT_KEY"]
@@ -133,12 +135,16 @@ class TempBalanceHook:
             self.tb.request_update()
 
     def on_train_epoch_end(self, trainer: Any) -> None:
-        """Add the per-layer metric and multiplier to ``trainer.lr`` and append the history."""
+        """The summary to the console, the reporters' values to ``trainer.lr`` (results.csv and
+        Ultralytics' loggers; :mod:`hf_tempbalance.reporting`), the rows to the history file."""
         tb = self.tb
         # A fixed key set every epoch (results.csv writes its header once); none at all when
         # nothing is ever measured.
         if tb.config.balance_lr:
-            trainer.lr = {**getattr(trainer, "lr", {}), **tb.log_values()}
+            values = route_log_values(tb)
+            trainer.lr = {**getattr(trainer, "lr", {}), **values.reporters}
+            if RANK in {-1, 0} and tb.num_updates and values.console:
+                LOGGER.info(summary_line(values))
         self._log.record(epoch=trainer.epoch + 1)  # 1-based, as in results.csv
 
     EPOCH_EVENTS = ("on_train_epoch_start", "on_train_epoch_end")
