@@ -270,3 +270,141 @@ def test_bin_checkpoint_is_not_streamed_and_read_with_weights_only(tmp_path, mon
     rows = json.loads(out.read_text())["layers"]
     expected = analyze_model(model.eval(), progress=False)
     assert [r["name"] for r in rows] == [r.name for r in expected.layers]
+
+
+# ---------------------------------------------------------------------------- other layouts
+def _to_bin(path):
+    """Rewrite a sharded safetensors save as the sharded pickles older Transformers wrote:
+    ``pytorch_model-0000i-of-0000n.bin`` + ``pytorch_model.bin.index.json``."""
+    from safetensors.torch import load_file
+
+    index = json.loads((path / INDEX_FILE).read_text())
+    names = {}
+    shards = sorted(set(index["weight_map"].values()))
+    for i, shard in enumerate(shards):
+        names[shard] = f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin"
+        torch.save(load_file(path / shard), path / names[shard])
+        (path / shard).unlink()
+    index["weight_map"] = {k: names[v] for k, v in index["weight_map"].items()}
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    (path / INDEX_FILE).unlink()
+
+
+def _save_layout(name, layout, path):
+    torch.manual_seed(0)
+    model = BUILDERS[name]()
+    if layout == "safetensors-single":
+        model.save_pretrained(path)  # small: one model.safetensors, no index
+        assert (path / "model.safetensors").is_file() and not (path / INDEX_FILE).exists()
+    elif layout == "bin-single":
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(path)
+        torch.save(model.state_dict(), path / "pytorch_model.bin")
+    else:
+        _save_model(model, path)
+        _to_bin(path)
+        assert len(list(path.glob("pytorch_model-*.bin"))) > 2
+
+
+LAYOUT_CASES = [("safetensors-single", "llama-bf16-tied"), ("safetensors-single", "mixtral-experts"),
+                ("bin-sharded", "llama-bf16-tied"), ("bin-sharded", "mixtral-experts"),
+                ("bin-sharded", "gpt2-packed-qkv"), ("bin-single", "llama-fp32")]
+
+
+@pytest.mark.parametrize(("layout", "name"), LAYOUT_CASES)
+def test_single_file_and_bin_checkpoints_stream_the_same_rows(layout, name, tmp_path, monkeypatch):
+    _save_layout(name, layout, tmp_path)
+    config = TempBalanceConfig(layer_types=("linear", "embedding"))
+    loaded = _in_memory(tmp_path, config)
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("weights_only"), kwargs.get("mmap")))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    streamed = analyze_checkpoint(tmp_path, config, progress=False, block_elements=1024)
+    _assert_same(streamed, loaded)
+    if layout.startswith("bin"):
+        assert calls and set(calls) == {(True, True)}  # every pickle: weights_only, mapped
+    else:
+        assert calls == []
+
+
+def _bin_first_shard(path):
+    return sorted(path.glob("pytorch_model-*.bin"))[0]
+
+
+def _bin_drop(path):
+    shard = _bin_first_shard(path)
+    shard.unlink()
+    return shard
+
+
+def _bin_truncate(path):
+    shard = max(path.glob("pytorch_model-*.bin"), key=lambda p: p.stat().st_size)
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    return shard
+
+
+def _bin_bad_index(path):
+    index_file = path / "pytorch_model.bin.index.json"
+    index = json.loads(index_file.read_text())
+    index["weight_map"]["model.layers.9.mlp.up_proj.weight"] = _bin_first_shard(path).name
+    index_file.write_text(json.dumps(index))
+    return index_file
+
+
+def _single_truncate(path):
+    file = path / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) - 100])
+    return file
+
+
+@pytest.mark.parametrize(("layout", "damage"), [("bin-sharded", _bin_drop),
+                                                ("bin-sharded", _bin_truncate),
+                                                ("bin-sharded", _bin_bad_index),
+                                                ("safetensors-single", _single_truncate)])
+def test_damaged_single_file_or_bin_checkpoint_exits_2_naming_the_file(layout, damage, tmp_path,
+                                                                      capsys):
+    _save_layout("llama-fp32", layout, tmp_path)
+    named = damage(tmp_path)
+    capsys.readouterr()
+    assert main(["analyze", str(tmp_path), "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and str(named) in err, err
+    assert captured.out == ""
+
+
+def test_a_pickle_with_code_is_refused(tmp_path, capsys):
+    """A shard holding more than tensors is never unpickled (weights_only=True refuses it)."""
+    _save_layout("llama-fp32", "bin-single", tmp_path)
+    state = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    state["extra"] = _Unsafe()
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    capsys.readouterr()
+    assert main(["analyze", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to load" in err and str(tmp_path / "pytorch_model.bin") in err
+
+
+class _Unsafe:
+    pass
+
+
+def test_whole_tensor_fallback_gives_the_same_rows(tmp_path, monkeypatch):
+    """A layout the block path does not read is built whole and run through the engine (the
+    reference path); both give the same rows."""
+    from hf_tempbalance import streaming
+
+    _save("mixtral-experts", tmp_path)
+    config = TempBalanceConfig(layer_types=("linear", "embedding"))
+    blocks = analyze_checkpoint(tmp_path, config, progress=False, block_elements=1024)
+    monkeypatch.setattr(streaming, "_layout", lambda source, checkpoint: None)
+    whole = analyze_checkpoint(tmp_path, config, progress=False)
+    _assert_same(blocks, whole)
+    _assert_same(whole, _in_memory(tmp_path, config))
