@@ -19,9 +19,9 @@ from safetensors import safe_open
 
 from hf_tempbalance import TempBalanceConfig
 from hf_tempbalance.analysis import analyze_model
+from hf_tempbalance.checkpoint_files import open_checkpoint
 from hf_tempbalance.cli import main
 from hf_tempbalance.spectral import esd_reference
-from hf_tempbalance.checkpoint_files import open_checkpoint
 from hf_tempbalance.streaming import INDEX_FILE, analyze_checkpoint
 
 transformers = pytest.importorskip("transformers")
