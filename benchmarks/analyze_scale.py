@@ -14,7 +14,11 @@ every size and only the number of layers grows.
 
 Each measurement runs in a fresh child process (``python this_file --child MODE DIR``) that
 reports its wall time (from before loading to the finished report, imports excluded) and its
-peak resident set (``VmHWM`` from ``/proc/self/status``):
+peak resident set (``VmHWM`` from ``/proc/self/status``). Our two modes first make the process
+setting the command makes (``streaming.return_large_frees``: freed large blocks go back to the
+OS at once). A third child, ``overhead``, measures the fixed cost: it imports everything and
+plans the streaming analysis (checkpoint headers, meta model) but analyses no layer; the second
+table gives each mode's peak minus that, as a multiple of the largest weight tensor.
 
 * ``stream``: :func:`hf_tempbalance.streaming.analyze_checkpoint` (what ``hf-tempbalance analyze
   DIR`` runs on such a directory);
@@ -28,7 +32,8 @@ take too long on a small machine (weightwatcher, which has no such filter here, 
   ``from_pretrained(dtype=float32)`` (weightwatcher works on numpy arrays, which have no bf16)
   then ``WeightWatcher(model).analyze(randomize=False, plot=False)``. Skipped if not importable.
 
-Both of ours compute the same rows; the benchmark checks that their alphas agree. The machine's
+Both of ours compute the same rows; the benchmark reports how far their alphas differ (float32
+rounding: streaming sums each Gram block by block). The machine's
 load average is printed with the table: compare ratios within one run.
 """
 
@@ -135,6 +140,22 @@ def _peak_rss_mib() -> float:
 def child(mode: str, path: str, select: str | None = None) -> dict:
     import torch
 
+    if mode == "overhead":
+        # Everything streaming does before it reads a weight: imports (Python, torch,
+        # Transformers, this package), opening the checkpoint, the meta model and the plan; a
+        # regex that matches no layer stops it there.
+        from hf_tempbalance.streaming import analyze_checkpoint
+
+        start = time.perf_counter()
+        analyze_checkpoint(path, progress=False, select=r"(?!)")  # (matches nothing)
+        return {"mode": mode, "seconds": time.perf_counter() - start,
+                "peak_rss_mib": _peak_rss_mib(), "layers": 0, "alphas": []}
+    if mode in ("stream", "memory"):
+        # What `hf-tempbalance analyze` does for its own process (cli.main): freed large blocks
+        # go straight back to the OS (streaming.return_large_frees).
+        from hf_tempbalance.streaming import return_large_frees
+
+        return_large_frees()
     if mode == "stream":
         from hf_tempbalance.streaming import analyze_checkpoint
 
@@ -220,6 +241,11 @@ def main() -> None:
                   f"(written in {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
             row = {"size": size, "params": params, "blocks": blocks, "shards": len(files),
                    "largest_tensor_mib": 2 * VOCAB * WIDTH / 2**20}
+            overhead = run_child("overhead", root / "ckpt")
+            if overhead is not None:
+                row["overhead_mib"] = overhead["peak_rss_mib"]
+                print(f"  fixed overhead (imports, checkpoint headers, meta model, plan): "
+                      f"{overhead['peak_rss_mib']:.0f} MiB", file=sys.stderr)
             for mode in modes:
                 if mode == "ww" and args.ww_sizes is not None and size not in args.ww_sizes:
                     continue
@@ -241,6 +267,8 @@ def main() -> None:
     print(f"\nload average at the end: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} "
           f"({os.cpu_count()} CPUs)")
     print_table(results, modes)
+    print()
+    print_working_set(results, modes)
     if args.json:
         for row in results:
             for mode in modes:
@@ -273,6 +301,27 @@ def print_table(results: list[dict], modes: list[str]) -> None:
             cells += [ratio("stream", "ww", "seconds"), ratio("stream", "ww", "peak_rss_mib")]
         diff = row.get("alpha_max_rel_diff")
         cells += ["-" if diff is None else ("identical" if row["alphas_equal"] else f"{diff:.1e}")]
+        print("| " + " | ".join(cells) + " |")
+
+
+def print_working_set(results: list[dict], modes: list[str]) -> None:
+    """Peak RSS minus the fixed overhead, as a multiple of the largest weight tensor."""
+    ours = [m for m in modes if m != "ww"]
+    head = ["params", "largest tensor (MiB)", "fixed overhead (MiB)"]
+    for m in ours:
+        head += [f"{m} peak - overhead (MiB)", f"{m} (peak - overhead) / largest"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for row in results:
+        over = row.get("overhead_mib")
+        cells = [f"{row['params'] / 1e9:.2f}B", f"{row['largest_tensor_mib']:.0f}",
+                 "-" if over is None else f"{over:.0f}"]
+        for m in ours:
+            if m in row and over is not None:
+                extra = row[m]["peak_rss_mib"] - over
+                cells += [f"{extra:.0f}", f"{extra / row['largest_tensor_mib']:.2f}"]
+            else:
+                cells += ["-", "-"]
         print("| " + " | ".join(cells) + " |")
 
 

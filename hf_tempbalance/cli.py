@@ -46,7 +46,7 @@ from .loading import (
     resolve_model,
 )
 from .spectral.hill import XMIN_METHODS
-from .streaming import analyze_checkpoint, is_streamable
+from .streaming import analyze_checkpoint, is_streamable, return_large_frees
 
 __all__ = ["main", "build_parser", "run_analyze", "run_plot", "CliError"]
 
@@ -149,6 +149,8 @@ def _add_loading_args(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``hf-tempbalance``; returns the exit status."""
+    if argv is None:  # the command itself, in its own process (not a call from Python)
+        return_large_frees()
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

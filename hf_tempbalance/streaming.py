@@ -39,10 +39,12 @@ largest stored tensor's worth of working sets (each: one block, a ``d x d`` Gram
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import os
 import re
+import sys
 import threading
 from collections import defaultdict
 from collections.abc import Callable
@@ -73,7 +75,7 @@ from .spectral.esd import gram_eig_cost, one_intra_op_thread
 from .spectral.gram_blocks import BLOCK_ELEMENTS, BlockMatrix, block_eigvals, block_working_bytes
 from .spectral.matrices import ExpertStack, is_transposed_conv1d, stack_shape, weight_name
 
-__all__ = ["INDEX_FILE", "is_streamable", "analyze_checkpoint"]
+__all__ = ["INDEX_FILE", "is_streamable", "analyze_checkpoint", "return_large_frees"]
 
 #: The sharded safetensors index (the other streamable layouts: ``checkpoint_files.LAYOUTS``).
 INDEX_FILE = SAFETENSORS_INDEX
@@ -90,6 +92,33 @@ def is_streamable(path: str | os.PathLike) -> bool:
         return "model_type" in json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
+
+
+def return_large_frees(threshold: int = 1 << 20) -> bool:
+    """Make glibc give every freed allocation of ``threshold`` bytes or more back to the OS at
+    once (``mallopt(M_MMAP_THRESHOLD)``); True if it was set.
+
+    By default glibc raises its mmap threshold each time a large block is freed, so that later
+    blocks up to 32 MiB come from per-thread heaps, which keep freed space instead of returning
+    it. Streaming frees a block or a Gram (megabytes) many times per matrix on several threads:
+    measured on a 0.26B Llama checkpoint, that held ~220 MiB more at the peak than the working
+    set (``docs/performance.md``). The setting is process-wide and permanent (glibc has no way
+    back to its adaptive threshold), so the command line sets it for its own process
+    (``hf-tempbalance analyze``) and a library call never does; set ``MALLOC_MMAP_THRESHOLD_=
+    1048576`` in the environment for the same effect in your own program. No-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
 
 # ---------------------------------------------------------------------------- model structure
