@@ -28,7 +28,8 @@ table gives each mode's peak minus that, as a multiple of the largest weight ten
 loading is the same, so memory and load time are measured at sizes where a full analysis would
 take too long on a small machine (weightwatcher, which has no such filter here, is left out).
 
-* ``ww``: weightwatcher (``pip install weightwatcher``, any location on ``PYTHONPATH``):
+* ``ww``: weightwatcher (``pip install weightwatcher``, or ``--ww-path DIR`` for a ``--target``
+  install):
   ``from_pretrained(dtype=float32)`` (weightwatcher works on numpy arrays, which have no bf16)
   then ``WeightWatcher(model).analyze(randomize=False, plot=False)``. Skipped if not importable.
 
@@ -173,6 +174,9 @@ def child(mode: str, path: str, select: str | None = None) -> dict:
     elif mode == "ww":
         import logging
 
+        if os.environ.get("TB_WW_PATH"):
+            # After everything else: a --target install brings its own numpy, safetensors, ...
+            sys.path.append(os.environ["TB_WW_PATH"])
         import weightwatcher as ww
         from transformers import LlamaForCausalLM
 
@@ -205,7 +209,9 @@ def run_child(mode: str, path: Path, select: str | None = None) -> dict | None:
 
 
 def ww_available() -> bool:
-    probe = subprocess.run([sys.executable, "-c", "import weightwatcher"], capture_output=True)
+    extra = os.environ.get("TB_WW_PATH")
+    code = (f"import sys; sys.path.append({extra!r}); " if extra else "") + "import weightwatcher"
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True)
     return probe.returncode == 0
 
 
@@ -218,10 +224,15 @@ def main() -> None:
     parser.add_argument("--shard-mb", type=float, default=500)
     parser.add_argument("--tmp", default=None, help="where the checkpoints are written (deleted)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--ww-path", default=None, metavar="DIR",
+                        help="a `pip install --target DIR weightwatcher`, appended to sys.path "
+                             "of the weightwatcher child only")
     parser.add_argument("--select", default=None, metavar="REGEX",
                         help="analyse only these layers (`analyze --layers`); loading is the same")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ww_path:
+        os.environ["TB_WW_PATH"] = args.ww_path
     if args.child:
         print(json.dumps(child(*args.child, select=args.select)))
         return
