@@ -279,8 +279,8 @@ def _load_bin(shard: Path) -> dict[str, torch.Tensor]:
     except Exception as err:  # zip errors of a truncated file, a legacy (non-zip) pickle, ...
         text = " ".join(str(err).split()) or type(err).__name__
         raise ModelLoadError(f"shard {shard} could not be read with torch.load(weights_only=True, "
-                             f"mmap=True) (truncated or not a zip-format torch save?): {text}; "
-                             f"{_FIX}") from err
+                             f"mmap=True): {text}. Truncated? {_FIX}; a legacy (pre-zip) torch "
+                             "save cannot be mapped: --no-stream reads it") from err
     if not isinstance(obj, dict):
         raise ModelLoadError(f"shard {shard} holds no state dict; {_FIX}")
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
