@@ -213,10 +213,6 @@ class _Planned:
     balanced: bool
     nbytes: int = 0
 
-    def gram_key(self) -> tuple[int, int]:
-        k, m, n = stack_shape(torch.empty(0), self.shape) if self.kind != "experts" else self.shape
-        return (max(m, n), min(m, n))
-
     def cost(self) -> float:
         if self.kind == "experts":
             k, m, n = self.shape
