@@ -408,3 +408,26 @@ def test_whole_tensor_fallback_gives_the_same_rows(tmp_path, monkeypatch):
     whole = analyze_checkpoint(tmp_path, config, progress=False)
     _assert_same(blocks, whole)
     _assert_same(whole, _in_memory(tmp_path, config))
+
+
+def test_a_read_error_on_a_worker_thread_stops_the_run_and_exits_2(tmp_path, capsys, monkeypatch):
+    """A shard that goes bad after the checks (here: cut short between the check and the read)
+    fails its block read on a worker thread, and the command exits 2 with one line naming the
+    file."""
+    from hf_tempbalance import checkpoint_files
+
+    _save("llama-fp32", tmp_path)
+    shard = max(tmp_path.glob("model-*.safetensors"), key=lambda p: p.stat().st_size)
+    real = checkpoint_files._read_header
+
+    def header_then_cut(path):
+        out = real(path)
+        if path == shard:
+            shard.write_bytes(shard.read_bytes()[:200])  # after its header was read and checked
+        return out
+
+    monkeypatch.setattr(checkpoint_files, "_read_header", header_then_cut)
+    capsys.readouterr()
+    assert main(["analyze", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(shard) in err and "truncated" in err, err
