@@ -2,7 +2,7 @@
 
     python benchmarks/analyze_scale.py [--sizes 0.25 0.5 1.0] [--ww-sizes 0.25 0.5]
                                        [--modes stream memory ww] [--shard-mb 500]
-                                       [--tmp DIR] [--json FILE]
+                                       [--layout safetensors|bin] [--tmp DIR] [--json FILE]
 
 For each size (billions of parameters) a Llama-shaped checkpoint is synthesised into a temporary
 directory and deleted afterwards: the TinyLlama-1.1B block (width 2048, MLP 5632, 32 heads, 4 KV
@@ -91,8 +91,10 @@ def llama_config(blocks: int):
     return config
 
 
-def synthesise(path: Path, blocks: int, shard_mb: float, seed: int = 0) -> int:
-    """Write the sharded bf16 checkpoint; returns its parameter count."""
+def synthesise(path: Path, blocks: int, shard_mb: float, seed: int = 0, layout: str = "safetensors") -> int:
+    """Write the sharded bf16 checkpoint (``layout`` ``bin``: the older pickled shards,
+    ``pytorch_model-0000i-of-0000n.bin`` + ``pytorch_model.bin.index.json``); returns its
+    parameter count."""
     import torch
     from safetensors.torch import save_file
 
@@ -112,7 +114,10 @@ def synthesise(path: Path, blocks: int, shard_mb: float, seed: int = 0) -> int:
     shape_of = dict(shapes)
     weight_map = {}
     for i, names in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        if layout == "bin":
+            file = f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin"
+        else:
+            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         tensors = {}
         for name in names:
             shape = shape_of[name]
@@ -121,10 +126,14 @@ def synthesise(path: Path, blocks: int, shard_mb: float, seed: int = 0) -> int:
             else:
                 tensors[name] = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
             weight_map[name] = file
-        save_file(tensors, str(path / file), metadata={"format": "pt"})
+        if layout == "bin":
+            torch.save(tensors, path / file)
+        else:
+            save_file(tensors, str(path / file), metadata={"format": "pt"})
         del tensors
     total = sum(math.prod(s) for _, s in shapes)
-    (path / "model.safetensors.index.json").write_text(json.dumps(
+    index = "pytorch_model.bin.index.json" if layout == "bin" else "model.safetensors.index.json"
+    (path / index).write_text(json.dumps(
         {"metadata": {"total_size": 2 * total}, "weight_map": weight_map}, indent=2))
     return total
 
@@ -222,6 +231,8 @@ def main() -> None:
                         help="sizes at which to run weightwatcher (default: all)")
     parser.add_argument("--modes", nargs="+", default=["stream", "memory", "ww"])
     parser.add_argument("--shard-mb", type=float, default=500)
+    parser.add_argument("--layout", choices=["safetensors", "bin"], default="safetensors",
+                        help="shard format (bin: pickled shards, read with weights_only=True)")
     parser.add_argument("--tmp", default=None, help="where the checkpoints are written (deleted)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--ww-path", default=None, metavar="DIR",
@@ -245,8 +256,8 @@ def main() -> None:
         root = Path(tempfile.mkdtemp(prefix="tb_analyze_scale_", dir=args.tmp))
         try:
             t0 = time.perf_counter()
-            params = synthesise(root / "ckpt", blocks, args.shard_mb)
-            files = sorted((root / "ckpt").glob("*.safetensors"))
+            params = synthesise(root / "ckpt", blocks, args.shard_mb, layout=args.layout)
+            files = sorted((root / "ckpt").glob("*.safetensors" if args.layout != "bin" else "*.bin"))
             print(f"{params / 1e9:.2f}B params, {blocks} blocks, {len(files)} shards, "
                   f"{sum(f.stat().st_size for f in files) / 2**30:.2f} GiB "
                   f"(written in {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
