@@ -2,7 +2,7 @@
 
     python benchmarks/analyze_scale.py [--sizes 0.25 0.5 1.0] [--ww-sizes 0.25 0.5]
                                        [--modes stream memory ww] [--shard-mb 500]
-                                       [--tmp DIR] [--json FILE]
+                                       [--layout safetensors|bin] [--tmp DIR] [--json FILE]
 
 For each size (billions of parameters) a Llama-shaped checkpoint is synthesised into a temporary
 directory and deleted afterwards: the TinyLlama-1.1B block (width 2048, MLP 5632, 32 heads, 4 KV
@@ -14,7 +14,11 @@ every size and only the number of layers grows.
 
 Each measurement runs in a fresh child process (``python this_file --child MODE DIR``) that
 reports its wall time (from before loading to the finished report, imports excluded) and its
-peak resident set (``VmHWM`` from ``/proc/self/status``):
+peak resident set (``VmHWM`` from ``/proc/self/status``). Our two modes first make the process
+setting the command makes (``streaming.return_large_frees``: freed large blocks go back to the
+OS at once). A third child, ``overhead``, measures the fixed cost: it imports everything and
+plans the streaming analysis (checkpoint headers, meta model) but analyses no layer; the second
+table gives each mode's peak minus that, as a multiple of the largest weight tensor.
 
 * ``stream``: :func:`hf_tempbalance.streaming.analyze_checkpoint` (what ``hf-tempbalance analyze
   DIR`` runs on such a directory);
@@ -24,11 +28,13 @@ peak resident set (``VmHWM`` from ``/proc/self/status``):
 loading is the same, so memory and load time are measured at sizes where a full analysis would
 take too long on a small machine (weightwatcher, which has no such filter here, is left out).
 
-* ``ww``: weightwatcher (``pip install weightwatcher``, any location on ``PYTHONPATH``):
+* ``ww``: weightwatcher (``pip install weightwatcher``, or ``--ww-path DIR`` for a ``--target``
+  install):
   ``from_pretrained(dtype=float32)`` (weightwatcher works on numpy arrays, which have no bf16)
   then ``WeightWatcher(model).analyze(randomize=False, plot=False)``. Skipped if not importable.
 
-Both of ours compute the same rows; the benchmark checks that their alphas agree. The machine's
+Both of ours compute the same rows; the benchmark reports how far their alphas differ (float32
+rounding: streaming sums each Gram block by block). The machine's
 load average is printed with the table: compare ratios within one run.
 """
 
@@ -85,8 +91,10 @@ def llama_config(blocks: int):
     return config
 
 
-def synthesise(path: Path, blocks: int, shard_mb: float, seed: int = 0) -> int:
-    """Write the sharded bf16 checkpoint; returns its parameter count."""
+def synthesise(path: Path, blocks: int, shard_mb: float, seed: int = 0, layout: str = "safetensors") -> int:
+    """Write the sharded bf16 checkpoint (``layout`` ``bin``: the older pickled shards,
+    ``pytorch_model-0000i-of-0000n.bin`` + ``pytorch_model.bin.index.json``); returns its
+    parameter count."""
     import torch
     from safetensors.torch import save_file
 
@@ -106,7 +114,10 @@ def synthesise(path: Path, blocks: int, shard_mb: float, seed: int = 0) -> int:
     shape_of = dict(shapes)
     weight_map = {}
     for i, names in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        if layout == "bin":
+            file = f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin"
+        else:
+            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         tensors = {}
         for name in names:
             shape = shape_of[name]
@@ -115,10 +126,14 @@ def synthesise(path: Path, blocks: int, shard_mb: float, seed: int = 0) -> int:
             else:
                 tensors[name] = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
             weight_map[name] = file
-        save_file(tensors, str(path / file), metadata={"format": "pt"})
+        if layout == "bin":
+            torch.save(tensors, path / file)
+        else:
+            save_file(tensors, str(path / file), metadata={"format": "pt"})
         del tensors
     total = sum(math.prod(s) for _, s in shapes)
-    (path / "model.safetensors.index.json").write_text(json.dumps(
+    index = "pytorch_model.bin.index.json" if layout == "bin" else "model.safetensors.index.json"
+    (path / index).write_text(json.dumps(
         {"metadata": {"total_size": 2 * total}, "weight_map": weight_map}, indent=2))
     return total
 
@@ -135,6 +150,22 @@ def _peak_rss_mib() -> float:
 def child(mode: str, path: str, select: str | None = None) -> dict:
     import torch
 
+    if mode == "overhead":
+        # Everything streaming does before it reads a weight: imports (Python, torch,
+        # Transformers, this package), opening the checkpoint, the meta model and the plan; a
+        # regex that matches no layer stops it there.
+        from hf_tempbalance.streaming import analyze_checkpoint
+
+        start = time.perf_counter()
+        analyze_checkpoint(path, progress=False, select=r"(?!)")  # (matches nothing)
+        return {"mode": mode, "seconds": time.perf_counter() - start,
+                "peak_rss_mib": _peak_rss_mib(), "layers": 0, "alphas": []}
+    if mode in ("stream", "memory"):
+        # What `hf-tempbalance analyze` does for its own process (cli.main): freed large blocks
+        # go straight back to the OS (streaming.return_large_frees).
+        from hf_tempbalance.streaming import return_large_frees
+
+        return_large_frees()
     if mode == "stream":
         from hf_tempbalance.streaming import analyze_checkpoint
 
@@ -152,6 +183,9 @@ def child(mode: str, path: str, select: str | None = None) -> dict:
     elif mode == "ww":
         import logging
 
+        if os.environ.get("TB_WW_PATH"):
+            # After everything else: a --target install brings its own numpy, safetensors, ...
+            sys.path.append(os.environ["TB_WW_PATH"])
         import weightwatcher as ww
         from transformers import LlamaForCausalLM
 
@@ -184,7 +218,9 @@ def run_child(mode: str, path: Path, select: str | None = None) -> dict | None:
 
 
 def ww_available() -> bool:
-    probe = subprocess.run([sys.executable, "-c", "import weightwatcher"], capture_output=True)
+    extra = os.environ.get("TB_WW_PATH")
+    code = (f"import sys; sys.path.append({extra!r}); " if extra else "") + "import weightwatcher"
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True)
     return probe.returncode == 0
 
 
@@ -195,12 +231,19 @@ def main() -> None:
                         help="sizes at which to run weightwatcher (default: all)")
     parser.add_argument("--modes", nargs="+", default=["stream", "memory", "ww"])
     parser.add_argument("--shard-mb", type=float, default=500)
+    parser.add_argument("--layout", choices=["safetensors", "bin"], default="safetensors",
+                        help="shard format (bin: pickled shards, read with weights_only=True)")
     parser.add_argument("--tmp", default=None, help="where the checkpoints are written (deleted)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--ww-path", default=None, metavar="DIR",
+                        help="a `pip install --target DIR weightwatcher`, appended to sys.path "
+                             "of the weightwatcher child only")
     parser.add_argument("--select", default=None, metavar="REGEX",
                         help="analyse only these layers (`analyze --layers`); loading is the same")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ww_path:
+        os.environ["TB_WW_PATH"] = args.ww_path
     if args.child:
         print(json.dumps(child(*args.child, select=args.select)))
         return
@@ -213,13 +256,18 @@ def main() -> None:
         root = Path(tempfile.mkdtemp(prefix="tb_analyze_scale_", dir=args.tmp))
         try:
             t0 = time.perf_counter()
-            params = synthesise(root / "ckpt", blocks, args.shard_mb)
-            files = sorted((root / "ckpt").glob("*.safetensors"))
+            params = synthesise(root / "ckpt", blocks, args.shard_mb, layout=args.layout)
+            files = sorted((root / "ckpt").glob("*.safetensors" if args.layout != "bin" else "*.bin"))
             print(f"{params / 1e9:.2f}B params, {blocks} blocks, {len(files)} shards, "
                   f"{sum(f.stat().st_size for f in files) / 2**30:.2f} GiB "
                   f"(written in {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
             row = {"size": size, "params": params, "blocks": blocks, "shards": len(files),
                    "largest_tensor_mib": 2 * VOCAB * WIDTH / 2**20}
+            overhead = run_child("overhead", root / "ckpt")
+            if overhead is not None:
+                row["overhead_mib"] = overhead["peak_rss_mib"]
+                print(f"  fixed overhead (imports, checkpoint headers, meta model, plan): "
+                      f"{overhead['peak_rss_mib']:.0f} MiB", file=sys.stderr)
             for mode in modes:
                 if mode == "ww" and args.ww_sizes is not None and size not in args.ww_sizes:
                     continue
@@ -241,6 +289,8 @@ def main() -> None:
     print(f"\nload average at the end: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} "
           f"({os.cpu_count()} CPUs)")
     print_table(results, modes)
+    print()
+    print_working_set(results, modes)
     if args.json:
         for row in results:
             for mode in modes:
@@ -273,6 +323,27 @@ def print_table(results: list[dict], modes: list[str]) -> None:
             cells += [ratio("stream", "ww", "seconds"), ratio("stream", "ww", "peak_rss_mib")]
         diff = row.get("alpha_max_rel_diff")
         cells += ["-" if diff is None else ("identical" if row["alphas_equal"] else f"{diff:.1e}")]
+        print("| " + " | ".join(cells) + " |")
+
+
+def print_working_set(results: list[dict], modes: list[str]) -> None:
+    """Peak RSS minus the fixed overhead, as a multiple of the largest weight tensor."""
+    ours = [m for m in modes if m != "ww"]
+    head = ["params", "largest tensor (MiB)", "fixed overhead (MiB)"]
+    for m in ours:
+        head += [f"{m} peak - overhead (MiB)", f"{m} (peak - overhead) / largest"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for row in results:
+        over = row.get("overhead_mib")
+        cells = [f"{row['params'] / 1e9:.2f}B", f"{row['largest_tensor_mib']:.0f}",
+                 "-" if over is None else f"{over:.0f}"]
+        for m in ours:
+            if m in row and over is not None:
+                extra = row[m]["peak_rss_mib"] - over
+                cells += [f"{extra:.0f}", f"{extra / row['largest_tensor_mib']:.2f}"]
+            else:
+                cells += ["-", "-"]
         print("| " + " | ".join(cells) + " |")
 
 

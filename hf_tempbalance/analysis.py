@@ -470,9 +470,16 @@ def _chunk_results(chunk: Sequence[_Item], config: TempBalanceConfig, dtype: tor
                    keep_esds: bool) -> list[LayerAnalysis]:
     """The rows of one group of layers: one :func:`batched_esd` call and the registered metrics
     (shared by the in-memory and the streaming path, :mod:`hf_tempbalance.streaming`)."""
+    return _rows(chunk, batched_esd([item.layer for item in chunk], dtype=dtype), config,
+                 keep_esds)
+
+
+@torch.no_grad()
+def _rows(chunk: Sequence[_Item], eig_list: Sequence[torch.Tensor], config: TempBalanceConfig,
+          keep_esds: bool) -> list[LayerAnalysis]:
+    """The rows of layers whose ESDs are known (ascending eigenvalues, one tensor per item)."""
     metrics = _metric_names(config)
     fit_kw = {"xmin": config.xmin, "rtol": config.eig_rtol, "include_xmin": config.include_xmin}
-    eig_list = batched_esd([item.layer for item in chunk], dtype=dtype)
     # One host transfer per chunk for the metrics; hill_fit adds the tail start and size.
     values = metric_table(eig_list, metrics, **fit_kw)
     out = []

@@ -40,15 +40,13 @@ from .history import HISTORY_FILE, read_history
 from .loading import (
     LoadedModel,
     ModelLoadError,
-    _has_model,
-    _pick_checkpoint,
-    find_checkpoints,
+    choose_model_dir,
     find_saved_model,
     load_model,
     resolve_model,
 )
 from .spectral.hill import XMIN_METHODS
-from .streaming import analyze_checkpoint, is_streamable
+from .streaming import analyze_checkpoint, is_streamable, return_large_frees
 
 __all__ = ["main", "build_parser", "run_analyze", "run_plot", "CliError"]
 
@@ -151,6 +149,8 @@ def _add_loading_args(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``hf-tempbalance``; returns the exit status."""
+    if argv is None:  # the command itself, in its own process (not a call from Python)
+        return_large_frees()
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
@@ -205,22 +205,18 @@ def _analyze_loaded(model, config: TempBalanceConfig, device: torch.device, *, l
                          progress=progress, select=select)
 
 
-def _streamable_dir(args: argparse.Namespace) -> Path | None:
-    """The directory ``analyze`` would load when it is a sharded safetensors checkpoint
-    (a model directory, the picked ``--checkpoint`` or a run's latest one), else None."""
+def _streamable_dir(args: argparse.Namespace) -> tuple[Path, str | None] | None:
+    """The directory ``analyze`` would load, with the loader's note, when it is a checkpoint
+    that can be streamed (a model directory, the picked ``--checkpoint`` or a run's latest
+    one), else None."""
     path = Path(os.path.expanduser(args.model))
     if not path.is_dir():
         return None
-    if args.checkpoint is not None:
-        chosen = _pick_checkpoint(path, args.checkpoint)
-    elif _has_model(path):
-        chosen = path
-    else:
-        checkpoints = find_checkpoints(path)
-        if not checkpoints:
-            return None
-        chosen = checkpoints[-1]
-    return chosen if is_streamable(chosen) else None
+    try:
+        chosen, note = choose_model_dir(path, args.checkpoint)
+    except ModelLoadError:
+        return None  # the loader says what is wrong
+    return (chosen, note) if is_streamable(chosen) else None
 
 
 RANDOM_BANNER = ("RANDOM WEIGHTS: {source} is timm's random initialisation (seed 0; no "
@@ -252,10 +248,11 @@ def run_analyze(args: argparse.Namespace) -> ModelAnalysis:
             raise CliError(f"--layers {args.layers!r} is not a regular expression ({err})") from err
     progress = False if args.no_progress else None
     layers = "balanced" if args.balanced_only else "all"
-    stream_dir = None if args.no_stream else _streamable_dir(args)
-    if stream_dir is not None:
-        # A sharded safetensors checkpoint: streamed, never loaded whole.
-        loaded = LoadedModel(None, str(stream_dir))
+    streamable = None if args.no_stream else _streamable_dir(args)
+    if streamable is not None:
+        # A save_pretrained checkpoint: streamed, never loaded whole.
+        stream_dir, note = streamable
+        loaded = LoadedModel(None, str(stream_dir), note=note)
         report = analyze_checkpoint(stream_dir, config, layers=layers, select=args.layers,
                                     keep_esds=bool(args.plots), progress=progress,
                                     trust_remote_code=args.trust_remote_code, device=device)

@@ -493,26 +493,34 @@ def _timm_loaded(name: str, pretrained: bool) -> LoadedModel:
     return LoadedModel(model, f"timm:{name}", random_init=True)
 
 
-def _run_or_model_dir(path: Path, *, arch: str | None, trust_remote_code: bool,
-                      revision: str | None) -> LoadedModel:
-    """A model directory, or a training output directory whose model is its latest checkpoint."""
+def choose_model_dir(path: Path, checkpoint: str | int | None = None) -> tuple[Path, str | None]:
+    """The directory whose model ``path`` stands for, and the note saying so (or None): the
+    picked ``checkpoint-N``; ``path`` itself when it holds a model; else a training output
+    directory's latest checkpoint. One definition for loading and for streaming."""
+    if checkpoint is not None:
+        return _pick_checkpoint(path, checkpoint), None
+    checkpoints = find_checkpoints(path)
     if _has_model(path):
-        model = _load_dir(path, arch=arch, trust_remote_code=trust_remote_code, revision=revision)
-        checkpoints = find_checkpoints(path)
         note = (f"read the model saved in {path}; it also has {len(checkpoints)} checkpoint(s) "
                 f"({checkpoints[0].name} .. {checkpoints[-1].name}): --checkpoint N reads one"
                 if checkpoints else None)
-        return LoadedModel(model, str(path), note=note)
-    checkpoints = find_checkpoints(path)
+        return path, note
     if not checkpoints:
         raise ModelLoadError(
             f"found no model in {path}: expected a config.json (a Transformers save_pretrained or "
             f"timm directory), a weights file ({', '.join(_WEIGHT_FILES)}) with --arch, or a "
             "training output directory with checkpoint-N subdirectories")
     chosen = checkpoints[-1]
-    model = _load_dir(chosen, arch=arch, trust_remote_code=trust_remote_code, revision=revision)
     note = (f"{path} holds no final model: read {chosen.name}, the latest of its "
             f"{len(checkpoints)} checkpoint(s) (--checkpoint N for another)")
+    return chosen, note
+
+
+def _run_or_model_dir(path: Path, *, arch: str | None, trust_remote_code: bool,
+                      revision: str | None) -> LoadedModel:
+    """A model directory, or a training output directory whose model is its latest checkpoint."""
+    chosen, note = choose_model_dir(path)
+    model = _load_dir(chosen, arch=arch, trust_remote_code=trust_remote_code, revision=revision)
     return LoadedModel(model, str(chosen), note=note)
 
 
