@@ -652,6 +652,7 @@ DOCUMENTED = [
     "analyze ckpt.pt --arch tensors",
     "analyze runs/tb --xmin ks --json -",
     "analyze runs/tb --checkpoint 500",
+    "analyze ./lora-adapter --base ./base",
     "plot runs/tb",
     "plot runs/tb runs/cal --out figures/",
     "plot runs/tb --layers layer1.0.conv1 layer4.1.conv2",
