@@ -272,10 +272,14 @@ def run_analyze(args: argparse.Namespace) -> ModelAnalysis:
         read = load_adapter(args.model, args.base, trust_remote_code=args.trust_remote_code,
                             revision=args.revision)
         loaded = LoadedModel(read.model, read.source, note=read.note)
-        report = _analyze_loaded(read.model, config, device, layers=layers,
-                                 keep_esds=bool(args.plots), progress=progress, select=args.layers)
-        delta = analyze_lora_deltas(read.model, config, layers=layers, keep_esds=bool(args.plots),
-                                    select=args.layers)
+        try:
+            report = _analyze_loaded(read.model, config, device, layers=layers,
+                                     keep_esds=bool(args.plots), progress=progress,
+                                     select=args.layers)
+            delta = analyze_lora_deltas(read.model, config, layers=layers,
+                                        keep_esds=bool(args.plots), select=args.layers)
+        except ValueError as err:  # discovery refuses the model, e.g. a quantized (QLoRA) base
+            raise CliError(str(err)) from err
         for row in report.layers:
             if row.type == "LoraAdapted":
                 row.view = "effective"
