@@ -209,7 +209,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--epochs", type=float, default=None,
-                        help="default: 2 (pretrain), 8 (finetune)")
+                        help="default: 1 (pretrain), 6 (finetune)")
     parser.add_argument("--learning_rate", type=float, default=None,
                         help="default: 3e-3 (pretrain); required for finetune")
     parser.add_argument("--warmup_steps", type=int, default=None,
@@ -220,7 +220,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank r (alpha = 2r)")
     a = parser.parse_args(argv)
     pre = a.stage == "pretrain"
-    a.epochs = a.epochs if a.epochs is not None else (2.0 if pre else 8.0)
+    a.epochs = a.epochs if a.epochs is not None else (1.0 if pre else 6.0)
     a.warmup_steps = a.warmup_steps if a.warmup_steps is not None else (50 if pre else 0)
     if a.learning_rate is None:
         if not pre:

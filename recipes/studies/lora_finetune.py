@@ -3,7 +3,7 @@
 
 One base model (a Llama of width 192, 4 blocks, built from a config) is pre-trained once on the
 32 training plays of the offline Shakespeare corpus; every run then LoRA-fine-tunes it (r=8 on
-q/k/v/o/up/down, AdamW, cosine LR, 8 epochs) on three plays it never saw, with
+q/k/v/o/up/down, AdamW, cosine LR, 6 epochs) on three plays it never saw, with
 (``tb``) or without (``lora``) ``TempBalanceCallback()`` at its defaults. Both methods share the
 LR grid and the seeds; the LR of each method is selected on the fine-tuning validation
 perplexity, and the test perplexity is reported. Every run is ``recipes/lora_shakespeare.py``::
@@ -61,10 +61,10 @@ class StudyArguments:
         "help": "baseline first, then the method compared with it"})
     lrs: list[float] = field(default_factory=lambda: [3e-3, 1e-3, 1e-2], metadata={
         "help": "LR grid of the fine-tuning, trained in this order"})
-    seeds: list[int] = field(default_factory=lambda: [43, 37, 13, 51], metadata={
+    seeds: list[int] = field(default_factory=lambda: [43, 37, 13], metadata={
         "help": "fine-tuning seeds (adapter initialisation and data order)"})
-    epochs: float = field(default=8.0, metadata={"help": "fine-tuning epochs"})
-    pretrain_epochs: float = field(default=2.0)
+    epochs: float = field(default=6.0, metadata={"help": "fine-tuning epochs"})
+    pretrain_epochs: float = field(default=1.0)
     pretrain_lr: float = field(default=3e-3)
     pretrain_seed: int = field(default=0)
     width: int = field(default=192)
@@ -82,7 +82,7 @@ class StudyArguments:
     checkpoint_dir: str = field(default=str(CACHE / "studies" / "lora_finetune"), metadata={
         "help": "the base model and the runs' folders and logs (outside the repository)"})
     workers: int = field(default=2, metadata={"help": "runs trained at the same time"})
-    threads: int = field(default=1, metadata={"help": "torch threads per run (pre-training: workers x threads)"})
+    threads: int = field(default=1, metadata={"help": "torch threads per run (pre-training too)"})
     nice: int = field(default=10, metadata={"help": "niceness of the runs (0: none)"})
     eta_every: float = field(default=300.0, metadata={"help": "seconds between progress lines"})
     report_only: bool = field(default=False, metadata={
@@ -117,8 +117,11 @@ def ensure_base(args: StudyArguments) -> dict[str, Any]:
         if not all((Path(args.data_dir) / f"ptb.{s}.txt").is_file() for s in ("train", "valid", "test")):
             subprocess.run([sys.executable, str(RECIPES / "data" / "make_shakespeare_ptb.py"),
                             "--out", args.data_dir], check=True)
-        threads = str(args.workers * args.threads)
+        # One thread, as the runs: on shared cores the threads of one process wait for each
+        # other at every operation (measured here: 2 threads took longer than 1).
+        threads = str(args.threads)
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+               "OMP_WAIT_POLICY": "PASSIVE",
                "PYTHONPATH": os.pathsep.join([str(RECIPES.parent), os.environ.get("PYTHONPATH", "")])}
         prefix = ["nice", "-n", str(args.nice)] if args.nice else []
         folder.mkdir(parents=True, exist_ok=True)
