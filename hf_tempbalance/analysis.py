@@ -68,8 +68,8 @@ from .spectral.matrices import (
 )
 
 __all__ = ["LayerAnalysis", "AnalysisSummary", "ModelAnalysis", "analyze_model",
-           "analyze_lora_deltas", "analyze_state_dict", "read_analysis_csv", "ht_sr_verdict", "WELL_TRAINED_RANGE",
-           "CALIBRATED_XMIN", "OVER_TRAINED_BELOW", "UNDER_TRAINED_ABOVE"]
+           "analyze_lora_deltas", "analyze_state_dict", "read_analysis_csv", "ht_sr_verdict",
+           "WELL_TRAINED_RANGE", "CALIBRATED_XMIN", "OVER_TRAINED_BELOW", "UNDER_TRAINED_ABOVE"]
 
 #: Alpha range HT-SR theory associates with well-trained layers (on the absolute scale of a
 #: calibrated fit; plots mark its lower end).
