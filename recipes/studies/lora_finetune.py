@@ -59,7 +59,7 @@ DEFAULT_BLOCK = 650  # tokens; recipes/lora_shakespeare.py's default
 class StudyArguments:
     methods: list[str] = field(default_factory=lambda: ["lora", "tb"], metadata={
         "help": "baseline first, then the method compared with it"})
-    lrs: list[float] = field(default_factory=lambda: [3e-3, 1e-3, 1e-2], metadata={
+    lrs: list[float] = field(default_factory=lambda: [3e-3, 1e-3, 1e-2, 3e-2], metadata={
         "help": "LR grid of the fine-tuning, trained in this order"})
     seeds: list[int] = field(default_factory=lambda: [43, 37, 13], metadata={
         "help": "fine-tuning seeds (adapter initialisation and data order)"})
