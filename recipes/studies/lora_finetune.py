@@ -292,6 +292,8 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
                          f"{sum(weighted) / len(weighted):.4f} | "
                          f"{group[0]['tempbalance']['mean_multiplier']['updates']} | "
                          f"{len(group[0]['tempbalance']['layers'])} |")
+        if tb in chosen:
+            lines += ["", *_by_kind(tb_runs, chosen[tb], summary)]
         lines += ["", "Eq. 2 maps the alphas of W0 + s·B·A linearly onto [0.5, 1.5]; a mean below "
                   "1 means the adapters train with a lower average LR than the baseline's at the "
                   "same nominal LR (the first block's q_proj, excluded as the first layer, stays "
@@ -311,6 +313,29 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary
+
+
+def _by_kind(tb_runs: list[dict[str, Any]], lr: float, summary: dict[str, Any]) -> list[str]:
+    """The last update's alpha and multiplier per kind of module (q_proj, ..., down_proj), mean
+    over the modules of that kind and the seeds, at ``lr``."""
+    kinds: dict[str, list[tuple[float, float]]] = {}
+    for run in tb_runs:
+        if float(run["lr"]) != float(lr):
+            continue
+        for name, row in run["tempbalance"]["last_update"].items():
+            kinds.setdefault(name.rsplit(".", 1)[-1], []).append((row["alpha"], row["multiplier"]))
+    if not kinds:
+        return []
+    summary["last_update_by_kind"] = {"lr": lr, **{
+        k: {"alpha": sum(a for a, _ in v) / len(v), "multiplier": sum(m for _, m in v) / len(v)}
+        for k, v in kinds.items()}}
+    lines = [f"Last update (start of the last epoch) at LR {lr:g}, per kind of module: mean alpha "
+             "of W0 + s·B·A and mean multiplier (over blocks and seeds)", "",
+             "| module | alpha | multiplier |", "|---|---|---|"]
+    for kind, row in summary["last_update_by_kind"].items():
+        if kind != "lr":
+            lines.append(f"| {kind} | {row['alpha']:.3f} | {row['multiplier']:.3f} |")
+    return lines
 
 
 def _plot_curves(results: list[dict[str, Any]], args: StudyArguments, path: Path) -> None:
