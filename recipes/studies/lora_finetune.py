@@ -343,7 +343,9 @@ def _plot_curves(results: list[dict[str, Any]], args: StudyArguments, path: Path
 
     lrs = [lr for lr in args.lrs if any(float(r["lr"]) == float(lr) for r in results)]
     fig = Figure(figsize=(4.2 * len(lrs), 3.4), layout="constrained")
-    axes = fig.subplots(1, len(lrs), squeeze=False, sharey=True)[0]
+    # Own y range per panel: a diverging LR would flatten the others.
+    axes = fig.subplots(1, len(lrs), squeeze=False)[0]
+    base = next((r["base"]["valid_ppl"] for r in results), None)
     for ax, lr in zip(axes, lrs):
         for i, method in enumerate(args.methods):
             curves = [[(e["epoch"], e["valid_ppl"]) for e in r["evals"]] for r in results
@@ -357,6 +359,8 @@ def _plot_curves(results: list[dict[str, Any]], args: StudyArguments, path: Path
                     label=f"{method} ({len(curves)} seeds)")
             ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values],
                             color=f"C{i}", alpha=0.2, linewidth=0)
+        if base is not None:
+            ax.axhline(base, color="gray", linestyle="--", linewidth=1, label="base, before")
         ax.set_title(f"LR {lr:g} (band: min-max over seeds)", fontsize=9)
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation perplexity")
