@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections import Counter
@@ -197,8 +198,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=("pretrain", "finetune"))
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--data_dir", default=str(Path.home() / ".cache" / "hf_tempbalance" / "data"
-                                                  / "shakespeare_ptb"),
+    cache = Path(os.environ.get("HF_TEMPBALANCE_CACHE", Path.home() / ".cache" / "hf_tempbalance"))
+    parser.add_argument("--data_dir", default=str(cache / "data" / "shakespeare_ptb"),
                         help="ptb.{train,valid,test}.txt (recipes/data/make_shakespeare_ptb.py)")
     parser.add_argument("--vocab_size", type=int, default=2000)
     parser.add_argument("--block", type=int, default=650,
