@@ -254,3 +254,14 @@ def test_base_is_refused_for_anything_but_an_adapter_folder(saved, capsys):
     tmp, _ = saved
     line = _exit_2_one_line(["analyze", str(tmp / "base"), "--base", str(tmp / "base")], capsys)
     assert "--base is for a PEFT adapter folder" in line
+
+
+def test_adapter_plots_hold_both_views_of_each_module(saved, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    tmp, _ = saved
+    out = tmp_path / "esd"
+    assert main(["analyze", str(tmp / "adapter"), "--layers", r"layers\.1\.mlp\.up_proj",
+                 "--plots", str(out), "--no-progress"]) == 0
+    name = "base_model.model.model.layers.1.mlp.up_proj"
+    assert sorted(p.name for p in out.iterdir()) == [f"{name}.delta.png", f"{name}.png"]
+    assert "2 ESD plot(s) written" in capsys.readouterr().out
