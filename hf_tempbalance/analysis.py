@@ -57,11 +57,19 @@ from .config import TempBalanceConfig
 from .distributed import layer_cost, world
 from .layers import discover_layers
 from .spectral import batched_esd, hill_fit, metric_table, resolve_dtype
-from .spectral.matrices import is_transposed_conv1d, num_eigs, weight_matrices, weight_of
+from .spectral.lowrank import low_rank_esd
+from .spectral.matrices import (
+    LoraAdapted,
+    is_transposed_conv1d,
+    num_eigs,
+    stack_shape,
+    weight_matrices,
+    weight_of,
+)
 
 __all__ = ["LayerAnalysis", "AnalysisSummary", "ModelAnalysis", "analyze_model",
-           "analyze_state_dict", "read_analysis_csv", "ht_sr_verdict", "WELL_TRAINED_RANGE",
-           "CALIBRATED_XMIN", "OVER_TRAINED_BELOW", "UNDER_TRAINED_ABOVE"]
+           "analyze_lora_deltas", "analyze_state_dict", "read_analysis_csv", "ht_sr_verdict",
+           "WELL_TRAINED_RANGE", "CALIBRATED_XMIN", "OVER_TRAINED_BELOW", "UNDER_TRAINED_ABOVE"]
 
 #: Alpha range HT-SR theory associates with well-trained layers (on the absolute scale of a
 #: calibrated fit; plots mark its lower end).
@@ -107,14 +115,20 @@ class LayerAnalysis:
     #: :func:`ht_sr_verdict` of ``alpha`` when the fit is calibrated (:data:`CALIBRATED_XMIN`),
     #: else None: a median-xmin alpha is a ranking, not a verdict.
     verdict: str | None = None
+    #: Which matrix of a LoRA-adapted module the row describes: ``"effective"`` (W0 + ΔW, what
+    #: TempBalance balances) or ``"delta"`` (ΔW alone, :func:`analyze_lora_deltas`); None for
+    #: every other report.
+    view: str | None = None
 
     def to_row(self) -> dict[str, Any]:
         """Flat dict for CSV/pandas (``shape`` written as ``"768x2304"``); ``verdict`` only
-        for a calibrated fit."""
+        for a calibrated fit, ``view`` only for the views of an adapter."""
         row = {c: getattr(self, c) for c in _COLUMNS}
         row["shape"] = "x".join(str(s) for s in self.shape)
         if self.verdict is not None:
             row["verdict"] = self.verdict
+        if self.view is not None:
+            row["view"] = self.view
         row.update(self.extra)
         return row
 
@@ -167,6 +181,9 @@ class AnalysisSummary:
     num_over_trained: int | None = None
     under_trained: list[tuple[str, float]] = field(default_factory=list)
     over_trained: list[tuple[str, float]] = field(default_factory=list)
+    #: ``"delta"`` for the ΔW view of a LoRA adapter (:func:`analyze_lora_deltas`), whose alphas
+    #: TempBalance does not use; None otherwise.
+    view: str | None = None
 
     def format(self) -> str:
         def names(items: Sequence[tuple[str, float]]) -> str:
@@ -183,6 +200,16 @@ class AnalysisSummary:
                 f"{lo:g}), {self.num_in_range} without a warning ({lo:g} <= alpha <= {hi:g})",
                 f"most under-trained: {names(self.under_trained)}",
                 f"most over-trained: {names(self.over_trained)}",
+            ]
+        elif self.view == "delta":
+            lines += [
+                f"alpha of ΔW ({self.xmin} xmin): mean {self.alpha_mean:.3f}, median "
+                f"{self.alpha_median:.3f}",
+                f"largest alpha: {names(self.largest)}",
+                f"smallest alpha: {names(self.smallest)}",
+                "note: these alphas fit the few (at most r) non-zero eigenvalues of each adapter "
+                "update alone; TempBalance does not set LRs from them (it ranks the modules by "
+                "their effective weights W0 + ΔW).",
             ]
         else:
             lines += [
@@ -219,6 +246,8 @@ class ModelAnalysis:
 
     layers: list[LayerAnalysis]
     config: TempBalanceConfig
+    #: ``"delta"`` for :func:`analyze_lora_deltas` (ΔW alone); None for any other report.
+    view: str | None = None
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -253,6 +282,7 @@ class ModelAnalysis:
             calibrated=self.calibrated,
             largest=by_alpha[::-1][:top],
             smallest=by_alpha[:top],
+            view=self.view,
         )
         if self.calibrated:
             verdicts = [ht_sr_verdict(a) for _, a in by_alpha]
@@ -370,6 +400,12 @@ def analyze_model(
             count as ``balanced``.
     """
     config = TempBalanceConfig.build(config)
+    return _analyze(_model_items(model, config, layers, select), config, dtype, keep_esds, progress)
+
+
+def _model_items(model: nn.Module, config: TempBalanceConfig, layers: str,
+                 select: str | None) -> list[_Item]:
+    """The layers :func:`analyze_model` reports (see its ``layers`` and ``select``)."""
     if layers not in ("all", "balanced"):
         raise ValueError(f"layers must be 'all' or 'balanced', got {layers!r}")
     balanced = set(discover_layers(model, config).names)
@@ -379,12 +415,55 @@ def analyze_model(
     for layer in plan.layers:
         if not _selected(layer.name, select):
             continue
-        shape = tuple(weight_of(layer.module).shape)
+        shape = tuple(weight_of(layer.module).shape) if not isinstance(layer.module, LoraAdapted) \
+            else layer.module.shape
         if is_transposed_conv1d(layer.module):
             shape = shape[::-1]  # report (out, in) like nn.Linear
         items.append(_Item(layer.name, type(layer.module).__name__, shape, layer.module,
                            layer.name in balanced))
-    return _analyze(items, config, dtype, keep_esds, progress)
+    return items
+
+
+@torch.no_grad()
+def analyze_lora_deltas(
+    model: nn.Module,
+    config: TempBalanceConfig | None = None,
+    *,
+    layers: str = "all",
+    dtype: str | torch.dtype | None = None,
+    keep_esds: bool = False,
+    select: str | None = None,
+) -> ModelAnalysis:
+    """The adapter view of a PEFT LoRA model: per adapted module, the metrics of ``ΔW = W - W0``
+    alone (``Σ s·B·A`` over the active adapters), the view weightwatcher offers for adapters.
+
+    ``ΔW`` has rank ``k ≤ Σr``, so its ESD has ``k`` eigenvalues that can be non-zero and zeros
+    otherwise; the rows hold those ``k`` (:func:`~hf_tempbalance.spectral.lowrank.low_rank_esd`,
+    exact, from ``r x r`` products, never forming ``ΔW``), which is also what ``num_eigs`` counts.
+    A DoRA module's ``ΔW`` (its row rescaling included) is full rank: it is formed and its whole
+    ESD used. TempBalance itself ranks by the effective weight ``W0 + ΔW`` (:func:`analyze_model`
+    of the same model); ``balanced`` says whether the module is balanced, not by which spectrum.
+    Rows are named like the module, in the same order as :func:`analyze_model`'s; ``view`` is
+    ``"delta"``. Layers that are not LoRA-adapted have no row.
+    """
+    config = TempBalanceConfig.build(config)
+    dtype = resolve_dtype(dtype if dtype is not None else config.dtype)
+    items = [item for item in _model_items(model, config, layers, select)
+             if isinstance(item.layer, LoraAdapted)]
+    eig_list = []
+    for item in items:
+        factors = item.layer.delta_factors()
+        if factors is not None:
+            eig_list.append(low_rank_esd(*factors, dtype=dtype))
+        elif item.layer.active_adapters():  # DoRA: W - W0 is not low rank
+            delta = item.layer.effective_weight(dtype) - weight_matrices(item.layer.base)[0].to(dtype)
+            eig_list.append(batched_esd([delta], dtype=dtype)[0])
+        else:  # no active adapter: ΔW = 0
+            eig_list.append(torch.zeros(0, dtype=dtype))
+    rows = _rows(items, eig_list, config, keep_esds, [len(e) for e in eig_list])
+    for row in rows:
+        row.type, row.view = "LoraDelta", "delta"
+    return ModelAnalysis(rows, config, view="delta")
 
 
 def analyze_state_dict(
@@ -427,7 +506,7 @@ def _chunks(items: Sequence[_Item]) -> list[list[int]]:
     share one batched ``eigvalsh``.
     """
     def shape_key(i: int) -> tuple[int, int]:
-        m, n = weight_matrices(items[i].layer).shape[-2:]
+        _, m, n = stack_shape(items[i].layer)  # from the shape alone: a LoRA weight is computed
         return (max(m, n), min(m, n))
 
     order = sorted(range(len(items)), key=lambda i: (shape_key(i), i))
@@ -476,18 +555,22 @@ def _chunk_results(chunk: Sequence[_Item], config: TempBalanceConfig, dtype: tor
 
 @torch.no_grad()
 def _rows(chunk: Sequence[_Item], eig_list: Sequence[torch.Tensor], config: TempBalanceConfig,
-          keep_esds: bool) -> list[LayerAnalysis]:
-    """The rows of layers whose ESDs are known (ascending eigenvalues, one tensor per item)."""
+          keep_esds: bool, counts: Sequence[int] | None = None) -> list[LayerAnalysis]:
+    """The rows of layers whose ESDs are known (ascending eigenvalues, one tensor per item):
+    the registered metrics and the Hill fit. ``counts``: each layer's ``num_eigs`` where it is not
+    that of ``item.layer`` (a LoRA update's non-zero eigenvalues)."""
+    if counts is None:
+        counts = [num_eigs(item.layer) for item in chunk]
     metrics = _metric_names(config)
     fit_kw = {"xmin": config.xmin, "rtol": config.eig_rtol, "include_xmin": config.include_xmin}
     # One host transfer per chunk for the metrics; hill_fit adds the tail start and size.
-    values = metric_table(eig_list, metrics, **fit_kw)
+    values = metric_table(list(eig_list), metrics, **fit_kw)
     out = []
-    for item, eigs, row in zip(chunk, eig_list, values):
+    for item, eigs, row, count in zip(chunk, eig_list, values, counts):
         fit = hill_fit(eigs, config.xmin, rtol=config.eig_rtol, include_xmin=config.include_xmin)
         named = dict(zip(metrics, row))
         result = LayerAnalysis(
-            name=item.name, type=item.type, shape=item.shape, num_eigs=num_eigs(item.layer),
+            name=item.name, type=item.type, shape=item.shape, num_eigs=count,
             alpha=named.pop("alpha_hill"), xmin=fit.xmin, n_tail=fit.n_tail,
             spectral_norm=named.pop("spectral_norm"), alpha_weighted=named.pop("alpha_weighted"),
             stable_rank=named.pop("stable_rank"), balanced=item.balanced, extra=named,
@@ -526,7 +609,7 @@ def read_analysis_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
                                      "expected (a torn or hand-edited line?)")
                 row: dict[str, Any] = {}
                 for key, value in raw.items():
-                    if key in ("name", "type", "shape", "verdict"):
+                    if key in ("name", "type", "shape", "verdict", "view"):
                         row[key] = value
                     elif key == "balanced":
                         row[key] = value == "True"

@@ -5,6 +5,7 @@
     hf-tempbalance analyze gpt2 --csv layers.csv --plots esd/
     hf-tempbalance analyze ckpt.safetensors --arch timm:resnet18
     hf-tempbalance analyze runs/tb --xmin ks --json -       # a Trainer run: its model or latest checkpoint
+    hf-tempbalance analyze ./lora-adapter --base ./base     # a PEFT adapter: W0 + ΔW and ΔW alone
     hf-tempbalance plot runs/tb runs/baseline --out figures/
     hf-tempbalance --version
 
@@ -28,9 +29,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from .adapters import LoadedAdapter, is_adapter_dir, load_adapter
 from .analysis import (
     CALIBRATED_XMIN,
     ModelAnalysis,
+    analyze_lora_deltas,
     analyze_model,
     analyze_state_dict,
     read_analysis_csv,
@@ -77,9 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a local Transformers or timm model directory; a training output "
                          "directory (its saved model, else its latest checkpoint-N); a "
                          ".safetensors/.pt state dict (with --arch); a timm model name "
-                         "(resnet18 or timm:NAME; random init without --pretrained) or a "
-                         "Hugging Face Hub id (gpt2 or hf:ID; downloaded unless cached)")
+                         "(resnet18 or timm:NAME; random init without --pretrained); a "
+                         "Hugging Face Hub id (gpt2 or hf:ID; downloaded unless cached); or a "
+                         "PEFT LoRA adapter folder (adapter_config.json + "
+                         "adapter_model.safetensors), reported as its effective weights W0 + ΔW "
+                         "and as ΔW alone")
     _add_loading_args(an)
+    an.add_argument("--base", metavar="NAME_OR_PATH",
+                    help="for a PEFT adapter folder: its base model (a local model directory or "
+                         "Hub id; default: the adapter_config.json's base_model_name_or_path, "
+                         "when it loads here)")
     an.add_argument("--checkpoint", metavar="N",
                     help="for a training output directory: read its checkpoint-N (N, "
                          "checkpoint-N or latest) instead of the saved model")
@@ -248,8 +258,28 @@ def run_analyze(args: argparse.Namespace) -> ModelAnalysis:
             raise CliError(f"--layers {args.layers!r} is not a regular expression ({err})") from err
     progress = False if args.no_progress else None
     layers = "balanced" if args.balanced_only else "all"
-    streamable = None if args.no_stream else _streamable_dir(args)
-    if streamable is not None:
+    adapter = is_adapter_dir(args.model)
+    if args.base is not None and not adapter:
+        raise CliError(f"--base is for a PEFT adapter folder (one with adapter_config.json), and "
+                       f"{args.model} is not one")
+    streamable = None if args.no_stream or adapter else _streamable_dir(args)
+    delta = None
+    if adapter:
+        read = load_adapter(args.model, args.base, trust_remote_code=args.trust_remote_code,
+                            revision=args.revision)
+        loaded = LoadedModel(read.model, read.source, note=read.note)
+        try:
+            report = _analyze_loaded(read.model, config, device, layers=layers,
+                                     keep_esds=bool(args.plots), progress=progress,
+                                     select=args.layers)
+            delta = analyze_lora_deltas(read.model, config, layers=layers,
+                                        keep_esds=bool(args.plots), select=args.layers)
+        except ValueError as err:  # discovery refuses the model, e.g. a quantized (QLoRA) base
+            raise CliError(str(err)) from err
+        for row in report.layers:
+            if row.type == "LoraAdapted":
+                row.view = "effective"
+    elif streamable is not None:
         # A save_pretrained checkpoint: streamed, never loaded whole.
         stream_dir, note = streamable
         loaded = LoadedModel(None, str(stream_dir), note=note)
@@ -276,7 +306,12 @@ def run_analyze(args: argparse.Namespace) -> ModelAnalysis:
         print("\n".join([banner, notes[0], banner]), file=human)
     for note in notes[1 if loaded.random_init else 0:]:
         print(f"note: {note}", file=human)
+    if delta is not None:
+        print(f"adapter {read.source} on base model {read.base}: "
+              + ", ".join(f"{k}={v}" for k, v in read.settings.items()), file=human)
     if not to_stdout:
+        if delta is not None:
+            print(f"\n{EFFECTIVE_TITLE}:\n")
         print(report.format_table())
         if any(re.fullmatch(r"Conv(Transpose)?[123]d", layer.type) for layer in report.layers):
             # training's spectral_norm / alpha_weighted see √conv_norm·W (the authors' scaling)
@@ -284,18 +319,47 @@ def run_analyze(args: argparse.Namespace) -> ModelAnalysis:
                   f"layers use √conv_norm·W, λ_max × {config.conv_norm:g})")
         print()
         print(report.summary(top=args.top).format())
+        if delta is not None:
+            print(f"\n{DELTA_TITLE}:\n")
+            print(delta.format_table())
+            print()
+            print(delta.summary(top=args.top).format())
     if args.csv:
-        report.to_csv(args.csv)
+        (report if delta is None else ModelAnalysis(report.layers + delta.layers, config)
+         ).to_csv(args.csv)
         if args.csv != "-":
             print(f"\ntable written to {args.csv}", file=human)
     if args.json:
-        _write_json(report_json(report, loaded, args.model, top=args.top), args.json)
+        data = report_json(report, loaded, args.model, top=args.top)
+        if delta is not None:
+            data = adapter_json(data, read, delta, top=args.top)
+        _write_json(data, args.json)
         if args.json != "-":
             print(f"report written to {args.json}", file=human)
     if args.plots:
         written = write_esd_plots(report, args.plots, progress=not args.no_progress)
+        if delta is not None:
+            written += write_esd_plots(delta, args.plots, progress=not args.no_progress,
+                                       suffix=".delta")
         print(f"{written} ESD plot(s) written to {args.plots}", file=human)
     return report
+
+
+# How the two views of a LoRA adapter are labelled, in the text report and the JSON.
+EFFECTIVE_TITLE = ("EFFECTIVE WEIGHT W0 + ΔW per adapted module (ΔW = s·B·A; the spectrum "
+                   "TempBalance balances by)")
+DELTA_TITLE = ("ΔW = s·B·A ALONE per adapted module (the adapter view weightwatcher offers; its "
+               "rank is at most r, so only its non-zero eigenvalues are fitted; TempBalance does "
+               "not rank by it)")
+
+
+def adapter_json(data: dict, read: LoadedAdapter, delta: ModelAnalysis, *, top: int = 3) -> dict:
+    """``report_json`` of an adapter's effective view, plus the adapter and its ΔW view: the
+    top-level ``layers`` / ``summary`` are the effective weights (``view`` ``"effective"``),
+    ``delta`` holds the same fields for ΔW alone."""
+    return {**data, "view": EFFECTIVE_TITLE,
+            "adapter": {"path": read.source, "base": read.base, **read.settings},
+            "delta": {"view": DELTA_TITLE, **delta.to_dict(top=top)}}
 
 
 def report_json(report: ModelAnalysis, loaded: LoadedModel, model: str, *, top: int = 3) -> dict:
@@ -325,13 +389,14 @@ def _write_json(data: dict, path: str) -> None:
         fh.write(text)
 
 
-def esd_plot_name(layer_name: str) -> str:
-    """File name of a layer's ESD plot: the layer name with anything odd replaced by ``_``."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", layer_name) + ".png"
+def esd_plot_name(layer_name: str, suffix: str = "") -> str:
+    """File name of a layer's ESD plot: the layer name with anything odd replaced by ``_``
+    (``suffix`` before ``.png``, e.g. ``.delta`` for an adapter's ΔW view)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", layer_name) + suffix + ".png"
 
 
 def write_esd_plots(report: ModelAnalysis, out_dir: str | os.PathLike, *,
-                    progress: bool = True) -> int:
+                    progress: bool = True, suffix: str = "") -> int:
     """One Figure-1 ESD plot per layer with at least two non-zero eigenvalues; returns the count."""
     from .plotting import plot_esd
 
@@ -346,7 +411,7 @@ def write_esd_plots(report: ModelAnalysis, out_dir: str | os.PathLike, *,
         except ValueError as err:  # fewer than 2 non-zero eigenvalues: nothing to draw
             print(f"skipped {layer.name}: {err}", file=sys.stderr)
             continue
-        plot.save(os.path.join(out_dir, esd_plot_name(layer.name)))
+        plot.save(os.path.join(out_dir, esd_plot_name(layer.name, suffix)))
         written += 1
     return written
 
@@ -364,7 +429,9 @@ def _labels(runs: Sequence[str]) -> list[str]:
 
 
 def _alphas_from_rows(rows: Sequence[dict], names: Sequence[str] | None) -> list[float]:
-    """Alphas of the rows named in ``names`` (when they overlap), else of the balanced rows."""
+    """Alphas of the rows named in ``names`` (when they overlap), else of the balanced rows.
+    Of an adapter's CSV only the effective view counts (the one TempBalance balances by)."""
+    rows = [r for r in rows if r.get("view") != "delta"]
     if names:
         chosen = [r for r in rows if r["name"] in set(names)]
         if chosen:

@@ -106,6 +106,8 @@ COMMANDS: dict[str, Run | Covered] = {
     "hf-tempbalance analyze ckpt.pt --arch ./config_dir": CLI,
     "hf-tempbalance analyze ckpt.pt --arch tensors": CLI,
     "hf-tempbalance analyze ./my-model --xmin ks": CLI,
+    "hf-tempbalance analyze ./lora-adapter --base ./base": CLI,
+    "hf-tempbalance analyze ADAPTER_DIR --base BASE": CLI,
     "hf-tempbalance analyze ./my-model --json -": CLI,
     "hf-tempbalance analyze ./llama-7b --layers 'layers\\.(0|31)\\.'": CLI,
     "hf-tempbalance --version": Run(expect=(0,), slow=False),
@@ -193,6 +195,8 @@ COMMANDS: dict[str, Run | Covered] = {
     "python recipes/studies/fashion_mnist_long.py": Run(subs=(
         ("fashion_mnist_long.py", "fashion_mnist_long.py --help"),)),
     "python recipes/studies/ptb_lm_long.py": Run(subs=(("ptb_lm_long.py", "ptb_lm_long.py --help"),)),
+    "python recipes/studies/lora_finetune.py": Run(subs=(
+        ("lora_finetune.py", "lora_finetune.py --help"),)),
     'git add recipes/studies/results && git commit -m "fashion_mnist_long: N of 18 runs"': Covered(
         "tests/test_studies.py::test_image_study_reuses_finished_runs_and_resumes_a_killed_one",
         "commits to the repository; the test checks the committed results it adds are reused"),

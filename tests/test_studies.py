@@ -273,3 +273,55 @@ def test_lm_study_smoke(tmp_path: Path) -> None:
     report = (tmp_path / "results" / "report.md").read_text()
     assert "Status: complete." in report and "| valid_ppl |" in report
     assert (tmp_path / "results" / "curves.png").is_file()
+
+
+# ------------------------------------------------------------------------------------ LoRA study
+@pytest.mark.slow
+def test_lora_study_smoke(tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    _corpus(tmp_path / "corpus")
+    # width 64: every adapted module has >= 50 eigenvalues (min_eigs); blocks of 10 tokens give
+    # the held-out text a train, valid and test part
+    argv = [sys.executable, str(STUDIES / "lora_finetune.py"), "--seeds", "43", "37", "--lrs",
+            "0.003", "--epochs", "2", "--pretrain_epochs", "1", "--width", "64", "--layers", "1",
+            "--heads", "2", "--seq_len", "8", "--batch_size", "4", "--block", "10",
+            "--data_dir", str(tmp_path / "corpus"), "--results_dir", str(tmp_path / "results"),
+            "--checkpoint_dir", str(tmp_path / "ckpt"), "--eta_every", "1", "--nice", "0"]
+    done = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = tmp_path / "results"
+    runs = {p.stem: json.loads(p.read_text()) for p in (results / "runs").glob("*.json")}
+    assert sorted(runs) == ["lora_lr0.003_seed37", "lora_lr0.003_seed43", "tb_lr0.003_seed37",
+                            "tb_lr0.003_seed43"]
+    base = json.loads((results / "pretrain.json").read_text())
+    summary = json.loads((results / "summary.json").read_text())
+    lora = [runs[f"lora_lr0.003_seed{s}"]["test_ppl"] for s in (43, 37)]
+    tb = [runs[f"tb_lr0.003_seed{s}"]["test_ppl"] for s in (43, 37)]
+    pair = summary["paired"]["lr=0.003"]
+    assert pair["differences"] == pytest.approx([t - c for t, c in zip(tb, lora)])
+    if tb[0] - lora[0] != tb[1] - lora[1]:
+        ci = stats.ttest_rel(tb, lora).confidence_interval(0.95)
+        assert pair["ci"] == pytest.approx([ci.low, ci.high])
+    assert summary["selected_lr"] == {"lora": 0.003, "tb": 0.003}
+    for seed in (43, 37):
+        run = runs[f"tb_lr0.003_seed{seed}"]
+        # every run starts from the same base: the same perplexities before fine-tuning
+        assert run["base"]["test_ppl"] == pytest.approx(base["finetune_test_ppl"])
+        assert [e["epoch"] for e in run["evals"]] == [1, 2] and run["steps"] % 2 == 0
+        # one update per epoch (at steps 0 and steps/2), each held for its epoch, from the history
+        ckpt = next((tmp_path / "ckpt").glob(f"tb_lr0.003_seed{seed}-*"))
+        rows = [json.loads(line) for line in (ckpt / "tempbalance_history.jsonl").read_text().splitlines()]
+        by = {}
+        for row in rows:
+            by.setdefault(row["step"], []).append(row["multiplier"])
+        assert sorted(by) == [0, run["steps"] // 2]
+        got = run["tempbalance"]["mean_multiplier"]["mean"]
+        assert got == pytest.approx(np.mean([np.mean(m) for m in by.values()]))
+        # the first block's q_proj is the first layer (excluded); its other 5 modules are balanced
+        assert len(run["tempbalance"]["layers"]) == 5 and 0.5 <= got <= 1.5
+        assert runs[f"lora_lr0.003_seed{seed}"].get("tempbalance") is None
+    report = (results / "report.md").read_text()
+    assert "Status: complete." in report and (results / "curves.png").is_file()
+    again = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "4 of 4 runs finished before (reused), 0 to train" in again.stdout
+    assert "pre-training" not in again.stdout

@@ -19,6 +19,7 @@ from .hill import (
     hill_fit,
     noise_floor,
 )
+from .lowrank import low_rank_esd
 from .matrices import num_eigs, weight_matrices
 from .metrics import available_metrics, compute_metric, layer_metrics, metric_table, register_metric
 
@@ -38,6 +39,7 @@ __all__ = [
     "XMIN_METHODS",
     "weight_matrices",
     "num_eigs",
+    "low_rank_esd",
     "register_metric",
     "available_metrics",
     "compute_metric",

