@@ -43,6 +43,7 @@ from study_tools import (  # noqa: E402
     last_checkpoint,
     load_finished,
     mean_multiplier,
+    multiplier_table,
     pair_row,
     paired_differences,
     run_grid,
@@ -222,18 +223,7 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
     tb_runs = [r for r in results if r.get("tempbalance")]
     if tb_runs:
         lines += ["## Mean TempBalance multiplier over training (balanced layers)", "",
-                  "| LR | seeds | mean multiplier (per step) | LR-weighted (cosine) | updates |",
-                  "|---|---|---|---|---|"]
-        for lr in args.lrs:
-            group = [r for r in tb_runs if float(r["lr"]) == float(lr)]
-            if not group:
-                continue
-            means = [r["tempbalance"]["mean_multiplier"]["mean"] for r in group]
-            weighted = [r["tempbalance"]["mean_multiplier"]["lr_weighted"] for r in group]
-            summary["multiplier"][f"lr={lr:g}"] = {"mean": means, "lr_weighted": weighted}
-            lines.append(f"| {lr:g} | {len(group)} | {sum(means) / len(means):.4f} | "
-                         f"{sum(weighted) / len(weighted):.4f} | "
-                         f"{group[0]['tempbalance']['mean_multiplier']['updates']} |")
+                  *multiplier_table(tb_runs, args.lrs, summary)]
         lines += ["", "Eq. 2 maps the layers' alphas linearly onto [s1, s2] = [0.5, 1.5]; a mean "
                   "below 1 means TempBalance trains the balanced layers with a lower average LR "
                   "than the baseline (layers outside the plan: first conv, classifier, shortcut "

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["CACHE", "Run", "settings_hash", "last_checkpoint", "load_finished", "run_grid",
-           "paired_differences", "t_quantile_975", "mean_multiplier", "cosine_lr", "format_duration",
+           "paired_differences", "t_quantile_975", "mean_multiplier", "multiplier_table", "cosine_lr", "format_duration",
            "verdict", "pair_row"]
 
 RESULTS_FILE = "results.json"
@@ -335,6 +335,28 @@ def cosine_lr(total_steps: int) -> Callable[[int], float]:
     """The Trainer's / ``get_scheduler``'s cosine schedule without warmup, relative to the initial LR."""
     return lambda t: 0.5 * (1.0 + math.cos(math.pi * t / total_steps))
 
+
+
+def multiplier_table(tb_runs: Sequence[dict[str, Any]], lrs: Iterable[float],
+                     summary: dict[str, Any], *, what: str = "layers") -> list[str]:
+    """Markdown rows of the mean TempBalance multiplier per LR (mean over the seeds' runs), and
+    each LR's per-run values into ``summary["multiplier"]``. ``tb_runs``: finished runs with a
+    ``tempbalance`` entry (``mean_multiplier``: :func:`mean_multiplier`; ``layers``)."""
+    lines = [f"| LR | seeds | mean multiplier (per step) | LR-weighted (cosine) | updates | "
+             f"balanced {what} |", "|---|---|---|---|---|---|"]
+    for lr in lrs:
+        group = [r for r in tb_runs if float(r["lr"]) == float(lr)]
+        if not group:
+            continue
+        means = [r["tempbalance"]["mean_multiplier"]["mean"] for r in group]
+        weighted = [r["tempbalance"]["mean_multiplier"]["lr_weighted"] for r in group]
+        summary.setdefault("multiplier", {})[f"lr={lr:g}"] = {"mean": means,
+                                                              "lr_weighted": weighted}
+        lines.append(f"| {lr:g} | {len(group)} | {sum(means) / len(means):.4f} | "
+                     f"{sum(weighted) / len(weighted):.4f} | "
+                     f"{group[0]['tempbalance']['mean_multiplier']['updates']} | "
+                     f"{len(group[0]['tempbalance']['layers'])} |")
+    return lines
 
 
 def pair_row(label: str, pair: dict[str, Any], digits: int = 2) -> str:
