@@ -45,7 +45,6 @@ from .loading import (
     ModelLoadError,
     choose_model_dir,
     find_saved_model,
-    load_model,
     resolve_model,
 )
 from .spectral.hill import XMIN_METHODS
@@ -512,7 +511,8 @@ def _run_alphas(run: str, label: str, grid, names: Sequence[str] | None,
     """Final alphas of a run: its saved model if any, else its last TempBalance update."""
     saved = find_saved_model(run)
     if saved is not None:
-        model = load_model(saved, arch=args.arch, trust_remote_code=args.trust_remote_code)
+        model = resolve_model(saved, arch=args.arch,
+                              trust_remote_code=args.trust_remote_code).model
         report = _analyze_loaded(model, TempBalanceConfig(), device)
         return _alphas_from_rows(report.to_rows(), names)
     if grid is not None:

@@ -1,6 +1,6 @@
 """Load a model for diagnostics from a path, a Hub id or a timm name, safely.
 
-Accepted sources (:func:`load_model`):
+Accepted sources (:func:`resolve_model`):
 
 * a local Transformers model directory (``config.json`` with ``model_type``, weights saved by
   ``save_pretrained``) or ``hf:ID`` / a Hub id such as ``gpt2`` (downloads when online);
@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ModelLoadError", "LoadedModel", "load_model", "resolve_model", "load_state_dict",
+__all__ = ["ModelLoadError", "LoadedModel", "resolve_model", "load_state_dict",
            "find_saved_model", "find_checkpoints", "offline_settings", "WEIGHT_SUFFIXES"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -391,25 +391,6 @@ def _pick_checkpoint(run: Path, checkpoint: str | int) -> Path:
     return chosen
 
 
-def load_model(
-    spec: str,
-    *,
-    arch: str | None = None,
-    pretrained: bool = False,
-    trust_remote_code: bool = False,
-    revision: str | None = None,
-    checkpoint: str | int | None = None,
-) -> nn.Module | dict[str, torch.Tensor]:
-    """Load ``spec`` (see the module docstring) in eval mode on the CPU.
-
-    Returns the ``nn.Module``, or the bare state dict when ``arch == "tensors"``
-    (:func:`resolve_model` also says what was read).
-    """
-    return resolve_model(spec, arch=arch, pretrained=pretrained,
-                         trust_remote_code=trust_remote_code, revision=revision,
-                         checkpoint=checkpoint).model
-
-
 def resolve_model(
     spec: str,
     *,
@@ -419,7 +400,9 @@ def resolve_model(
     revision: str | None = None,
     checkpoint: str | int | None = None,
 ) -> LoadedModel:
-    """Load ``spec`` like :func:`load_model` and say what was read (:class:`LoadedModel`).
+    """Load ``spec`` (see the module docstring) in eval mode on the CPU and say what was read: a
+    :class:`LoadedModel` whose ``model`` is the ``nn.Module``, or the bare state dict when
+    ``arch == "tensors"``.
 
     Args:
         checkpoint: for a training output directory: the ``checkpoint-N`` to read (N,
