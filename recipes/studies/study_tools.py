@@ -28,11 +28,11 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CACHE", "Run", "settings_hash", "last_checkpoint", "load_finished", "run_grid",
+__all__ = ["CACHE", "GridArguments", "Run", "settings_hash", "last_checkpoint", "load_finished", "run_grid",
            "paired_differences", "t_quantile_975", "mean_multiplier", "multiplier_table", "cosine_lr", "format_duration",
            "verdict", "pair_row"]
 
@@ -41,6 +41,20 @@ _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 #: Where the studies keep data and checkpoints (outside the repository).
 CACHE = Path(os.environ.get("HF_TEMPBALANCE_CACHE", Path.home() / ".cache" / "hf_tempbalance"))
+
+
+@dataclass
+class GridArguments:
+    """How a study's grid runs: the command-line fields every study shares (its own
+    ``StudyArguments`` adds what it trains)."""
+
+    workers: int = field(default=2, metadata={"help": "runs trained at the same time"})
+    threads: int = field(default=1, metadata={
+        "help": "torch threads per run (and per preparation step, e.g. pre-training)"})
+    nice: int = field(default=10, metadata={"help": "niceness of the runs (0: none)"})
+    eta_every: float = field(default=300.0, metadata={"help": "seconds between progress lines"})
+    report_only: bool = field(default=False, metadata={
+        "help": "rewrite the report from the committed results, train nothing"})
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
