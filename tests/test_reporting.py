@@ -92,11 +92,15 @@ def test_accelerate_log_returns_the_reporters_values(tmp_path, log_layers, fresh
     wrapper = AcceleratedTempBalance(tb, accelerator, output_dir=str(tmp_path))
     wrapper.attach(optimizer)
     assert wrapper.log() == {} and wrapper.summary_line() == ""  # before the first update
+    sent = []
     for _ in range(3):
         model(torch.randn(4, 16, dtype=torch.float64)).sum().backward()
         optimizer.step()
         optimizer.zero_grad()
-        logged = wrapper.log()
+        sent.append(wrapper.log())
+    # updates at steps 0 and 2: the step between them has nothing new for the trackers
+    assert [bool(values) for values in sent] == [True, False, True]
+    logged = sent[-1]
     expected = expected_values(tb, per_layer=log_layers)
     assert logged.keys() == expected.keys()
     assert [logged[k] for k in expected] == pytest.approx(list(expected.values()), rel=1e-12)

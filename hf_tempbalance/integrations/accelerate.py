@@ -112,13 +112,14 @@ class AcceleratedTempBalance:
 
         Returns the values for the reporters, ready for ``accelerator.log`` (which itself logs on
         the main process only): the ``tempbalance/...`` summary and, with ``log_layers``, the
-        per-layer values (:mod:`hf_tempbalance.reporting`); empty before the first update. For
-        the console, print :meth:`summary_line`.
+        per-layer values (:mod:`hf_tempbalance.reporting`), when an update was made since the
+        last call; else empty. A loop calls it every step, and the values change only at an
+        update: sending them every step would repeat hundreds of per-layer scalars per step for
+        a large model. For the console, print :meth:`summary_line`.
         """
         if self._log is None:
             self._start_log()
-        self._log.record()
-        return self._values().reporters
+        return self._values().reporters if self._log.record() else {}
 
     def summary_line(self) -> str:
         """The console summary as one line ("" before the first update), e.g. for
