@@ -1,6 +1,7 @@
 """TempBalance's update at LLM scale: per layer and in total, measured here, extrapolated to 7B.
 
-    python benchmarks/train_scale.py [--repeats 2] [--full] [--skip-7b] [--check-blocks 1] [--json FILE]
+    python benchmarks/train_scale.py [--repeats 2] [--full] [--skip-7b] [--check-blocks 1]
+                                     [--device cuda] [--json FILE]
 
 1. **1.1B Llama on this CPU.** The model is TinyLlama-1.1B-shaped (22 blocks, width 2048, MLP
    5632, 32 heads, 4 KV heads, vocabulary 32000, 1.10B parameters). Its balanced layers come
@@ -19,9 +20,9 @@
    of one 4096 x 4096 Gram and the Gram product rate (flop/s). Per-matrix cost on a device =
    Gram flops / rate + eigvalsh time; the update on one device is the sum, on 8 the largest bin
    of :func:`hf_tempbalance.distributed.partition_by_cost` (the sharded update: each rank its
-   bin, then one ``all_reduce``). Without a GPU here, the GPU figures take the per-matrix
-   ``eigvalsh`` time as a parameter (``--gpu-eig-s``, and ``--gpu-gram-tflops``); the CPU
-   column is measured.
+   bin, then one ``all_reduce``). ``--device cuda`` measures both on the GPU too (a measured
+   row); the assumed rows take the per-matrix ``eigvalsh`` time as a parameter
+   (``--gpu-eig-s``, and ``--gpu-gram-tflops``).
 3. **Interval.** Overhead of updating every K steps = U / (K·S + U) for update time U and
    training-step time S: it stays under 2% for K >= 49·U/S. Printed for several step times.
 """
@@ -83,6 +84,31 @@ def gram_flops(m: int, n: int) -> float:
     return 2.0 * r * d * d
 
 
+def device_costs(device: torch.device, repeats: int) -> tuple[float, float]:
+    """(seconds of one fp32 ``eigvalsh`` of a 4096 x 4096 Gram, Gram flop/s) on ``device``:
+    medians of ``repeats`` after one warm-up call (the first call loads the solver's kernels)."""
+    def timed(fn) -> float:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times = []
+        for _ in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    w = torch.randn(4096, 4096, generator=gen, device=device)
+    gram = (w.T @ w).contiguous()
+    eig = timed(lambda: torch.linalg.eigvalsh(gram))
+    a = torch.randn(11008, 4096, generator=gen, device=device)
+    rate = gram_flops(11008, 4096) / timed(lambda: torch.mm(a.T, a))
+    return eig, rate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
@@ -96,6 +122,9 @@ def main() -> None:
                         help="assumed eigvalsh time of one 4096x4096 Gram on the GPU (s)")
     parser.add_argument("--gpu-gram-tflops", type=float, default=50.0,
                         help="assumed fp32 Gram (matmul) rate on the GPU, TFLOP/s")
+    parser.add_argument("--device", default="cpu",
+                        help="also measure eigvalsh(4096) and the Gram rate on this device (e.g. "
+                             "cuda): the 7B table gets a measured row next to the assumed ones")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
@@ -190,6 +219,12 @@ def main() -> None:
 
     cpu1, cpu8 = sum(costs_cpu), sharded(costs_cpu, 8)
     rows = [("this CPU (measured per-matrix cost)", eig4096, cpu1, cpu8)]
+    if args.device != "cpu":
+        eig_dev, rate_dev = device_costs(torch.device(args.device), args.repeats)
+        costs = [gram_flops(*s) / rate_dev + eig_dev for _, s in layers7]
+        label = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
+        rows.append((f"{label}, eigvalsh(4096) = {eig_dev:.3g} s (measured), Gram at "
+                     f"{rate_dev / 1e12:.0f} TFLOP/s", eig_dev, sum(costs), sharded(costs, 8)))
     for g in args.gpu_eig_s:
         costs = [gram_flops(*s) / (args.gpu_gram_tflops * 1e12) + g for _, s in layers7]
         rows.append((f"GPU, eigvalsh(4096) = {g:g} s (assumed), Gram at "

@@ -194,6 +194,12 @@ COMMANDS: dict[str, Run | Covered] = {
         ("> ~/.cache/hf_tempbalance/studies/ptb_lm_long.log 2>&1 < /dev/null &", "--help"))),
     "python recipes/studies/fashion_mnist_long.py": Run(subs=(
         ("fashion_mnist_long.py", "fashion_mnist_long.py --help"),)),
+    "python recipes/studies/fashion_mnist_long.py --device cuda --loader_workers 6 --threads 4 "
+    "--nice 0 --epochs 200 --lrs 0.1 --seeds 43 --results_dir "
+    "recipes/studies/results/fashion_mnist_200ep_gpu": Run(subs=(
+        ("--device cuda --loader_workers 6 --threads 4", "--device cpu --loader_workers 1 --threads 1"),
+        ("--epochs 200", "--epochs 1 --max_train_samples 64 --max_eval_samples 16 --data_dir data"),
+        ("recipes/studies/results/fashion_mnist_200ep_gpu", "gpu_results --checkpoint_dir gpu_ckpt"))),
     "python recipes/studies/ptb_lm_long.py": Run(subs=(("ptb_lm_long.py", "ptb_lm_long.py --help"),)),
     "python recipes/studies/lora_finetune.py": Run(subs=(
         ("lora_finetune.py", "lora_finetune.py --help"),)),

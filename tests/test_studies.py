@@ -94,6 +94,43 @@ def test_last_checkpoint_skips_incomplete_folders(tmp_path: Path) -> None:
     assert st.last_checkpoint(tmp_path) == (tmp_path / "checkpoint-10", 10)
 
 
+# ------------------------------------------------------------------------------------ reuse
+def test_a_setting_at_its_implicit_value_is_left_out_and_any_other_value_recorded() -> None:
+    settings = {"lr": 0.1, "device": "cpu", "loader_workers": 0}
+    implicit = {"device": "cpu", "loader_workers": 0}
+    assert st.recorded_settings(settings, implicit) == {"lr": 0.1}
+    gpu = st.recorded_settings({**settings, "device": "cuda", "loader_workers": 6}, implicit)
+    assert gpu == {"lr": 0.1, "device": "cuda", "loader_workers": 6}
+    assert st.settings_hash(gpu) != st.settings_hash({"lr": 0.1})
+
+
+@pytest.mark.parametrize("study", ["fashion_mnist_long", "lora_finetune"])
+def test_the_default_command_reuses_every_committed_run(study: str) -> None:
+    """A setting added to a study must not orphan the runs committed before it: the default
+    command finds every one of them (and so their checkpoint folders, by the same settings)."""
+    import importlib
+
+    module = importlib.import_module(study)
+    args = module.StudyArguments()
+    results = STUDIES / "results" / study
+    committed = {path.stem for path in (results / "runs").glob("*.json")}
+    reused = {run.key for run in module.build_runs(args) if st.load_finished(run, results)}
+    assert committed and reused == committed
+
+
+def test_a_gpu_run_of_the_image_study_is_a_different_run() -> None:
+    import fashion_mnist_long as study
+
+    cpu = study.build_runs(study.StudyArguments(lrs=[0.1], seeds=[43]))
+    gpu = study.build_runs(study.StudyArguments(lrs=[0.1], seeds=[43], device="cuda", loader_workers=6))
+    for a, b in zip(cpu, gpu):
+        assert a.key == b.key and a.settings != b.settings
+        assert a.checkpoint_dir("c") != b.checkpoint_dir("c")
+        flags = dict(zip(b.command, b.command[1:]))
+        assert flags["--use_cpu"] == "false" and flags["--dataloader_num_workers"] == "6"
+        assert dict(zip(a.command, a.command[1:]))["--use_cpu"] == "true"
+
+
 # ------------------------------------------------------------------------------------ image study
 def _write_idx(path: Path, array: np.ndarray) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)

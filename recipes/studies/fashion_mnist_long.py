@@ -47,6 +47,7 @@ from study_tools import (  # noqa: E402
     multiplier_table,
     pair_row,
     paired_differences,
+    recorded_settings,
     run_grid,
     verdict,
 )
@@ -67,6 +68,12 @@ class StudyArguments(GridArguments):
     batch_size: int = field(default=128)
     channels_last: bool = field(default=True, metadata={
         "help": "channels-last model (measured ~1.4x faster per step on one thread)"})
+    device: str = field(default="cpu", metadata={
+        "help": "cpu (the grid) or cuda (e.g. the paper's 200 epochs for one seed pair: see "
+                "recipes/studies/README.md)", "choices": ["cpu", "cuda"]})
+    loader_workers: int = field(default=0, metadata={
+        "help": "data-loading processes per run (a GPU run needs several to keep up); the "
+                "augmentation draws differ with the count, so it is a setting"})
     max_train_samples: int | None = field(default=None, metadata={"help": "smoke tests only"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "smoke tests only"})
     data_dir: str = field(default=str(CACHE / "data"), metadata={
@@ -75,6 +82,10 @@ class StudyArguments(GridArguments):
         "help": "committed results: runs/*.json, report.md, summary.json, curves.png"})
     checkpoint_dir: str = field(default=str(CACHE / "studies" / "fashion_mnist_long"), metadata={
         "help": "checkpoints and logs of the runs (outside the repository)"})
+
+
+#: Settings the committed runs predate, with the value they had (study_tools.recorded_settings).
+IMPLICIT = {"device": "cpu", "loader_workers": 0}
 
 
 def steps_per_epoch(args: StudyArguments) -> int:
@@ -97,6 +108,7 @@ def build_runs(args: StudyArguments) -> list[Run]:
                     args.max_train_samples or "all", "test_samples": args.max_eval_samples or "all",
                     "tempbalance": ({"s1": s1, "s2": s2, "interval": "epoch"}
                                     if method in ("tb", "tb+snr") else None),
+                    "device": args.device, "loader_workers": args.loader_workers,
                 }
                 command = [sys.executable, str(RECIPES / "image_classification.py"),
                            "--dataset", "fashion_mnist", "--data_dir", args.data_dir,
@@ -105,13 +117,15 @@ def build_runs(args: StudyArguments) -> list[Run]:
                            "--num_train_epochs", str(args.epochs),
                            "--per_device_train_batch_size", str(args.batch_size),
                            "--save_strategy", "epoch", "--save_total_limit", "1",
-                           "--use_cpu", "true", "--dataloader_num_workers", "0",
+                           "--use_cpu", str(args.device == "cpu").lower(),
+                           "--dataloader_num_workers", str(args.loader_workers),
                            "--disable_tqdm", "true", "--channels_last", str(args.channels_last)]
                 if args.max_train_samples is not None:
                     command += ["--max_train_samples", str(args.max_train_samples)]
                 if args.max_eval_samples is not None:
                     command += ["--max_eval_samples", str(args.max_eval_samples)]
-                runs.append(Run(key=f"{method}_lr{lr:g}_seed{seed}", settings=settings,
+                runs.append(Run(key=f"{method}_lr{lr:g}_seed{seed}",
+                                settings=recorded_settings(settings, IMPLICIT),
                                 command=command, total_steps=args.epochs * steps_per_epoch(args)))
     return runs
 
@@ -235,8 +249,11 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
                                     higher_is_better=True, finished=n, planned=planned))
     runtime = [r["train_runtime_s"] for r in results if r.get("train_runtime_s")]
     if runtime:
-        lines += ["", f"Measured training time per run (one thread, two runs in parallel, last "
-                  f"sitting of each run): median {format_duration(sorted(runtime)[len(runtime) // 2])}."]
+        where = (f"{args.threads} thread(s), {args.workers} runs in parallel" if args.device == "cpu"
+                 else f"{args.device}, {args.loader_workers} loader processes, {args.workers} runs "
+                      f"in parallel")
+        lines += ["", f"Measured training time per run ({where}, last sitting of each run): "
+                  f"median {format_duration(sorted(runtime)[len(runtime) // 2])}."]
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary

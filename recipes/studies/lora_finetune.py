@@ -47,6 +47,7 @@ from study_tools import (  # noqa: E402
     multiplier_table,
     pair_row,
     paired_differences,
+    recorded_settings,
     run_grid,
     settings_hash,
     verdict,
@@ -55,6 +56,8 @@ from transformers import HfArgumentParser  # noqa: E402
 
 RECIPE = RECIPES / "lora_shakespeare.py"
 DEFAULT_BLOCK = 650  # tokens; recipes/lora_shakespeare.py's default
+#: Settings the committed runs predate, with the value they had (study_tools.recorded_settings).
+IMPLICIT = {"block": DEFAULT_BLOCK}
 
 
 @dataclass
@@ -92,13 +95,11 @@ def model_flags(args: StudyArguments) -> list[str]:
 
 
 def base_settings(args: StudyArguments) -> dict[str, Any]:
-    return {"corpus": Path(args.data_dir).name, "width": args.width, "layers": args.layers,
-            "heads": args.heads, "vocab_size": args.vocab_size, "seq_len": args.seq_len,
-            "batch_size": args.batch_size, "epochs": args.pretrain_epochs,
-            "lr": args.pretrain_lr, "seed": args.pretrain_seed,
-            # Only when it differs from the default, which the committed runs were made with
-            # before it was a setting: their settings (and reuse) stay as they are.
-            **({"block": args.block} if args.block != DEFAULT_BLOCK else {})}
+    settings = {"corpus": Path(args.data_dir).name, "width": args.width, "layers": args.layers,
+                "heads": args.heads, "vocab_size": args.vocab_size, "seq_len": args.seq_len,
+                "batch_size": args.batch_size, "epochs": args.pretrain_epochs,
+                "lr": args.pretrain_lr, "seed": args.pretrain_seed, "block": args.block}
+    return recorded_settings(settings, IMPLICIT)
 
 
 def base_dir(args: StudyArguments) -> Path:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CACHE", "GridArguments", "Run", "settings_hash", "last_checkpoint", "load_finished", "run_grid",
+__all__ = ["CACHE", "GridArguments", "Run", "recorded_settings", "settings_hash", "last_checkpoint", "load_finished", "run_grid",
            "paired_differences", "t_quantile_975", "mean_multiplier", "multiplier_table", "cosine_lr", "format_duration",
            "verdict", "pair_row"]
 
@@ -55,6 +55,16 @@ class GridArguments:
     eta_every: float = field(default=300.0, metadata={"help": "seconds between progress lines"})
     report_only: bool = field(default=False, metadata={
         "help": "rewrite the report from the committed results, train nothing"})
+
+
+def recorded_settings(settings: dict[str, Any], implicit: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` as a run records them, for reuse and for its checkpoint folder's hash.
+
+    ``implicit`` holds the settings added after runs were committed, each with the value those
+    runs were made with: such a setting is left out while it has that value, so the committed
+    runs (and half-trained checkpoints) stay found; any other value is recorded and makes new runs.
+    """
+    return {k: v for k, v in settings.items() if k not in implicit or v != implicit[k]}
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
