@@ -31,6 +31,9 @@ class Cell:
     values: tuple[float, ...]
 
     def format(self) -> str:
+        # One seed has no spread to report: "± 0.00" would claim one.
+        if len(self.values) < 2:
+            return f"{self.mean:.2f} (1 seed)"
         return f"{self.mean:.2f} ± {self.std:.2f}"
 
 
@@ -54,9 +57,16 @@ def aggregate(results: Iterable[dict[str, Any]]) -> list[Cell]:
 
 
 def best_lrs(cells: Sequence[Cell]) -> dict[str, Cell]:
-    """The cell with the highest mean accuracy for each method (ties: the smaller LR)."""
+    """The cell with the highest mean accuracy for each method (ties: the smaller LR), among the
+    method's cells with the most seeds: in a partial grid, a cell of fewer seeds is not compared
+    with complete ones."""
+    most = {}
+    for cell in cells:
+        most[cell.method] = max(most.get(cell.method, 0), len(cell.values))
     best: dict[str, Cell] = {}
     for cell in cells:
+        if len(cell.values) < most[cell.method]:
+            continue
         if cell.method not in best or cell.mean > best[cell.method].mean:
             best[cell.method] = cell
     return best

@@ -489,6 +489,10 @@ def test_sweep_aggregation_mean_std_and_best(tmp_path: Path) -> None:
     assert Path(paths["plot"]).stat().st_size > 1000
     single = sweep.aggregate(runs[:1])[0]
     assert single.std == 0.0 and single.mean == pytest.approx(80.0)
+    assert single.format() == "80.00 (1 seed)"  # no "± 0.00": one seed has no spread
+    # a partial grid: cal at a third LR has one seed, higher than any complete cell; not the best
+    partial = sweep.aggregate(runs + [{"method": "cal", "lr": 0.2, "seed": 43, "test_accuracy": 0.99}])
+    assert sweep.best_lrs(partial)["cal"].lr == 0.1
 
 
 @pytest.mark.slow
