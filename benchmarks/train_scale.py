@@ -41,6 +41,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import median, resolve_device, timed  # noqa: E402
 
 from hf_tempbalance import TempBalanceConfig  # noqa: E402
 from hf_tempbalance.distributed import partition_by_cost  # noqa: E402
@@ -87,25 +90,16 @@ def gram_flops(m: int, n: int) -> float:
 def device_costs(device: torch.device, repeats: int) -> tuple[float, float]:
     """(seconds of one fp32 ``eigvalsh`` of a 4096 x 4096 Gram, Gram flop/s) on ``device``:
     medians of ``repeats`` after one warm-up call (the first call loads the solver's kernels)."""
-    def timed(fn) -> float:
+    def seconds(fn) -> float:
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times = []
-        for _ in range(max(1, repeats)):
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return median([timed(fn, device)[0] for _ in range(max(1, repeats))])
 
     gen = torch.Generator(device=device).manual_seed(0)
     w = torch.randn(4096, 4096, generator=gen, device=device)
     gram = (w.T @ w).contiguous()
-    eig = timed(lambda: torch.linalg.eigvalsh(gram))
+    eig = seconds(lambda: torch.linalg.eigvalsh(gram))
     a = torch.randn(11008, 4096, generator=gen, device=device)
-    rate = gram_flops(11008, 4096) / timed(lambda: torch.mm(a.T, a))
+    rate = gram_flops(11008, 4096) / seconds(lambda: torch.mm(a.T, a))
     return eig, rate
 
 
@@ -127,6 +121,7 @@ def main() -> None:
                              "cuda): the 7B table gets a measured row next to the assumed ones")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    device = resolve_device(args.device)  # before the long CPU part: a missing GPU fails at once
     gen = torch.Generator().manual_seed(0)
     out: dict = {"threads": torch.get_num_threads(), "load_start": os.getloadavg()}
 
@@ -219,10 +214,10 @@ def main() -> None:
 
     cpu1, cpu8 = sum(costs_cpu), sharded(costs_cpu, 8)
     rows = [("this CPU (measured per-matrix cost)", eig4096, cpu1, cpu8)]
-    if args.device != "cpu":
-        eig_dev, rate_dev = device_costs(torch.device(args.device), args.repeats)
+    if device.type != "cpu":
+        eig_dev, rate_dev = device_costs(device, args.repeats)
         costs = [gram_flops(*s) / rate_dev + eig_dev for _, s in layers7]
-        label = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
+        label = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
         rows.append((f"{label}, eigvalsh(4096) = {eig_dev:.3g} s (measured), Gram at "
                      f"{rate_dev / 1e12:.0f} TFLOP/s", eig_dev, sum(costs), sharded(costs, 8)))
     for g in args.gpu_eig_s:
