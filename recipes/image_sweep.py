@@ -9,12 +9,13 @@ bar plot (like Figure 3) shows each method at its best LR with ±1 std error bar
 from __future__ import annotations
 
 import json
-import math
 import os
 import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from seed_stats import format_mean_std, mean_std
 
 __all__ = ["Cell", "aggregate", "best_lrs", "format_table", "plot_bars", "write_sweep_outputs"]
 
@@ -31,10 +32,7 @@ class Cell:
     values: tuple[float, ...]
 
     def format(self) -> str:
-        # One seed has no spread to report: "± 0.00" would claim one.
-        if len(self.values) < 2:
-            return f"{self.mean:.2f} (1 seed)"
-        return f"{self.mean:.2f} ± {self.std:.2f}"
+        return format_mean_std(self.values)
 
 
 def aggregate(results: Iterable[dict[str, Any]]) -> list[Cell]:
@@ -49,9 +47,7 @@ def aggregate(results: Iterable[dict[str, Any]]) -> list[Cell]:
     cells = []
     for (method, lr), runs in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
         values = [v for _, v in runs]
-        mean = sum(values) / len(values)
-        std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-               if len(values) > 1 else 0.0)
+        mean, std = mean_std(values)
         cells.append(Cell(method, lr, mean, std, tuple(s for s, _ in runs), tuple(values)))
     return cells
 

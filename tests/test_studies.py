@@ -24,8 +24,9 @@ from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = ROOT / "recipes" / "studies"
-sys.path.insert(0, str(STUDIES))
+sys.path[:0] = [str(STUDIES), str(STUDIES.parent)]
 
+import seed_stats  # noqa: E402
 import study_tools as st  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -50,6 +51,17 @@ def test_paired_differences_match_scipy_paired_t_test() -> None:
     assert hand["ci"] == pytest.approx([2 - 4.302653 / math.sqrt(3), 2 + 4.302653 / math.sqrt(3)])
     one = st.paired_differences({1: 1.0}, {1: 3.0})
     assert (one["n"], one["mean"], one["ci"]) == (1, 2.0, None)
+
+
+def test_mean_std_is_numpys_sample_std_and_one_seed_prints_no_spread() -> None:
+    values = [93.38, 93.51, 93.25]
+    mean, std = seed_stats.mean_std(values)
+    assert mean == pytest.approx(np.mean(values)) and std == pytest.approx(np.std(values, ddof=1))
+    assert seed_stats.format_mean_std(values) == f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+    assert seed_stats.mean_std([93.4]) == (93.4, 0.0)
+    assert seed_stats.format_mean_std([93.4]) == "93.40 (1 seed)"
+    with pytest.raises(ValueError, match="at least one value"):
+        seed_stats.mean_std([])
 
 
 def test_verdict_is_no_stronger_than_the_interval() -> None:
@@ -129,6 +141,36 @@ def test_a_gpu_run_of_the_image_study_is_a_different_run() -> None:
         flags = dict(zip(b.command, b.command[1:]))
         assert flags["--use_cpu"] == "false" and flags["--dataloader_num_workers"] == "6"
         assert dict(zip(a.command, a.command[1:]))["--use_cpu"] == "true"
+
+
+def test_partial_lm_report_shows_no_spread_for_one_seed(tmp_path: Path) -> None:
+    import ptb_lm_long as study
+
+    def run(method: str, seed: int, valid: float, test: float) -> dict:
+        tb = {"mean_multiplier": {"mean": 1.4, "lr_weighted": 1.3}} if method == "tb" else None
+        return {"method": method, "seed": seed, "valid_ppl": valid, "test_ppl": test,
+                "evals": [{"step": 10, "valid_ppl": valid}], "tempbalance": tb}
+
+    results = [run("cal", 43, 120.0, 118.0), run("cal", 37, 124.0, 121.0), run("tb", 43, 117.0, 116.0)]
+    args = study.StudyArguments(results_dir=str(tmp_path))
+    summary = study.write_report(results, args, planned=6)
+    report = (tmp_path / "report.md").read_text()
+    cal_std = np.std([120.0, 124.0], ddof=1)
+    assert f"| cal | 122.00 ± {cal_std:.2f} | 119.50 ± {np.std([118.0, 121.0], ddof=1):.2f} |" in report
+    assert "| tb | 117.00 (1 seed) | 116.00 (1 seed) |" in report and "± 0.00" not in report
+    assert summary["paired"]["valid_ppl"]["differences"] == [-3.0]
+    assert "one paired seed so far" in report and "PARTIAL: 3 of 6" in report
+
+
+def test_lora_study_selects_among_the_lrs_with_the_most_seeds() -> None:
+    import lora_finetune as study
+
+    args = study.StudyArguments(lrs=[0.001, 0.003], methods=["lora", "tb"])
+    results = [{"method": "lora", "lr": 0.001, "seed": s, "valid_ppl": v} for s, v in ((43, 30.0), (37, 31.0))]
+    results.append({"method": "lora", "lr": 0.003, "seed": 43, "valid_ppl": 20.0})  # better, one seed
+    assert study.select_lrs(results, args) == {"lora": 0.001}
+    results.append({"method": "lora", "lr": 0.003, "seed": 37, "valid_ppl": 29.0})
+    assert study.select_lrs(results, args) == {"lora": 0.003}
 
 
 # ------------------------------------------------------------------------------------ image study

@@ -33,9 +33,11 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RECIPES = HERE.parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+for _path in (str(RECIPES), str(HERE)):  # seed_stats; study_tools
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
+from seed_stats import format_mean_std, mean_std  # noqa: E402
 from study_tools import (  # noqa: E402
     CACHE,
     GridArguments,
@@ -195,20 +197,18 @@ def _values(results, method, lr, key) -> dict[int, float]:
             if r["method"] == method and float(r["lr"]) == float(lr)}
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, std
-
-
 def select_lrs(results: list[dict[str, Any]], args: StudyArguments) -> dict[str, float]:
-    """Each method's LR with the lowest mean validation perplexity (over the seeds it has)."""
+    """Each method's LR with the lowest mean validation perplexity, among its LRs with the most
+    seeds (in a partial grid, an LR of fewer seeds is not compared with complete ones)."""
     chosen = {}
     for method in args.methods:
-        means = {lr: _mean_std(list(v.values()))[0] for lr in args.lrs
+        by_lr = {lr: list(v.values()) for lr in args.lrs
                  if (v := _values(results, method, lr, "valid_ppl"))}
-        if means:
-            chosen[method] = min(means, key=lambda lr: (means[lr], lr))
+        if not by_lr:
+            continue
+        most = max(len(v) for v in by_lr.values())
+        means = {lr: mean_std(v)[0] for lr, v in by_lr.items() if len(v) == most}
+        chosen[method] = min(means, key=lambda lr: (means[lr], lr))
     return chosen
 
 
@@ -222,8 +222,9 @@ def _table(results, args, key: str, chosen: dict[str, float]) -> list[str]:
             if not values:
                 cells.append("")
                 continue
-            mean, std = _mean_std(values)
-            text = f"{mean:.2f} ± {std:.2f} ({len(values)})"
+            text = format_mean_std(values)
+            if len(values) > 1:
+                text += f" ({len(values)})"
             cells.append(f"**{text}**" if chosen.get(method) == lr else text)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines

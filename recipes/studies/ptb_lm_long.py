@@ -21,7 +21,6 @@ into ``--max_steps`` (the paper: 40,000), so this is a shorter training, not a t
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -30,9 +29,11 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RECIPES = HERE.parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+for _path in (str(RECIPES), str(HERE)):  # seed_stats; study_tools
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
+from seed_stats import format_mean_std, mean_std  # noqa: E402
 from study_tools import (  # noqa: E402
     CACHE,
     GridArguments,
@@ -149,10 +150,8 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
             cells = []
             for key in ("valid_ppl", "test_ppl"):
                 values = [r[key] for r in group]
-                mean = sum(values) / len(values)
-                std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-                       if len(values) > 1 else 0.0)
-                cells.append(f"{mean:.2f} ± {std:.2f}")
+                mean, std = mean_std(values)
+                cells.append(format_mean_std(values))
                 summary.setdefault("cells", {}).setdefault(method, {})[key] = {
                     "mean": mean, "std": std, "values": values, "seeds": [r["seed"] for r in group]}
             mults = [r["tempbalance"]["mean_multiplier"] for r in group if r.get("tempbalance")]
