@@ -352,6 +352,20 @@ def test_lm_study_smoke(tmp_path: Path) -> None:
     report = (tmp_path / "results" / "report.md").read_text()
     assert "Status: complete." in report and "| valid_ppl |" in report
     assert (tmp_path / "results" / "curves.png").is_file()
+    # the snapshot of unfinished runs reads the loop state of their last checkpoint (step 10 here):
+    # taken as unfinished, each run shows its first evaluation, as its finished record has it
+    import ptb_lm_long as study
+
+    (args,) = study.HfArgumentParser(study.StudyArguments).parse_args_into_dataclasses(args=argv[2:])
+    running = {r["key"]: r for r in study.in_progress(study.build_runs(args), args, set())}
+    assert sorted(running) == sorted(runs)
+    for key, r in running.items():
+        assert r["done"] == 10 and r["curve"] == [[10, pytest.approx(runs[key]["evals"][0]["valid_ppl"])]]
+    lines = "\n".join(st.running_section(list(running.values()), base="cal", other="tb", intro="",
+                                          progress="steps done", value="ppl", unit="PPL",
+                                          point=lambda x: f"step {x}"))
+    diff = running["tb_seed43"]["curve"][0][1] - running["cal_seed43"]["curve"][0][1]
+    assert f"seed 43: step 10 {diff:+.2f}" in lines
 
 
 # ------------------------------------------------------------------------------------ LoRA study

@@ -49,6 +49,7 @@ from study_tools import (  # noqa: E402
     paired_differences,
     recorded_settings,
     run_grid,
+    running_section,
     verdict,
 )
 from transformers import HfArgumentParser  # noqa: E402
@@ -172,7 +173,8 @@ def in_progress(runs: list[Run], args: StudyArguments, finished: set[str]) -> li
         curve = [(round(float(e["epoch"])), 100 * float(e["eval_accuracy"]))
                  for e in state["log_history"] if "eval_accuracy" in e]
         out.append({"key": run.key, "method": run.settings["method"], "lr": run.settings["lr"],
-                    "seed": run.settings["seed"], "step": step, "curve": curve})
+                    "seed": run.settings["seed"], "step": step, "done": len(curve), "curve": curve,
+                    "pair": f"LR {run.settings['lr']:g} seed {run.settings['seed']}"})
     return out
 
 
@@ -198,7 +200,11 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
                                                         "data_dir": None},
                                "paired": {}, "multiplier": {}}
     if running:
-        lines += _running_section(running, args)
+        lines += running_section(
+            running, base=base, other=other, progress="epochs done",
+            value="test accuracy (%) by epoch", unit="pp", point=lambda epoch: f"e{epoch}",
+            intro=f"Test accuracy after the last checkpointed epoch of each unfinished run, of "
+                  f"{args.epochs}. Mid-way through a cosine schedule this says little about the end.")
         summary["in_progress"] = running
     if not results:
         lines.append("No run has finished yet: not yet measured.")
@@ -257,31 +263,6 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary
-
-
-def _running_section(running: list[dict[str, Any]], args: StudyArguments) -> list[str]:
-    base, other = args.methods[0], args.methods[-1]
-    lines = ["## Runs in progress (a snapshot, not a result)", "",
-             f"Test accuracy after the last checkpointed epoch of each unfinished run, of "
-             f"{args.epochs}. Mid-way through a cosine schedule this says little about the end.", "",
-             "| run | epochs done | test accuracy (%) by epoch |", "|---|---|---|"]
-    for r in running:
-        lines.append(f"| {r['key']} | {len(r['curve'])} | "
-                     + ", ".join(f"{a:.2f}" for _, a in r["curve"]) + " |")
-    pairs = {}
-    for r in running:
-        pairs.setdefault((r["lr"], r["seed"]), {})[r["method"]] = dict(r["curve"])
-    diffs = []
-    for (lr, seed), by in pairs.items():
-        if base in by and other in by:
-            common = sorted(set(by[base]) & set(by[other]))
-            if common:
-                diffs.append(f"LR {lr:g} seed {seed}: " + ", ".join(
-                    f"e{e} {by[other][e] - by[base][e]:+.2f}" for e in common))
-    if diffs:
-        lines += ["", f"Same-seed differences {other} - {base} (pp) at the epochs both reached: "
-                  + "; ".join(diffs) + "."]
-    return lines + [""]
 
 
 def _plot_curves(results: list[dict[str, Any]], args: StudyArguments, path: Path) -> None:

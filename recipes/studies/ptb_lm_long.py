@@ -14,7 +14,9 @@ As in ``fashion_mnist_long.py``: two runs at a time, one thread each, under ``ni
 finished runs committed as JSON in ``--results_dir`` and reused when their settings match;
 checkpoints every ``--save_steps`` in ``--checkpoint_dir`` (outside the repository), a killed run
 resumes from its last one; the report (``report.md``, ``summary.json``, ``curves.png``: valid
-perplexity over steps) is rewritten after each finished run. The cosine schedule is compressed
+perplexity over steps) is rewritten after each finished run; ``--report_only true`` rewrites it
+from the committed runs, with a snapshot of the unfinished ones (valid perplexity so far, from
+their checkpoints). The cosine schedule is compressed
 into ``--max_steps`` (the paper: 40,000), so this is a shorter training, not a truncated one.
 """
 
@@ -39,11 +41,13 @@ from study_tools import (  # noqa: E402
     GridArguments,
     Run,
     cosine_lr,
+    last_checkpoint,
     load_finished,
     mean_multiplier,
     pair_row,
     paired_differences,
     run_grid,
+    running_section,
     verdict,
 )
 from transformers import HfArgumentParser  # noqa: E402
@@ -126,7 +130,40 @@ def collect(run: Run, folder: Path) -> dict[str, Any]:
     return out
 
 
-def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: int) -> dict[str, Any]:
+def in_progress(runs: list[Run], args: StudyArguments, finished: set[str]) -> list[dict[str, Any]]:
+    """Unfinished runs with a checkpoint: their valid perplexity at each evaluation so far (from the
+    loop state ``ptb_lm.py`` saves with every checkpoint). Not results: mid-way through a cosine
+    schedule, and before the best checkpoint is chosen."""
+    out = []
+    for run in runs:
+        if run.key in finished:
+            continue
+        checkpoint, step = last_checkpoint(run.checkpoint_dir(args.checkpoint_dir))
+        state = None if checkpoint is None else _loop_state(checkpoint)
+        if state is None:
+            continue
+        out.append({"key": run.key, "method": run.settings["method"], "seed": run.settings["seed"],
+                    "done": step, "pair": f"seed {run.settings['seed']}",
+                    "curve": [[int(e["step"]), float(e["valid_ppl"])] for e in state["evals"]]})
+    return out
+
+
+def _loop_state(checkpoint: Path) -> dict[str, Any] | None:
+    """``ptb_lm.TrainState.state_dict()`` as saved by ``Accelerator.save_state`` (one of the
+    ``custom_checkpoint_<i>.pkl`` files, beside the scheduler's and TempBalance's)."""
+    import torch
+
+    for path in sorted(checkpoint.glob("custom_checkpoint_*.pkl")):
+        state = torch.load(path, weights_only=True)
+        if isinstance(state, dict) and {"step", "evals"} <= state.keys():
+            return state
+    return None
+
+
+def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: int,
+                 running: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``report.md``, ``summary.json`` and ``curves.png`` in ``args.results_dir``; ``running``
+    (from :func:`in_progress`) adds a snapshot of the unfinished runs."""
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     base, other = args.methods[0], args.methods[-1]
@@ -137,6 +174,15 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
     summary: dict[str, Any] = {"status": status, "finished": n, "planned": planned,
                                "study": asdict(args) | {"results_dir": None, "checkpoint_dir": None,
                                                         "data_dir": None}, "paired": {}}
+    if running:
+        lines += running_section(
+            running, base=base, other=other, progress="steps done",
+            value="valid perplexity by evaluation", unit="PPL",
+            point=lambda step: f"step {step}",
+            intro=f"Valid perplexity at each evaluation (every {args.eval_steps} steps) so far of "
+                  f"each unfinished run, of {args.max_steps} steps. Mid-way through a cosine "
+                  f"schedule this says little about the end.")
+        summary["in_progress"] = running
     if not results:
         lines.append("No run has finished yet: not yet measured.")
     else:
@@ -200,15 +246,17 @@ def _plot_curves(results: list[dict[str, Any]], args: StudyArguments, path: Path
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args,) = HfArgumentParser(StudyArguments).parse_args_into_dataclasses(args=argv)
     runs = build_runs(args)
+    running = None
     if args.report_only:
         results = [r for run in runs if (r := load_finished(run, args.results_dir)) is not None]
+        running = in_progress(runs, args, {r["key"] for r in results})
     else:
         ensure_corpus(args.data_dir)
         results = run_grid(runs, results_dir=args.results_dir, checkpoint_root=args.checkpoint_dir,
                            collect=collect, workers=args.workers, threads=args.threads,
                            nice=args.nice, eta_every=args.eta_every, env={"TQDM_DISABLE": "1"},
                            on_update=lambda done: write_report(done, args, len(runs)))
-    summary = write_report(results, args, len(runs))
+    summary = write_report(results, args, len(runs), running)
     print((Path(args.results_dir) / "report.md").read_text(encoding="utf-8"))
     return summary
 

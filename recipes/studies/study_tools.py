@@ -299,6 +299,36 @@ def _progress(runs, finished, queue, active, total, start_steps, started_at, che
             f"[{', '.join(parts)}], {len(queue)} queued; {eta}")
 
 
+def running_section(running: Sequence[dict[str, Any]], *, base: str, other: str, intro: str,
+                    progress: str, value: str, unit: str, point: Callable[[int], str],
+                    digits: int = 2) -> list[str]:
+    """Markdown lines of a snapshot of the unfinished runs: not results, mid-way through a schedule.
+
+    ``running``: one entry per unfinished run with ``key``, ``method``, ``pair`` (the label of its
+    same-seed pair, e.g. ``"LR 0.2 seed 37"``), ``done`` (how far it got, in the unit ``progress``
+    names: ``"epochs done"``) and ``curve`` (``[x, value]`` per evaluation so far, ``value`` names
+    the values, ``unit`` their differences). ``point(x)`` labels one evaluation in the paired differences (``e3``, ``step 250``).
+    """
+    lines = ["## Runs in progress (a snapshot, not a result)", "", intro, "",
+             f"| run | {progress} | {value} |", "|---|---|---|"]
+    for r in running:
+        lines.append(f"| {r['key']} | {r['done']} | "
+                     + ", ".join(f"{v:.{digits}f}" for _, v in r["curve"]) + " |")
+    pairs: dict[str, dict[str, dict[int, float]]] = {}
+    for r in running:
+        pairs.setdefault(r["pair"], {})[r["method"]] = {int(x): float(v) for x, v in r["curve"]}
+    diffs = []
+    for label, by in pairs.items():
+        common = sorted(set(by.get(base, ())) & set(by.get(other, ())))
+        if common:
+            diffs.append(f"{label}: " + ", ".join(
+                f"{point(x)} {by[other][x] - by[base][x]:+.{digits}f}" for x in common))
+    if diffs:
+        lines += ["", f"Same-seed differences {other} - {base} ({unit}) at the evaluations both reached: "
+                  + "; ".join(diffs) + "."]
+    return lines + [""]
+
+
 # ------------------------------------------------------------------------------------ statistics
 def t_quantile_975(df: int) -> float:
     """The 97.5% quantile of Student's t with ``df`` degrees of freedom (two-sided 95%)."""
