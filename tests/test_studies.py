@@ -130,6 +130,29 @@ def test_the_default_command_reuses_every_committed_run(study: str) -> None:
     assert committed and reused == committed
 
 
+def test_the_studies_readme_quotes_its_committed_reports() -> None:
+    """Every "mean ± std" and interval the studies' README quotes is in the report the study wrote
+    from its committed runs: a README number left behind when the results moved fails here."""
+    readme = (STUDIES / "README.md").read_text(encoding="utf-8")
+    numbers = re.compile(r"[-+]?\d+\.\d+ ± \d+\.\d+|\[[-+]?\d+\.\d+, [-+]?\d+\.\d+\]")
+    reports = {study: path.read_text(encoding="utf-8") for study in
+               ("fashion_mnist_long", "ptb_lm_long", "lora_finetune")
+               if (path := STUDIES / "results" / study / "report.md").is_file()}
+    preamble, *sections = re.split(r"^## ", readme, flags=re.MULTILINE)
+    quoted = [(None, q) for q in numbers.findall(preamble)]  # the status table: any study's report
+    for section in sections:
+        title = section.splitlines()[0]
+        study = next((s for prefix, s in (("Image classification", "fashion_mnist_long"),
+                                          ("Language model", "ptb_lm_long"),
+                                          ("LoRA fine-tuning", "lora_finetune"))
+                      if title.startswith(prefix)), "")
+        quoted += [(study, q) for q in numbers.findall(section)]
+    missing = [(study, q) for study, q in quoted
+               if not any(q in text for s, text in reports.items() if study in (None, s))]
+    assert not missing, f"quoted in recipes/studies/README.md, not in the report: {missing}"
+    assert len(quoted) >= 10
+
+
 def test_a_gpu_run_of_the_image_study_is_a_different_run() -> None:
     import fashion_mnist_long as study
 
