@@ -22,12 +22,13 @@ __all__ = ["Cell", "aggregate", "best_lrs", "format_table", "plot_bars", "write_
 
 @dataclass(frozen=True)
 class Cell:
-    """Mean ± std test accuracy (percent) of one (method, lr) over its seeds."""
+    """Mean ± std test accuracy (percent) of one (method, lr) over its seeds (std ``None`` for one
+    seed)."""
 
     method: str
     lr: float
     mean: float
-    std: float
+    std: float | None
     seeds: tuple[int, ...]
     values: tuple[float, ...]
 
@@ -94,18 +95,19 @@ def plot_bars(cells: Sequence[Cell], path: str | os.PathLike, title: str = "") -
     fig = Figure(figsize=(1.2 + 1.1 * len(best), 3.4), layout="constrained")
     ax = fig.add_subplot()
     means = [c.mean for c in best]
-    ax.bar(range(len(best)), means, yerr=[c.std for c in best], capsize=4,
-           color=[f"C{i}" for i in range(len(best))])
+    errors = [c.std or 0.0 for c in best]  # no bar for one seed
+    ax.bar(range(len(best)), means, yerr=errors, capsize=4, color=[f"C{i}" for i in range(len(best))])
     ax.set_xticks(range(len(best)), [f"{c.method}\nlr={c.lr:g}" for c in best])
-    spread = max(c.mean + c.std for c in best) - min(c.mean - c.std for c in best)
-    low = min(c.mean - c.std for c in best) - max(0.5, spread)
-    ax.set_ylim(max(0.0, low), min(100.0, max(c.mean + c.std for c in best) + max(0.3, spread / 2)))
+    top = max(m + e for m, e in zip(means, errors))
+    bottom = min(m - e for m, e in zip(means, errors))
+    low = bottom - max(0.5, top - bottom)
+    ax.set_ylim(max(0.0, low), min(100.0, top + max(0.3, (top - bottom) / 2)))
     ax.set_ylabel("test accuracy (%)")
     width_chars = int(12 + 11 * len(best))  # the title wraps to the figure's width
     ax.set_title(textwrap.fill(title or "best LR per method, mean ± std over seeds", width_chars),
                  fontsize=8)
-    for i, c in enumerate(best):
-        ax.annotate(f"{c.mean:.2f}", (i, c.mean + c.std), xytext=(0, 3), textcoords="offset points",
+    for i, (c, e) in enumerate(zip(best, errors)):
+        ax.annotate(f"{c.mean:.2f}", (i, c.mean + e), xytext=(0, 3), textcoords="offset points",
                     ha="center", va="bottom", fontsize=8)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)

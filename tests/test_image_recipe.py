@@ -488,8 +488,12 @@ def test_sweep_aggregation_mean_std_and_best(tmp_path: Path) -> None:
     assert sum(c["best"] for c in summary["cells"]) == 2
     assert Path(paths["plot"]).stat().st_size > 1000
     single = sweep.aggregate(runs[:1])[0]
-    assert single.std == 0.0 and single.mean == pytest.approx(80.0)
+    assert single.std is None and single.mean == pytest.approx(80.0)
     assert single.format() == "80.00 (1 seed)"  # no "± 0.00": one seed has no spread
+    one_seed = sweep.write_sweep_outputs([r for r in runs if r["seed"] == 43], tmp_path / "one")
+    cells_one = json.loads(Path(one_seed["summary"]).read_text())["cells"]
+    assert cells_one and all(c["std"] is None for c in cells_one)  # null, not a measured 0.0
+    assert Path(one_seed["plot"]).stat().st_size > 1000
     # a partial grid: cal at a third LR has one seed, higher than any complete cell; not the best
     partial = sweep.aggregate(runs + [{"method": "cal", "lr": 0.2, "seed": 43, "test_accuracy": 0.99}])
     assert sweep.best_lrs(partial)["cal"].lr == 0.1

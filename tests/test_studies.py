@@ -58,7 +58,7 @@ def test_mean_std_is_numpys_sample_std_and_one_seed_prints_no_spread() -> None:
     mean, std = seed_stats.mean_std(values)
     assert mean == pytest.approx(np.mean(values)) and std == pytest.approx(np.std(values, ddof=1))
     assert seed_stats.format_mean_std(values) == f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
-    assert seed_stats.mean_std([93.4]) == (93.4, 0.0)
+    assert seed_stats.mean_std([93.4]) == (93.4, None)  # no spread to estimate, as in a pair of one
     assert seed_stats.format_mean_std([93.4]) == "93.40 (1 seed)"
     with pytest.raises(ValueError, match="at least one value"):
         seed_stats.mean_std([])
