@@ -172,6 +172,7 @@ def test_partial_lm_report_shows_no_spread_for_one_seed(tmp_path: Path) -> None:
     def run(method: str, seed: int, valid: float, test: float) -> dict:
         tb = {"mean_multiplier": {"mean": 1.4, "lr_weighted": 1.3}} if method == "tb" else None
         return {"method": method, "seed": seed, "valid_ppl": valid, "test_ppl": test,
+                "best_step": 10, "steps": 20,
                 "evals": [{"step": 10, "valid_ppl": valid}], "tempbalance": tb}
 
     results = [run("cal", 43, 120.0, 118.0), run("cal", 37, 124.0, 121.0), run("tb", 43, 117.0, 116.0)]
@@ -181,6 +182,8 @@ def test_partial_lm_report_shows_no_spread_for_one_seed(tmp_path: Path) -> None:
     cal_std = np.std([120.0, 124.0], ddof=1)
     assert f"| cal | 122.00 ± {cal_std:.2f} | 119.50 ± {np.std([118.0, 121.0], ddof=1):.2f} |" in report
     assert "| tb | 117.00 (1 seed) | 116.00 (1 seed) |" in report and "± 0.00" not in report
+    assert "| cal_seed37 | 10 of 20 | 124.00 | 121.00 |" in report
+    assert summary["cells"]["tb"]["valid_ppl"]["std"] is None
     assert summary["paired"]["valid_ppl"]["differences"] == [-3.0]
     assert "one paired seed so far" in report and "PARTIAL: 3 of 6" in report
 

@@ -204,6 +204,11 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
             mult = (f"{sum(m['mean'] for m in mults) / len(mults):.4f} / "
                     f"{sum(m['lr_weighted'] for m in mults) / len(mults):.4f}" if mults else "1 (none)")
             lines.append(f"| {method} | {cells[0]} | {cells[1]} | {mult} | {len(group)} |")
+        lines += ["", "Per run (the best valid checkpoint is the one scored on test; a best step "
+                  "before the last means the run overfit after it):", "",
+                  "| run | best step | valid PPL | test PPL |", "|---|---|---|---|"]
+        lines += [f"| {r['method']}_seed{r['seed']} | {r['best_step']} of {r['steps']} | "
+                  f"{r['valid_ppl']:.2f} | {r['test_ppl']:.2f} |" for r in results]
         lines += ["", f"## Paired differences {other} - {base} (perplexity, same seed; negative = "
                   f"{other} better)", "", "| split | per seed | n | mean ± std | 95% t-interval |",
                   "|---|---|---|---|---|"]
