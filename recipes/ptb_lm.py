@@ -354,6 +354,30 @@ def every(value: float | None, max_steps: int) -> int:
     return max(1, math.ceil(max_steps * value)) if value < 1 else int(value)
 
 
+def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int) -> Path:
+    """``out_dir/checkpoint-<step>``: the training state and the best model so far (``best/``).
+
+    Written as ``checkpoint-<step>.partial`` and renamed once complete, so a run killed while
+    saving never leaves a ``checkpoint-<step>`` that looks whole and is not (Accelerate writes the
+    loop state and TempBalance's after the random states that mark its checkpoints).
+    """
+    final, partial = out_dir / f"checkpoint-{step}", out_dir / f"checkpoint-{step}.partial"
+    if accelerator.is_main_process:
+        for stale in out_dir.glob("checkpoint-*.partial"):  # left by a killed save
+            shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()  # every rank's random states are in
+    if accelerator.is_main_process:
+        if (out_dir / "best").is_dir():
+            shutil.copytree(out_dir / "best", partial / "best", dirs_exist_ok=True)
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
 def rotate_checkpoints(out_dir: Path, limit: int) -> None:
     """Keep the ``limit`` newest ``checkpoint-N`` folders (``--save_total_limit``)."""
     steps = {int(m.group(1)): p for p in out_dir.glob("checkpoint-*")
@@ -529,10 +553,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if tempbalance is not None and tempbalance.summary_line():
                 accelerator.print(f"  {tempbalance.summary_line()}")  # the console's share
         if save_every and state.step % save_every == 0 and state.step < args.max_steps:
-            checkpoint = out_dir / f"checkpoint-{state.step}"
-            accelerator.save_state(str(checkpoint))
-            if accelerator.is_main_process and (out_dir / "best").is_dir():
-                shutil.copytree(out_dir / "best", checkpoint / "best", dirs_exist_ok=True)
+            save_checkpoint(accelerator, out_dir, state.step)
             if accelerator.is_main_process and args.save_total_limit:
                 rotate_checkpoints(out_dir, args.save_total_limit)
     bar.close()

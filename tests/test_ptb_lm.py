@@ -424,6 +424,31 @@ def test_recipe_training_flags_act_as_in_transformers(tmp_path, fresh_accelerate
 
 
 @pytest.mark.slow
+def test_a_save_killed_half_way_leaves_no_checkpoint_that_looks_whole(tmp_path, fresh_accelerate,
+                                                                        monkeypatch):
+    """Accelerate writes the loop state after the random states that mark a checkpoint: a save that
+    stops between them must not leave a ``checkpoint-N`` the studies would resume from."""
+    import accelerate.accelerator
+
+    data = make_corpus(tmp_path / "data")
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(accelerate.accelerator, "save_custom_state", dies)
+    with pytest.raises(KeyboardInterrupt):
+        ptb_lm.main(recipe_args(data, tmp_path / "run", "--max_steps", "4", "--save_steps", "2"))
+    partial = tmp_path / "run" / "checkpoint-2.partial"
+    assert any(p.name.startswith("random_states") for p in partial.iterdir())  # half-written
+    assert not (tmp_path / "run" / "checkpoint-2").exists()
+    monkeypatch.undo()
+    ptb_lm.main(recipe_args(data, tmp_path / "run", "--max_steps", "4", "--save_steps", "2"))
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert {"custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl"} <= {
+        p.name for p in (tmp_path / "run" / "checkpoint-2").iterdir()}
+
+
+@pytest.mark.slow
 def test_recipe_end_to_end_and_resume_reproduces_the_run(tmp_path, fresh_accelerate):
     data = make_corpus(tmp_path / "data")
     full = ptb_lm.main(recipe_args(data, tmp_path / "full", "--max_steps", "6", "--eval_steps", "3",

@@ -102,8 +102,10 @@ class Run:
 def last_checkpoint(folder: str | os.PathLike) -> tuple[Path | None, int]:
     """``(path, step)`` of the newest complete ``checkpoint-N`` in ``folder`` (``(None, 0)``).
 
-    A checkpoint counts once its folder holds files (a kill while saving leaves an empty or partial
-    folder; the Trainer writes ``trainer_state.json`` last, Accelerate ``random_states*`` last).
+    A checkpoint counts once its folder holds the file its writer saves last: the Trainer's
+    ``trainer_state.json``; ``ptb_lm.py`` saves into ``checkpoint-N.partial`` and renames it when
+    complete (Accelerate writes custom states after ``random_states*``), so its ``checkpoint-N``
+    is whole; a kill while saving leaves an empty or partial folder, which is skipped.
     """
     best: tuple[Path | None, int] = (None, 0)
     folder = Path(folder)
