@@ -106,6 +106,30 @@ def test_last_checkpoint_skips_incomplete_folders(tmp_path: Path) -> None:
     assert st.last_checkpoint(tmp_path) == (tmp_path / "checkpoint-10", 10)
 
 
+def test_remaining_time_counts_only_up_to_each_runs_last_checkpoint(tmp_path: Path) -> None:
+    """Two workers 250 steps in at their checkpoints (900 s and 950 s after they started), a third
+    run queued, 1500 s into the sitting: the rate is 500 steps over 1850 worker-seconds, not over
+    2 x 1500 (progress between checkpoints is unseen, not absent)."""
+    t0 = 1_000_000.0
+    runs = [st.Run(key=k, settings={"k": k}, command=["x"], total_steps=3000) for k in "abc"]
+    for run, at in ((runs[0], t0 + 900), (runs[1], t0 + 950)):
+        checkpoint = run.checkpoint_dir(tmp_path) / "checkpoint-250"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "random_states_0.pkl").write_bytes(b"")
+        os.utime(checkpoint, (at, at))
+    active = {r.key: (r, None, None) for r in runs[:2]}
+    total = {r.key: 3000 for r in runs}
+    line = st._progress(runs, {}, [runs[2]], active, total, dict.fromkeys(total, 0),
+                        dict.fromkeys("ab", t0), {}, tmp_path, workers=2, now=t0 + 1500)
+    rate = 500 / 1850  # steps per second of one worker
+    remaining = 3000 + (2750 - rate * 600) + (2750 - rate * 550)
+    assert f"about {st.format_duration(remaining / (2 * rate))} left" in line
+    assert f"({rate * 3600:.0f} steps/h per worker)" in line and "a 250/3000" in line
+    before = st._progress(runs, {}, [runs[2]], active, total, dict.fromkeys(total, 0),
+                          dict.fromkeys("ab", t0), {}, tmp_path / "none", workers=2, now=t0 + 60)
+    assert "remaining time known after the first checkpoint" in before
+
+
 # ------------------------------------------------------------------------------------ reuse
 def test_a_setting_at_its_implicit_value_is_left_out_and_any_other_value_recorded() -> None:
     settings = {"lr": 0.1, "device": "cpu", "loader_workers": 0}

@@ -178,8 +178,9 @@ def run_grid(runs: Sequence[Run], *, results_dir: str | os.PathLike,
 
     total = {run.key: run.total_steps for run in pending}
     start_steps = {run.key: last_checkpoint(run.checkpoint_dir(checkpoint_root))[1] for run in pending}
-    started_at = time.time()
-    last_eta = started_at
+    began: dict[str, float] = {}  # this sitting's start and end of each run
+    ended: dict[str, float] = {}
+    last_eta = time.time()
     active: dict[str, tuple[Run, subprocess.Popen, Any]] = {}
     queue = list(pending)
     failed: list[str] = []
@@ -210,6 +211,7 @@ def run_grid(runs: Sequence[Run], *, results_dir: str | os.PathLike,
                 process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                            env=child_env)
                 active[run.key] = (run, process, log)
+                began[run.key] = time.time()
                 _say(f"start {run.key} (pid {process.pid})" +
                      (f", resuming at step {step} of {run.total_steps}" if checkpoint else ""))
             time.sleep(poll)
@@ -221,6 +223,7 @@ def run_grid(runs: Sequence[Run], *, results_dir: str | os.PathLike,
                 folder = run.checkpoint_dir(checkpoint_root)
                 if process.returncode == 0 and (folder / RESULTS_FILE).is_file():
                     finished[key] = _store(run, collect(run, folder), results_dir)
+                    ended[key] = time.time()
                     _say(f"done {key} ({len(finished)} of {len(runs)} finished)")
                     if on_update is not None:
                         on_update(_ordered(runs, finished))
@@ -232,7 +235,7 @@ def run_grid(runs: Sequence[Run], *, results_dir: str | os.PathLike,
             now = time.time()
             if active and now - last_eta >= eta_every:
                 last_eta = now
-                _say(_progress(runs, finished, queue, active, total, start_steps, started_at,
+                _say(_progress(runs, finished, queue, active, total, start_steps, began, ended,
                                checkpoint_root, workers))
     finally:
         for _run, process, log in active.values():  # interrupted: the runs resume next time
@@ -281,20 +284,38 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _progress(runs, finished, queue, active, total, start_steps, started_at, checkpoint_root,
-              workers) -> str:
-    done_now = {key: last_checkpoint(run.checkpoint_dir(checkpoint_root))[1]
-                for key, (run, _, _) in active.items()}
-    gained = sum(done_now[k] - start_steps[k] for k in done_now)
-    gained += sum(total[k] - start_steps[k] for k in total if k in finished)
-    remaining = sum(total[run.key] - start_steps[run.key] for run in queue)
-    remaining += sum(total[k] - done_now[k] for k in done_now)
+def _progress(runs, finished, queue, active, total, start_steps, began, ended, checkpoint_root,
+              workers, now: float | None = None) -> str:
+    """One progress line with the remaining time estimated from this sitting's measured rate.
+
+    Progress is only known at checkpoints, so the rate is steps gained over the worker-seconds up
+    to each run's last checkpoint (its folder's time) or its end, never up to now: a run 12 minutes
+    into a 13-minute checkpoint interval would otherwise look stalled. Steps made since a run's
+    last checkpoint are taken at that rate. ``began`` / ``ended``: when each run of this sitting
+    started / finished.
+    """
+    now = time.time() if now is None else now
+    marks = {key: last_checkpoint(run.checkpoint_dir(checkpoint_root))
+             for key, (run, _, _) in active.items()}
+    done_now = {key: step for key, (_, step) in marks.items()}
+    gained = seconds = 0.0
+    for key, (checkpoint, step) in marks.items():
+        if checkpoint is not None and step > start_steps[key]:
+            gained += step - start_steps[key]
+            seconds += max(checkpoint.stat().st_mtime - began[key], 1e-9)
+    for key in ended:
+        gained += total[key] - start_steps[key]
+        seconds += ended[key] - began[key]
     parts = [f"{key} {done_now[key]}/{total[key]}" for key in done_now]
-    elapsed = time.time() - started_at
     if gained > 0:
-        # Steps per second of the whole pool in this sitting; the last workers of a grid run alone.
-        rate = gained / elapsed
-        eta = f"about {format_duration(remaining / rate)} left ({rate * 3600 / workers:.0f} steps/h per worker)"
+        rate = gained / seconds  # steps per second of one worker
+        remaining = sum(total[run.key] - start_steps[run.key] for run in queue)
+        for key, (checkpoint, step) in marks.items():
+            since = now - (checkpoint.stat().st_mtime if checkpoint is not None else began[key])
+            remaining += max(total[key] - step - rate * since, 0.0)
+        # the last runs of a grid may have fewer than ``workers`` to share the pool
+        eta = (f"about {format_duration(remaining / (rate * workers))} left "
+               f"({rate * 3600:.0f} steps/h per worker)")
     else:
         eta = "remaining time known after the first checkpoint"
     return (f"{len(finished)} of {len(runs)} runs finished, {len(active)} running "
