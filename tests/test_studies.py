@@ -177,6 +177,18 @@ def test_the_studies_readme_quotes_its_committed_reports() -> None:
     assert len(quoted) >= 10
 
 
+@pytest.mark.parametrize("study", ["fashion_mnist_long", "ptb_lm_long", "lora_finetune"])
+def test_a_summary_records_the_study_not_the_sitting(study: str) -> None:
+    import importlib
+
+    args = importlib.import_module(study).StudyArguments
+    record = args().study_record()
+    local = args(report_only=True, eta_every=5.0, results_dir="/elsewhere", checkpoint_dir="/ckpt",
+                 data_dir="/data").study_record()
+    assert local == record and "report_only" not in record and "results_dir" not in record
+    assert args(seeds=[1]).study_record()["seeds"] == [1] and record["workers"] == 2
+
+
 def test_a_gpu_run_of_the_image_study_is_a_different_run() -> None:
     import fashion_mnist_long as study
 

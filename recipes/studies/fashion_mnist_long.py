@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -196,8 +196,7 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
     lines = [f"# Fashion-MNIST, ResNet18 (width {args.width:g}), {args.epochs} epochs: "
              f"{base} vs {other}", "", f"Status: {status}.", ""]
     summary: dict[str, Any] = {"status": status, "finished": n, "planned": planned,
-                               "study": asdict(args) | {"results_dir": None, "checkpoint_dir": None,
-                                                        "data_dir": None},
+                               "study": args.study_record(),
                                "paired": {}, "multiplier": {}}
     if running:
         lines += running_section(

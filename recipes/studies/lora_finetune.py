@@ -27,7 +27,7 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -239,8 +239,7 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
     status = "complete" if n >= planned else f"PARTIAL: {n} of {planned} runs finished"
     lines = [f"# LoRA fine-tuning on held-out plays: {lora} vs {tb}", "", f"Status: {status}.", ""]
     summary: dict[str, Any] = {"status": status, "finished": n, "planned": planned,
-                               "study": asdict(args) | {"results_dir": None, "checkpoint_dir": None,
-                                                        "data_dir": None},
+                               "study": args.study_record(),
                                "base": base, "paired": {}, "multiplier": {}}
     if base is not None:
         lines += [f"Base model: {base['parameters']:,} parameters, pre-trained {base['steps']} "

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -172,8 +172,7 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
     lines = [f"# Tensorized transformer LM ({args.d_model}-d, {args.num_layers} layers, causal), "
              f"{args.max_steps} steps: {base} vs {other}", "", f"Status: {status}.", ""]
     summary: dict[str, Any] = {"status": status, "finished": n, "planned": planned,
-                               "study": asdict(args) | {"results_dir": None, "checkpoint_dir": None,
-                                                        "data_dir": None}, "paired": {}}
+                               "study": args.study_record(), "paired": {}}
     if running:
         lines += running_section(
             running, base=base, other=other, progress="steps done",

@@ -28,7 +28,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,13 @@ class GridArguments:
     eta_every: float = field(default=300.0, metadata={"help": "seconds between progress lines"})
     report_only: bool = field(default=False, metadata={
         "help": "rewrite the report from the committed results, train nothing"})
+
+    def study_record(self) -> dict[str, Any]:
+        """The arguments as a study's ``summary.json`` keeps them: without this machine's paths
+        and this sitting's mode (``report_only``, ``eta_every``), so that rewriting a report does
+        not change what it says the study was."""
+        local = {"results_dir", "checkpoint_dir", "data_dir", "report_only", "eta_every"}
+        return {k: v for k, v in asdict(self).items() if k not in local}
 
 
 def recorded_settings(settings: dict[str, Any], implicit: dict[str, Any]) -> dict[str, Any]:
