@@ -33,7 +33,7 @@ class Cell:
     values: tuple[float, ...]
 
     def format(self) -> str:
-        return format_mean_std(self.values)
+        return format_mean_std(self.mean, self.std)
 
 
 def aggregate(results: Iterable[dict[str, Any]]) -> list[Cell]:
@@ -57,15 +57,12 @@ def best_lrs(cells: Sequence[Cell]) -> dict[str, Cell]:
     """The cell with the highest mean accuracy for each method (ties: the smaller LR), among the
     method's cells with the most seeds: in a partial grid, a cell of fewer seeds is not compared
     with complete ones."""
-    most = {}
-    for cell in cells:
-        most[cell.method] = max(most.get(cell.method, 0), len(cell.values))
     best: dict[str, Cell] = {}
-    for cell in cells:
-        if len(cell.values) < most[cell.method]:
-            continue
-        if cell.method not in best or cell.mean > best[cell.method].mean:
-            best[cell.method] = cell
+    for method in dict.fromkeys(c.method for c in cells):
+        mine = [c for c in cells if c.method == method]
+        most = max(len(c.values) for c in mine)
+        # max() keeps the first of equal means: cells come in ascending LR
+        best[method] = max((c for c in mine if len(c.values) == most), key=lambda c: c.mean)
     return best
 
 

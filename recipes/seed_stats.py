@@ -20,9 +20,9 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def format_mean_std(values: Sequence[float], digits: int = 2) -> str:
-    """``"mean ± std"``, or ``"mean (1 seed)"`` for a single value."""
-    mean, std = mean_std(values)
+def format_mean_std(mean: float, std: float | None, digits: int = 2) -> str:
+    """``"mean ± std"``, or ``"mean (1 seed)"`` when there is no std (:func:`mean_std` of one
+    value)."""
     if std is None:
         return f"{mean:.{digits}f} (1 seed)"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"

@@ -57,9 +57,9 @@ def test_mean_std_is_numpys_sample_std_and_one_seed_prints_no_spread() -> None:
     values = [93.38, 93.51, 93.25]
     mean, std = seed_stats.mean_std(values)
     assert mean == pytest.approx(np.mean(values)) and std == pytest.approx(np.std(values, ddof=1))
-    assert seed_stats.format_mean_std(values) == f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+    assert seed_stats.format_mean_std(mean, std) == f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
     assert seed_stats.mean_std([93.4]) == (93.4, None)  # no spread to estimate, as in a pair of one
-    assert seed_stats.format_mean_std([93.4]) == "93.40 (1 seed)"
+    assert seed_stats.format_mean_std(*seed_stats.mean_std([93.4])) == "93.40 (1 seed)"
     with pytest.raises(ValueError, match="at least one value"):
         seed_stats.mean_std([])
 
@@ -128,6 +128,14 @@ def test_remaining_time_counts_only_up_to_each_runs_last_checkpoint(tmp_path: Pa
     before = st._progress(runs, {}, [runs[2]], active, total, dict.fromkeys(total, 0),
                           dict.fromkeys("ab", t0), {}, tmp_path / "none", workers=2, now=t0 + 60)
     assert "remaining time known after the first checkpoint" in before
+    # run b resumed from its checkpoint-250 of an earlier sitting (written long before t0): it has
+    # made no measured progress, and the steps it made since its start this sitting count from t0
+    os.utime(runs[1].checkpoint_dir(tmp_path) / "checkpoint-250", (t0 - 3600, t0 - 3600))
+    resumed = st._progress(runs, {}, [runs[2]], active, total, {"a": 0, "b": 250, "c": 0},
+                           dict.fromkeys("ab", t0), {}, tmp_path, workers=2, now=t0 + 1500)
+    rate = 250 / 900
+    remaining = 3000 + (2750 - rate * 600) + (2750 - rate * 1500)
+    assert f"about {st.format_duration(remaining / (2 * rate))} left" in resumed
 
 
 # ------------------------------------------------------------------------------------ reuse

@@ -222,7 +222,7 @@ def _table(results, args, key: str, chosen: dict[str, float]) -> list[str]:
             if not values:
                 cells.append("")
                 continue
-            text = format_mean_std(values)
+            text = format_mean_std(*mean_std(values))
             if len(values) > 1:
                 text += f" ({len(values)})"
             cells.append(f"**{text}**" if chosen.get(method) == lr else text)

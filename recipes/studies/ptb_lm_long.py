@@ -196,7 +196,7 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
             for key in ("valid_ppl", "test_ppl"):
                 values = [r[key] for r in group]
                 mean, std = mean_std(values)
-                cells.append(format_mean_std(values))
+                cells.append(format_mean_std(mean, std))
                 summary.setdefault("cells", {}).setdefault(method, {})[key] = {
                     "mean": mean, "std": std, "values": values, "seeds": [r["seed"] for r in group]}
             mults = [r["tempbalance"]["mean_multiplier"] for r in group if r.get("tempbalance")]

@@ -302,24 +302,26 @@ def _progress(runs, finished, queue, active, total, start_steps, began, ended, c
     started / finished.
     """
     now = time.time() if now is None else now
-    marks = {key: last_checkpoint(run.checkpoint_dir(checkpoint_root))
-             for key, (run, _, _) in active.items()}
-    done_now = {key: step for key, (_, step) in marks.items()}
+    marks = {}  # run -> (step of its last checkpoint, when this sitting reached it)
+    for key, (run, _, _) in active.items():
+        checkpoint, step = last_checkpoint(run.checkpoint_dir(checkpoint_root))
+        # a checkpoint from an earlier sitting (the one a run resumed from) marks its start
+        new = checkpoint is not None and step > start_steps[key]
+        marks[key] = (step, checkpoint.stat().st_mtime if new else began[key])
     gained = seconds = 0.0
-    for key, (checkpoint, step) in marks.items():
-        if checkpoint is not None and step > start_steps[key]:
+    for key, (step, at) in marks.items():
+        if step > start_steps[key]:
             gained += step - start_steps[key]
-            seconds += max(checkpoint.stat().st_mtime - began[key], 1e-9)
+            seconds += max(at - began[key], 1e-9)
     for key in ended:
         gained += total[key] - start_steps[key]
         seconds += ended[key] - began[key]
-    parts = [f"{key} {done_now[key]}/{total[key]}" for key in done_now]
+    parts = [f"{key} {step}/{total[key]}" for key, (step, _) in marks.items()]
     if gained > 0:
         rate = gained / seconds  # steps per second of one worker
         remaining = sum(total[run.key] - start_steps[run.key] for run in queue)
-        for key, (checkpoint, step) in marks.items():
-            since = now - (checkpoint.stat().st_mtime if checkpoint is not None else began[key])
-            remaining += max(total[key] - step - rate * since, 0.0)
+        remaining += sum(max(total[key] - step - rate * (now - at), 0.0)
+                         for key, (step, at) in marks.items())
         # the last runs of a grid may have fewer than ``workers`` to share the pool
         eta = (f"about {format_duration(remaining / (rate * workers))} left "
                f"({rate * 3600:.0f} steps/h per worker)")
@@ -337,7 +339,8 @@ def running_section(running: Sequence[dict[str, Any]], *, base: str, other: str,
     ``running``: one entry per unfinished run with ``key``, ``method``, ``pair`` (the label of its
     same-seed pair, e.g. ``"LR 0.2 seed 37"``), ``done`` (how far it got, in the unit ``progress``
     names: ``"epochs done"``) and ``curve`` (``[x, value]`` per evaluation so far, ``value`` names
-    the values, ``unit`` their differences). ``point(x)`` labels one evaluation in the paired differences (``e3``, ``step 250``).
+    the values, ``unit`` their differences). ``point(x)`` labels one evaluation in the paired
+    differences (``e3``, ``step 250``).
     """
     lines = ["## Runs in progress (a snapshot, not a result)", "", intro, "",
              f"| run | {progress} | {value} |", "|---|---|---|"]
@@ -354,8 +357,8 @@ def running_section(running: Sequence[dict[str, Any]], *, base: str, other: str,
             diffs.append(f"{label}: " + ", ".join(
                 f"{point(x)} {by[other][x] - by[base][x]:+.{digits}f}" for x in common))
     if diffs:
-        lines += ["", f"Same-seed differences {other} - {base} ({unit}) at the evaluations both reached: "
-                  + "; ".join(diffs) + "."]
+        lines += ["", f"Same-seed differences {other} - {base} ({unit}) at the evaluations both "
+                  "reached: " + "; ".join(diffs) + "."]
     return lines + [""]
 
 
