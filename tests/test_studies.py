@@ -106,6 +106,26 @@ def test_last_checkpoint_skips_incomplete_folders(tmp_path: Path) -> None:
     assert st.last_checkpoint(tmp_path) == (tmp_path / "checkpoint-10", 10)
 
 
+def test_a_checkpoint_that_vanishes_while_read_is_left_out_of_the_snapshot(tmp_path: Path) -> None:
+    """Reports are written while workers train: a run whose checkpoint is rotated away between
+    finding and reading it is left out; finished runs and runs without a checkpoint too."""
+    runs = [st.Run(key=k, settings={"k": k}, command=["x"], total_steps=30) for k in "abcd"]
+    for run, step in ((runs[0], 10), (runs[1], 20), (runs[2], 10)):
+        checkpoint = run.checkpoint_dir(tmp_path) / f"checkpoint-{step}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "trainer_state.json").write_text(json.dumps({"run": run.key}))
+
+    def read(checkpoint: Path) -> dict:
+        if checkpoint.parent.name.startswith("b-"):  # its run rotates it away just now
+            (checkpoint / "trainer_state.json").unlink()
+            checkpoint.rmdir()
+        return json.loads((checkpoint / "trainer_state.json").read_text())
+
+    got = [(run.key, step, state) for run, step, state in
+           st.checkpoint_snapshots(runs, tmp_path, {"c"}, read)]
+    assert got == [("a", 10, {"run": "a"})]
+
+
 def test_remaining_time_counts_only_up_to_each_runs_last_checkpoint(tmp_path: Path) -> None:
     """Two workers 250 steps in at their checkpoints (900 s and 950 s after they started), a third
     run queued, 1500 s into the sitting: the rate is 500 steps over 1850 worker-seconds, not over
@@ -348,16 +368,19 @@ def test_image_study_reuses_finished_runs_and_resumes_a_killed_one(image_study) 
     folder = next((tmp / "ckpt2").glob("tb_lr0.1_seed43-*"))
     assert "FAILED tb_lr0.1_seed43" in (tmp / "grid.log").read_text()
     assert not (folder / "results.json").exists()  # killed before the end
-    # --report_only shows the killed run's accuracy so far, read from its last checkpoint
+    # the grid's last report shows the killed run's accuracy so far, read from its last
+    # checkpoint, and so does --report_only
     checkpoint, step = st.last_checkpoint(folder)
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     so_far = [100 * e["eval_accuracy"] for e in state["log_history"] if "eval_accuracy" in e]
     assert len(so_far) == step // 5
+    row = f"| tb_lr0.1_seed43 | {len(so_far)} | " + ", ".join(f"{a:.2f}" for a in so_far)
+    assert row in (tmp / "results2" / "report.md").read_text()
+    (tmp / "results2" / "report.md").unlink()
     snapshot = subprocess.run(argv + ["--report_only"], env=ENV, capture_output=True, text=True,
                               timeout=120)
     assert snapshot.returncode == 0, snapshot.stderr[-3000:]
-    assert (f"| tb_lr0.1_seed43 | {len(so_far)} | " + ", ".join(f"{a:.2f}" for a in so_far)
-            in (tmp / "results2" / "report.md").read_text())
+    assert row in (tmp / "results2" / "report.md").read_text()
     resumed = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert re.search(r"start tb_lr0.1_seed43 \(pid \d+\), resuming at step (5|10) of 15", resumed.stdout)

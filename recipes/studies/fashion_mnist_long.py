@@ -11,11 +11,12 @@ augmentation). Every run is ``recipes/image_classification.py`` with one method,
 Runs go two at a time (``--workers``), one thread each, under ``nice -n 10``. Finished runs are
 committed as small JSON files in ``--results_dir`` (``results/fashion_mnist_long/runs/``) and reused
 when their settings match; checkpoints (one per epoch) live in ``--checkpoint_dir`` (outside the
-repository) and a killed run resumes from its last one. After every finished run the report is
-rewritten: ``report.md`` (mean ± std table, per-seed paired differences with 95% t-intervals, the
-mean TempBalance multiplier, the verdict), ``summary.json`` and ``curves.png`` (test accuracy
-over epochs). ``--report_only`` rewrites them from the committed results without training, with a
-snapshot of the unfinished runs' accuracy so far (from their checkpoints).
+repository) and a killed run resumes from its last one. At the start and after every finished
+run the report is rewritten: ``report.md`` (mean ± std table, per-seed paired differences with
+95% t-intervals, the mean TempBalance multiplier, the verdict, and a snapshot of the unfinished
+runs' accuracy so far, from their checkpoints), ``summary.json`` and ``curves.png`` (test
+accuracy over epochs). ``--report_only`` rewrites them from the committed results and the
+checkpoints as they are now, without training.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ from study_tools import (  # noqa: E402
     CACHE,
     GridArguments,
     Run,
+    checkpoint_snapshots,
     cosine_lr,
     format_duration,
-    last_checkpoint,
     load_finished,
     mean_multiplier,
     multiplier_table,
@@ -163,19 +164,18 @@ def in_progress(runs: list[Run], args: StudyArguments, finished: set[str]) -> li
     """Unfinished runs with a checkpoint: their test accuracy per epoch so far (from the
     checkpoint's ``trainer_state.json``). Not results: mid-way through a cosine schedule."""
     out = []
-    for run in runs:
-        if run.key in finished:
-            continue
-        checkpoint, step = last_checkpoint(run.checkpoint_dir(args.checkpoint_dir))
-        if checkpoint is None:
-            continue
-        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    for run, step, state in checkpoint_snapshots(runs, args.checkpoint_dir, finished,
+                                                 _trainer_state):
         curve = [(round(float(e["epoch"])), 100 * float(e["eval_accuracy"]))
                  for e in state["log_history"] if "eval_accuracy" in e]
         out.append({"key": run.key, "method": run.settings["method"], "lr": run.settings["lr"],
                     "seed": run.settings["seed"], "step": step, "done": len(curve), "curve": curve,
                     "pair": f"LR {run.settings['lr']:g} seed {run.settings['seed']}"})
     return out
+
+
+def _trainer_state(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
 
 
 # ------------------------------------------------------------------------------------ report
@@ -299,18 +299,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args,) = HfArgumentParser(StudyArguments).parse_args_into_dataclasses(args=argv)
     runs = build_runs(args)
 
-    def report(results: list[dict[str, Any]]) -> None:
-        write_report(results, args, len(runs))
+    def report(results: list[dict[str, Any]]) -> dict[str, Any]:
+        return write_report(results, args, len(runs),
+                            in_progress(runs, args, {r["key"] for r in results}))
 
     if args.report_only:
         results = [r for run in runs if (r := load_finished(run, args.results_dir)) is not None]
-        running = in_progress(runs, args, {r["key"] for r in results})
     else:
         results = run_grid(runs, results_dir=args.results_dir, checkpoint_root=args.checkpoint_dir,
                            collect=collect, on_update=report, workers=args.workers,
                            threads=args.threads, nice=args.nice, eta_every=args.eta_every)
-        running = None
-    summary = write_report(results, args, len(runs), running)
+    summary = report(results)  # a run that failed shows where its last checkpoint got
     print((Path(args.results_dir) / "report.md").read_text(encoding="utf-8"))
     return summary
 

@@ -14,10 +14,11 @@ As in ``fashion_mnist_long.py``: two runs at a time, one thread each, under ``ni
 finished runs committed as JSON in ``--results_dir`` and reused when their settings match;
 checkpoints every ``--save_steps`` in ``--checkpoint_dir`` (outside the repository), a killed run
 resumes from its last one; the report (``report.md``, ``summary.json``, ``curves.png``: valid
-perplexity over steps) is rewritten after each finished run; ``--report_only true`` rewrites it
-from the committed runs, with a snapshot of the unfinished ones (valid perplexity so far, from
-their checkpoints). The cosine schedule is compressed
-into ``--max_steps`` (the paper: 40,000), so this is a shorter training, not a truncated one.
+perplexity over steps) is rewritten at the start and after each finished run, with a snapshot of
+the unfinished runs (valid perplexity so far, from their checkpoints); ``--report_only true``
+rewrites it from the committed runs and the checkpoints as they are now. The cosine schedule is
+compressed into ``--max_steps`` (the paper: 40,000), so this is a shorter training, not a
+truncated one.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from study_tools import (  # noqa: E402
     CACHE,
     GridArguments,
     Run,
+    checkpoint_snapshots,
     cosine_lr,
-    last_checkpoint,
     load_finished,
     mean_multiplier,
     pair_row,
@@ -134,18 +135,11 @@ def in_progress(runs: list[Run], args: StudyArguments, finished: set[str]) -> li
     """Unfinished runs with a checkpoint: their valid perplexity at each evaluation so far (from the
     loop state ``ptb_lm.py`` saves with every checkpoint). Not results: mid-way through a cosine
     schedule, and before the best checkpoint is chosen."""
-    out = []
-    for run in runs:
-        if run.key in finished:
-            continue
-        checkpoint, step = last_checkpoint(run.checkpoint_dir(args.checkpoint_dir))
-        state = None if checkpoint is None else _loop_state(checkpoint)
-        if state is None:
-            continue
-        out.append({"key": run.key, "method": run.settings["method"], "seed": run.settings["seed"],
-                    "done": step, "pair": f"seed {run.settings['seed']}",
-                    "curve": [[int(e["step"]), float(e["valid_ppl"])] for e in state["evals"]]})
-    return out
+    return [{"key": run.key, "method": run.settings["method"], "seed": run.settings["seed"],
+             "done": step, "pair": f"seed {run.settings['seed']}",
+             "curve": [[int(e["step"]), float(e["valid_ppl"])] for e in state["evals"]]}
+            for run, step, state in checkpoint_snapshots(runs, args.checkpoint_dir, finished,
+                                                         _loop_state)]
 
 
 def _loop_state(checkpoint: Path) -> dict[str, Any] | None:
@@ -250,17 +244,20 @@ def _plot_curves(results: list[dict[str, Any]], args: StudyArguments, path: Path
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args,) = HfArgumentParser(StudyArguments).parse_args_into_dataclasses(args=argv)
     runs = build_runs(args)
-    running = None
+
+    def report(results: list[dict[str, Any]]) -> dict[str, Any]:
+        return write_report(results, args, len(runs),
+                            in_progress(runs, args, {r["key"] for r in results}))
+
     if args.report_only:
         results = [r for run in runs if (r := load_finished(run, args.results_dir)) is not None]
-        running = in_progress(runs, args, {r["key"] for r in results})
     else:
         ensure_corpus(args.data_dir)
         results = run_grid(runs, results_dir=args.results_dir, checkpoint_root=args.checkpoint_dir,
                            collect=collect, workers=args.workers, threads=args.threads,
                            nice=args.nice, eta_every=args.eta_every, env={"TQDM_DISABLE": "1"},
-                           on_update=lambda done: write_report(done, args, len(runs)))
-    summary = write_report(results, args, len(runs), running)
+                           on_update=report)
+    summary = report(results)  # a run that failed shows where its last checkpoint got
     print((Path(args.results_dir) / "report.md").read_text(encoding="utf-8"))
     return summary
 

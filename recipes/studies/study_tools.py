@@ -21,18 +21,20 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CACHE", "GridArguments", "Run", "recorded_settings", "settings_hash", "last_checkpoint", "load_finished", "run_grid",
+__all__ = ["CACHE", "GridArguments", "Run", "recorded_settings", "settings_hash", "last_checkpoint",
+           "checkpoint_snapshots", "load_finished", "run_grid",
            "paired_differences", "t_quantile_975", "mean_multiplier", "multiplier_table", "cosine_lr", "format_duration",
            "verdict", "pair_row"]
 
@@ -122,11 +124,37 @@ def last_checkpoint(folder: str | os.PathLike) -> tuple[Path | None, int]:
         match = _CHECKPOINT.fullmatch(path.name)
         if not match or not path.is_dir():
             continue
-        names = {p.name for p in path.iterdir()}
+        try:
+            names = {p.name for p in path.iterdir()}
+        except FileNotFoundError:  # rotated away by its run (save_total_limit) while we looked
+            continue
         complete = "trainer_state.json" in names or any(n.startswith("random_states") for n in names)
         if complete and int(match.group(1)) > best[1]:
             best = (path, int(match.group(1)))
     return best
+
+
+def checkpoint_snapshots(runs: Iterable[Run], checkpoint_root: str | os.PathLike,
+                         finished: set[str], read: Callable[[Path], Any]) -> Iterator[tuple[Run, int, Any]]:
+    """``(run, step, read(checkpoint))`` for each run not in ``finished`` with a checkpoint: its
+    newest complete one. ``read`` returns None for a checkpoint without what it looks for.
+
+    The grid writes reports while its workers train, so a checkpoint can be rotated away or half
+    replaced between finding and reading it: such a run is left out of this snapshot (a snapshot
+    is never worth stopping the grid for); the next report sees its next checkpoint.
+    """
+    for run in runs:
+        if run.key in finished:
+            continue
+        checkpoint, step = last_checkpoint(run.checkpoint_dir(checkpoint_root))
+        if checkpoint is None:
+            continue
+        try:
+            state = read(checkpoint)
+        except (OSError, ValueError, EOFError, RuntimeError, pickle.UnpicklingError):
+            continue
+        if state is not None:
+            yield run, step, state
 
 
 def load_finished(run: Run, results_dir: str | os.PathLike) -> dict[str, Any] | None:
