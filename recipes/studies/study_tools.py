@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["CACHE", "GridArguments", "Run", "recorded_settings", "settings_hash", "last_checkpoint",
-           "checkpoint_snapshots", "load_finished", "run_grid",
+           "checkpoint_snapshots", "load_finished", "run_grid", "run_study",
            "paired_differences", "t_quantile_975", "mean_multiplier", "multiplier_table", "cosine_lr", "format_duration",
            "verdict", "pair_row"]
 
@@ -57,6 +57,10 @@ class GridArguments:
     eta_every: float = field(default=300.0, metadata={"help": "seconds between progress lines"})
     report_only: bool = field(default=False, metadata={
         "help": "rewrite the report from the committed results, train nothing"})
+    # each study redeclares these two with its own folders as defaults
+    results_dir: str = field(default="", metadata={"help": "committed results"})
+    checkpoint_dir: str = field(default="", metadata={
+        "help": "checkpoints and logs of the runs (outside the repository)"})
 
     def study_record(self) -> dict[str, Any]:
         """The arguments as a study's ``summary.json`` keeps them: without this machine's paths
@@ -396,6 +400,25 @@ def t_quantile_975(df: int) -> float:
     from scipy import stats
 
     return float(stats.t.ppf(0.975, df))
+
+
+def run_study(runs: Sequence[Run], args: GridArguments, *,
+              collect: Callable[[Run, Path], dict[str, Any]],
+              report: Callable[[list[dict[str, Any]]], dict[str, Any]],
+              env: dict[str, str] | None = None) -> dict[str, Any]:
+    """A study's command: train the grid of ``runs`` as ``args`` says (with ``args.report_only``,
+    only read the committed runs), write the report with ``report(results)`` at the start, after
+    each finished run and at the end, print it and return what the last ``report`` returned."""
+    if args.report_only:
+        results = [r for run in runs if (r := load_finished(run, args.results_dir)) is not None]
+    else:
+        results = run_grid(runs, results_dir=args.results_dir, checkpoint_root=args.checkpoint_dir,
+                           collect=collect, on_update=report, workers=args.workers,
+                           threads=args.threads, nice=args.nice, eta_every=args.eta_every,
+                           env=env)
+    summary = report(results)
+    print((Path(args.results_dir) / "report.md").read_text(encoding="utf-8"))
+    return summary
 
 
 def paired_differences(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
