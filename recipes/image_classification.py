@@ -63,6 +63,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.modeling_outputs import ImageClassifierOutput
+from usage import UsageError, run_main
 
 from hf_tempbalance import TempBalanceCallback, TempBalanceConfig
 from hf_tempbalance.arguments import TempBalanceSettings
@@ -71,11 +72,6 @@ from hf_tempbalance.history import HISTORY_FILE, read_history
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
-
-
-class UsageError(ValueError):
-    """A bad flag or a data set that cannot be had: the script prints one line saying what to do
-    and exits with status 2 (a ValueError, so library callers can catch it as before)."""
 
 
 @dataclass
@@ -440,9 +436,4 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as err:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"image_classification.py: error: {' '.join(str(err).split())}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

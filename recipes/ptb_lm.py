@@ -62,6 +62,7 @@ from models.tensorized_transformer import (  # noqa: E402
     TensorizedTransformerConfig,
     TensorizedTransformerForCausalLM,
 )
+from usage import UsageError, run_main  # noqa: E402
 
 from hf_tempbalance import TempBalance  # noqa: E402
 from hf_tempbalance.arguments import TempBalanceSettings  # noqa: E402
@@ -79,10 +80,6 @@ AUTHORS_EXCLUDE = (r"\.r_net$", r"^lm_head$")
 OFFLINE_CORPUS = "shakespeare_ptb"
 CONVERTER = Path(__file__).resolve().parent / "data" / "make_shakespeare_ptb.py"
 _OFFLINE_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
-
-
-class UsageError(ValueError):
-    """A bad flag or missing input: the script prints one line and exits with status 2."""
 
 
 class HubDataNotCached(UsageError):
@@ -602,9 +599,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as err:
-        if int(os.environ.get("RANK", "0")) == 0:  # one line, not one per process
-            print(f"ptb_lm.py: error: {' '.join(str(err).split())}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

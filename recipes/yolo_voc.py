@@ -45,6 +45,7 @@ from ultralytics.utils import ASSETS_URL, USER_CONFIG_DIR, WEIGHTS_DIR, ops  # n
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from deepforest_voc import build_voc, find_wheel  # noqa: E402
+from usage import UsageError, run_main  # noqa: E402
 from voc_to_yolo import (  # noqa: E402
     VOC_CLASSES,
     convert_voc,
@@ -59,10 +60,6 @@ from hf_tempbalance.history import HISTORY_FILE  # noqa: E402
 from hf_tempbalance.integrations.ultralytics import TempBalanceTrainerMixin  # noqa: E402
 
 VOC2007_ZIPS = ("VOCtrainval_06-Nov-2007.zip", "VOCtest_06-Nov-2007.zip")  # 446 MB + 438 MB
-
-
-class UsageError(ValueError):
-    """A bad flag or missing data: the script prints one line saying what to do and exits with 2."""
 
 
 # ---------------------------------------------------------------------- arguments
@@ -304,8 +301,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as err:
-        print(f"yolo_voc.py: error: {' '.join(str(err).split())}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

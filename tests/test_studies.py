@@ -182,6 +182,61 @@ def test_the_default_command_reuses_every_committed_run(study: str) -> None:
     assert committed and reused == committed
 
 
+def test_a_results_folder_of_other_settings_is_refused(tmp_path: Path) -> None:
+    run = st.Run(key="tb_seed43", settings={"method": "tb", "seed": 43, "steps": (3000, "cosine")},
+                 command=["x"], total_steps=3000)
+    st.check_results_dir([run], tmp_path)  # nothing there yet
+    path = run.result_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"study_settings": {"method": "tb", "seed": 43,
+                                                   "steps": [3000, "cosine"]}}))
+    st.check_results_dir([run], tmp_path)  # the same settings, as JSON holds them: reused
+    assert st.load_finished(run, tmp_path) is not None
+    other = st.Run(key="tb_seed43", settings={"method": "tb", "seed": 43, "steps": [100, "cosine"]},
+                   command=["x"], total_steps=100)
+    with pytest.raises(ValueError, match=r"tb_seed43 made with other settings \(steps \[3000, "
+                                         r"'cosine'\] there, \[100, 'cosine'\] here\).*--results_dir"):
+        st.check_results_dir([other], tmp_path)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=r"unreadable JSON\); remove it"):
+        st.check_results_dir([run], tmp_path)
+    path.unlink()
+    # the folder's summary records the study's arguments: the grid's pace may differ, and an
+    # argument the summary predates is not compared
+    (tmp_path / "summary.json").write_text(json.dumps(
+        {"study": {"workers": 2, "nice": 10, "seeds": [43, 37], "epochs": 30}}))
+    st.check_results_dir([], tmp_path, {"workers": 1, "nice": 0, "seeds": [43, 37], "epochs": 30,
+                                        "device": "cuda"})
+    with pytest.raises(ValueError, match=r"other arguments \(seeds \[43, 37\] there, \[43\] here\)"):
+        st.check_results_dir([], tmp_path, {"workers": 2, "seeds": [43], "epochs": 30})
+
+
+@pytest.mark.parametrize("study, flags", [
+    ("fashion_mnist_long", ["--epochs", "5"]),
+    ("fashion_mnist_long", ["--epochs", "5", "--report_only", "true"]),
+    ("ptb_lm_long", ["--max_steps", "100", "--report_only", "true"]),
+    ("ptb_lm_long", ["--seeds", "43", "--report_only", "true"]),
+    ("lora_finetune", ["--epochs", "1"]),
+])
+def test_a_study_with_other_settings_leaves_the_committed_results_alone(
+        study: str, flags: list[str], tmp_path: Path) -> None:
+    """The committed results (a copy here) with a flag that changes the runs: training would
+    replace them and a report would drop them, so the command exits 2 with one line instead."""
+    import shutil
+
+    results = tmp_path / study
+    shutil.copytree(STUDIES / "results" / study, results)
+    before = {p: p.read_bytes() for p in results.rglob("*") if p.is_file()}
+    done = subprocess.run([sys.executable, str(STUDIES / f"{study}.py"), *flags, "--results_dir",
+                           str(results), "--checkpoint_dir", str(tmp_path / "ckpt")],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert done.stderr.startswith(f"{study}.py: error: ") and "--results_dir" in done.stderr
+    assert {p: p.read_bytes() for p in results.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_the_studies_readme_quotes_its_committed_reports() -> None:
     """Every "mean ± std" and interval the studies' README quotes is in the report the study wrote
     from its committed runs: a README number left behind when the results moved fails here."""

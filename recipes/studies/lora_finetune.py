@@ -42,6 +42,7 @@ from study_tools import (  # noqa: E402
     CACHE,
     GridArguments,
     Run,
+    check_results_dir,
     cosine_lr,
     format_duration,
     load_finished,
@@ -55,6 +56,7 @@ from study_tools import (  # noqa: E402
     verdict,
 )
 from transformers import HfArgumentParser  # noqa: E402
+from usage import run_main  # noqa: E402
 
 RECIPE = RECIPES / "lora_shakespeare.py"
 DEFAULT_BLOCK = 650  # tokens; recipes/lora_shakespeare.py's default
@@ -358,6 +360,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args,) = HfArgumentParser(StudyArguments).parse_args_into_dataclasses(args=argv)
     saved_base = Path(args.results_dir) / "pretrain.json"
     runs = build_runs(args)
+    check_results_dir(runs, args.results_dir, args.study_record())  # before pre-training writes pretrain.json there
     pending = [run for run in runs if load_finished(run, args.results_dir) is None]
     base = None
     if pending and not args.report_only:
@@ -373,4 +376,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

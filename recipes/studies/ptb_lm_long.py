@@ -51,6 +51,7 @@ from study_tools import (  # noqa: E402
     verdict,
 )
 from transformers import HfArgumentParser  # noqa: E402
+from usage import run_main  # noqa: E402
 
 
 @dataclass
@@ -256,4 +257,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

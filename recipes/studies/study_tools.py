@@ -33,8 +33,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from usage import UsageError  # recipes/ is on sys.path, as for every study
+
 __all__ = ["CACHE", "GridArguments", "Run", "recorded_settings", "settings_hash", "last_checkpoint",
-           "checkpoint_snapshots", "load_finished", "run_grid", "run_study",
+           "checkpoint_snapshots", "load_finished", "check_results_dir", "run_grid", "run_study",
            "paired_differences", "t_quantile_975", "mean_multiplier", "multiplier_table", "cosine_lr", "format_duration",
            "verdict", "pair_row"]
 
@@ -170,8 +172,60 @@ def load_finished(run: Run, results_dir: str | os.PathLike) -> dict[str, Any] | 
         saved = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return None
-    same = json.loads(json.dumps(run.settings, default=str))
-    return saved if saved.get("study_settings") == same else None
+    return saved if saved.get("study_settings") == _as_recorded(run.settings) else None
+
+
+def check_results_dir(runs: Iterable[Run], results_dir: str | os.PathLike,
+                      study: dict[str, Any] | None = None) -> None:
+    """Raise :class:`UsageError` when ``results_dir`` belongs to another study: its
+    ``summary.json`` records other arguments than ``study`` (``GridArguments.study_record()``;
+    the grid's pace, ``workers`` and ``nice``, and arguments the summary predates are not
+    compared), or it holds a result under the key of one of ``runs`` that this run would not
+    reuse (made with other settings, or unreadable).
+
+    Training would replace such a result and a report would leave it out and rewrite the
+    folder's report as another study's, so a study with other arguments (``--epochs 5``,
+    ``--seeds 43``) needs its own ``--results_dir``; replacing results is done by removing them.
+    """
+    folder = Path(results_dir)
+    summary = folder / "summary.json"
+    if study is not None and summary.is_file():
+        try:
+            recorded = json.loads(summary.read_text(encoding="utf-8")).get("study") or {}
+        except (json.JSONDecodeError, AttributeError):
+            recorded = {}  # a damaged summary is rewritten from the runs: nothing is lost
+        wanted = _as_recorded(study)
+        differ = [f"{k} {recorded[k]!r} there, {wanted[k]!r} here" for k in wanted
+                  if k in recorded and k not in _PACE and recorded[k] != wanted[k]]
+        if differ:
+            raise UsageError(f"{folder} holds the results of a study with other arguments "
+                             f"({', '.join(differ)}); pass --results_dir for a study with these")
+    for run in runs:
+        path = run.result_path(folder)
+        if not path.is_file():
+            continue
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8")).get("study_settings")
+        except (json.JSONDecodeError, AttributeError):
+            raise UsageError(f"{path} is not a run's result (unreadable JSON); remove it to train "
+                             f"{run.key} again") from None
+        wanted = _as_recorded(run.settings)
+        if recorded != wanted:
+            recorded = recorded if isinstance(recorded, dict) else {}
+            differ = [f"{k} {recorded.get(k, '(none)')!r} there, {wanted.get(k, '(none)')!r} here"
+                      for k in sorted(set(recorded) | set(wanted)) if recorded.get(k) != wanted.get(k)]
+            raise UsageError(f"{path} holds {run.key} made with other settings "
+                             f"({', '.join(differ)}); pass --results_dir for a study with these "
+                             f"settings, or remove the file to replace that run")
+
+
+#: Arguments that set how fast a grid goes, not what it trains.
+_PACE = ("workers", "nice")
+
+
+def _as_recorded(settings: dict[str, Any]) -> Any:
+    """``settings`` as a result file holds them (JSON: tuples become lists, others strings)."""
+    return json.loads(json.dumps(settings, default=str))
 
 
 def format_duration(seconds: float) -> str:
@@ -307,8 +361,7 @@ def _ordered(runs: Sequence[Run], finished: dict[str, dict[str, Any]]) -> list[d
 
 
 def _store(run: Run, result: dict[str, Any], results_dir: Path) -> dict[str, Any]:
-    result = {"key": run.key, "study_settings": json.loads(json.dumps(run.settings, default=str)),
-              **result}
+    result = {"key": run.key, "study_settings": _as_recorded(run.settings), **result}
     path = run.result_path(results_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
@@ -408,7 +461,9 @@ def run_study(runs: Sequence[Run], args: GridArguments, *,
               env: dict[str, str] | None = None) -> dict[str, Any]:
     """A study's command: train the grid of ``runs`` as ``args`` says (with ``args.report_only``,
     only read the committed runs), write the report with ``report(results)`` at the start, after
-    each finished run and at the end, print it and return what the last ``report`` returned."""
+    each finished run and at the end, print it and return what the last ``report`` returned.
+    Refuses (:class:`UsageError`) a results folder holding these runs made with other settings."""
+    check_results_dir(runs, args.results_dir, args.study_record())
     if args.report_only:
         results = [r for run in runs if (r := load_finished(run, args.results_dir)) is not None]
     else:
