@@ -499,6 +499,10 @@ def test_lm_study_smoke(tmp_path: Path) -> None:
         assert runs[f"cal_seed{seed}"].get("tempbalance") is None
     report = (tmp_path / "results" / "report.md").read_text()
     assert "Status: complete." in report and "| valid_ppl |" in report
+    # the caveat on the LR: tb's multipliers in [1, 2] raise its average LR above the baseline's
+    weighted = np.mean([runs[f"tb_seed{s}"]["tempbalance"]["mean_multiplier"]["lr_weighted"]
+                        for s in (43, 37)])
+    assert f"trained at {weighted:.2f}x that LR on average" in report and "higher effective LR" in report
     assert (tmp_path / "results" / "curves.png").is_file()
     # the snapshot of unfinished runs reads the loop state of their last checkpoint (step 10 here):
     # taken as unfinished, each run shows its first evaluation, as its finished record has it

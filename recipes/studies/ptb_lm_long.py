@@ -220,9 +220,28 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
             lines.append("- " + verdict(summary["paired"][key], what=key.replace("_", " "),
                                         unit="PPL", higher_is_better=False, finished=n,
                                         planned=planned))
+        lines += lr_confound(results, other, args.learning_rate)
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary
+
+
+def lr_confound(results: list[dict[str, Any]], method: str, lr: float) -> list[str]:
+    """The verdict's caveat: ``method`` ran at its mean multiplier times the baseline's LR, and
+    with one LR for both a difference cannot be told apart from one of a higher (or lower) LR."""
+    mults = [r["tempbalance"]["mean_multiplier"]["lr_weighted"] for r in results
+             if r["method"] == method and r.get("tempbalance")]
+    if not mults:
+        return []
+    m = sum(mults) / len(mults)
+    if abs(m - 1) < 0.02:
+        return []
+    return [f"- Both methods ran at the one nominal LR {lr:g}; with {method}'s multipliers the "
+            f"layers it balances trained at {m:.2f}x that LR on average (LR-weighted mean "
+            f"multiplier), so a "
+            f"difference here may come from the {'higher' if m > 1 else 'lower'} effective LR as "
+            f"much as from balancing the layers: this study cannot tell them apart (the baseline "
+            f"was not run at {m * lr:.3g})."]
 
 
 def _plot_curves(results: list[dict[str, Any]], args: StudyArguments, path: Path) -> None:
