@@ -389,8 +389,13 @@ class TempBalance:
         neutral 1.0 for ``linear``/``step``, with the saved config's ``s1``, ``s2``, ``assign``).
         A bad state raises ``ValueError`` naming the field and the fix, and leaves the engine as
         it was. A state saved without its history leaves :attr:`history` as it is.
+
+        A state saved under other settings (``s1``, ``metric``, ...: a resume after the config
+        was edited) loads, with a warning naming them: its multipliers hold until the next
+        update, which uses this engine's settings.
         """
         checked = self._checked_state(state)
+        self._warn_other_config(state.get("config"))
         self.multipliers = checked["multipliers"]
         self.metrics = checked["metrics"]
         self._steps = checked["num_steps"]  # (with a clock, the clock says where the run is)
@@ -398,6 +403,19 @@ class TempBalance:
         self.schedule.load_state_dict(checked, next_step=self.num_steps)
         if "history" in checked:
             self.history = checked["history"]
+
+    def _warn_other_config(self, saved: Any) -> None:
+        if not isinstance(saved, Mapping) or not is_main_process():
+            return
+        mine = self.config.to_dict()
+        differ = [f"{k} {saved[k]!r} there, {mine[k]!r} here" for k in mine
+                  if k in saved and _plain(saved[k]) != _plain(mine[k])]
+        if differ:
+            warnings.warn(
+                f"TempBalance: the state being loaded was saved with other settings "
+                f"({'; '.join(differ)}); its multipliers hold until the next update, which uses "
+                f"this engine's settings. Resume with the saved config to continue the same run.",
+                stacklevel=3)
 
     def _checked_state(self, state: Any) -> dict[str, Any]:
         """The values of a saved state, parsed; ``ValueError`` for the first bad one."""
@@ -498,6 +516,11 @@ class TempBalance:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _plain(value: Any) -> Any:
+    """A config value as JSON holds it (tuples are lists), for comparing a saved config."""
+    return [_plain(v) for v in value] if isinstance(value, list | tuple) else value
 
 
 def _is_number(value: Any) -> bool:

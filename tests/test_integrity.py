@@ -264,7 +264,8 @@ def test_a_bad_state_is_refused_whole_and_changes_nothing(field, corrupt):
     model = make_net(seed=5)
     # start_step far ahead: no update during the LR probe, the loaded multipliers apply as they are
     tb = TempBalance(model, TempBalanceConfig(min_eigs=10, interval=1, start_step=10**6))
-    tb.load_state_dict(good)
+    with pytest.warns(UserWarning, match="other settings \\(start_step 0 there, 1000000 here\\)"):
+        tb.load_state_dict(good)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     tb.attach(optimizer)
     before = tb.state_dict()
@@ -283,9 +284,15 @@ def test_a_bad_state_is_refused_whole_and_changes_nothing(field, corrupt):
 def test_saved_multipliers_are_checked_against_the_map_that_made_them():
     state = saved_state()  # linear, [0.5, 1.5]
     # resumed with other (s1, s2): the checkpoint's multipliers came from its own map
-    tb = TempBalance(make_net(), TempBalanceConfig(s1=0.6, s2=1.4, min_eigs=10))
-    tb.load_state_dict(state)
+    tb = TempBalance(make_net(), TempBalanceConfig(s1=0.6, s2=1.4, min_eigs=10, interval=1))
+    with pytest.warns(UserWarning, match=r"saved with other settings \(s1 0.5 there, 0.6 here; s2 "
+                                         r"1.5 there, 1.4 here\); its multipliers hold until the "
+                                         r"next update"):
+        tb.load_state_dict(state)
     assert tb.multipliers == state["multipliers"]
+    with warnings.catch_warnings():  # the same settings (tuples as JSON lists): no warning
+        warnings.simplefilter("error")
+        TempBalance(make_net(), TempBalanceConfig(min_eigs=10, interval=1)).load_state_dict(state)
     # 1.0, the neutral multiplier of an all-equal update, may lie outside [s1, s2]
     neutral_cfg = TempBalanceConfig(s1=1.2, s2=1.5, min_eigs=10)
     neutral = TempBalance(make_net(), neutral_cfg).state_dict()
