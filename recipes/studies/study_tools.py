@@ -3,13 +3,16 @@
 A *run* is one training command (``recipes/image_classification.py`` or ``recipes/ptb_lm.py``)
 identified by its *settings* (a small dict: method, LR, seed, epochs, ...). The grid:
 
-* reuses a finished run when the committed JSON in the results dir holds the same settings;
+* reuses a finished run when the committed JSON in the results dir holds the same settings, and
+  refuses a results dir of another study rather than replace its runs or rewrite its report;
 * keeps checkpoints outside the repository, in ``CHECKPOINT_DIR/<key>-<hash of the settings>``,
   so a killed run is found again by its settings and resumes from its last ``checkpoint-N``;
 * runs ``workers`` commands at once, each under ``nice`` with ``threads`` torch/OpenMP threads,
   its output in ``worker.log`` in its checkpoint folder;
 * prints the progress and an estimate of the remaining time every ``eta_every`` seconds (from the
   rate measured in this sitting; progress is read from the last checkpoint of each run).
+
+:func:`run_study` is a study's whole command (the grid, or ``--report_only``, and the report).
 
 Statistics: :func:`paired_differences` (per-seed ``b - a`` with a 95% t-interval) and
 :func:`mean_multiplier` (the average TempBalance LR multiplier over training, from its history).
@@ -356,6 +359,27 @@ def _exit_on_sigterm() -> Any:
     return signal.signal(signal.SIGTERM, stop)
 
 
+def run_study(runs: Sequence[Run], args: GridArguments, *,
+              collect: Callable[[Run, Path], dict[str, Any]],
+              report: Callable[[list[dict[str, Any]]], dict[str, Any]],
+              env: dict[str, str] | None = None) -> dict[str, Any]:
+    """A study's command: train the grid of ``runs`` as ``args`` says (with ``args.report_only``,
+    only read the committed runs), write the report with ``report(results)`` at the start, after
+    each finished run and at the end, print it and return what the last ``report`` returned.
+    A results folder of another study is refused first (:func:`check_results_dir`)."""
+    check_results_dir(runs, args.results_dir, args.study_record())
+    if args.report_only:
+        results = [r for run in runs if (r := load_finished(run, args.results_dir)) is not None]
+    else:
+        results = run_grid(runs, results_dir=args.results_dir, checkpoint_root=args.checkpoint_dir,
+                           collect=collect, on_update=report, workers=args.workers,
+                           threads=args.threads, nice=args.nice, eta_every=args.eta_every,
+                           env=env)
+    summary = report(results)
+    print((Path(args.results_dir) / "report.md").read_text(encoding="utf-8"))
+    return summary
+
+
 def _ordered(runs: Sequence[Run], finished: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return [finished[run.key] for run in runs if run.key in finished]
 
@@ -453,27 +477,6 @@ def t_quantile_975(df: int) -> float:
     from scipy import stats
 
     return float(stats.t.ppf(0.975, df))
-
-
-def run_study(runs: Sequence[Run], args: GridArguments, *,
-              collect: Callable[[Run, Path], dict[str, Any]],
-              report: Callable[[list[dict[str, Any]]], dict[str, Any]],
-              env: dict[str, str] | None = None) -> dict[str, Any]:
-    """A study's command: train the grid of ``runs`` as ``args`` says (with ``args.report_only``,
-    only read the committed runs), write the report with ``report(results)`` at the start, after
-    each finished run and at the end, print it and return what the last ``report`` returned.
-    Refuses (:class:`UsageError`) a results folder holding these runs made with other settings."""
-    check_results_dir(runs, args.results_dir, args.study_record())
-    if args.report_only:
-        results = [r for run in runs if (r := load_finished(run, args.results_dir)) is not None]
-    else:
-        results = run_grid(runs, results_dir=args.results_dir, checkpoint_root=args.checkpoint_dir,
-                           collect=collect, on_update=report, workers=args.workers,
-                           threads=args.threads, nice=args.nice, eta_every=args.eta_every,
-                           env=env)
-    summary = report(results)
-    print((Path(args.results_dir) / "report.md").read_text(encoding="utf-8"))
-    return summary
 
 
 def paired_differences(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
