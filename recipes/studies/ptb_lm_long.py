@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if not args.report_only:
         ensure_corpus(args.data_dir)
-    return run_study(runs, args, collect=collect, report=report, env={"TQDM_DISABLE": "1"})
+    # the workers' progress bars stay in their worker.log: the step rate, when a run is looked at
+    return run_study(runs, args, collect=collect, report=report)
 
 
 if __name__ == "__main__":

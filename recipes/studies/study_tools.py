@@ -246,7 +246,7 @@ def run_grid(runs: Sequence[Run], *, results_dir: str | os.PathLike,
              collect: Callable[[Run, Path], dict[str, Any]],
              on_update: Callable[[list[dict[str, Any]]], None] | None = None,
              workers: int = 2, threads: int = 1, nice: int = 10, eta_every: float = 60.0,
-             poll: float = 2.0, env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+             poll: float = 2.0) -> list[dict[str, Any]]:
     """Train every run not finished yet, ``workers`` at a time; return all finished results.
 
     ``collect(run, checkpoint_dir)`` turns a finished run's output folder into the (small) dict that
@@ -280,7 +280,7 @@ def run_grid(runs: Sequence[Run], *, results_dir: str | os.PathLike,
     active: dict[str, tuple[Run, subprocess.Popen, Any]] = {}
     queue = list(pending)
     failed: list[str] = []
-    child_env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": str(threads),
+    child_env = {**os.environ, "OMP_NUM_THREADS": str(threads),
                  "MKL_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE",
                  "TOKENIZERS_PARALLELISM": "false"}
     # The recipes import hf_tempbalance: the copy of this repository, not another installed one.
@@ -361,8 +361,7 @@ def _exit_on_sigterm() -> Any:
 
 def run_study(runs: Sequence[Run], args: GridArguments, *,
               collect: Callable[[Run, Path], dict[str, Any]],
-              report: Callable[[list[dict[str, Any]]], dict[str, Any]],
-              env: dict[str, str] | None = None) -> dict[str, Any]:
+              report: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> dict[str, Any]:
     """A study's command: train the grid of ``runs`` as ``args`` says (with ``args.report_only``,
     only read the committed runs), write the report with ``report(results)`` at the start, after
     each finished run and at the end, print it and return what the last ``report`` returned.
@@ -373,8 +372,7 @@ def run_study(runs: Sequence[Run], args: GridArguments, *,
     else:
         results = run_grid(runs, results_dir=args.results_dir, checkpoint_root=args.checkpoint_dir,
                            collect=collect, on_update=report, workers=args.workers,
-                           threads=args.threads, nice=args.nice, eta_every=args.eta_every,
-                           env=env)
+                           threads=args.threads, nice=args.nice, eta_every=args.eta_every)
     summary = report(results)
     print((Path(args.results_dir) / "report.md").read_text(encoding="utf-8"))
     return summary
