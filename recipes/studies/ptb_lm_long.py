@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if not args.report_only:
         ensure_corpus(args.data_dir)
-    # the workers' progress bars stay in their worker.log: the step rate, when a run is looked at
+    # each worker's progress bar goes to its worker.log: the step rate of a run, while it runs
     return run_study(runs, args, collect=collect, report=report)
 
 
