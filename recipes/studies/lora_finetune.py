@@ -360,7 +360,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args,) = HfArgumentParser(StudyArguments).parse_args_into_dataclasses(args=argv)
     saved_base = Path(args.results_dir) / "pretrain.json"
     runs = build_runs(args)
-    check_results_dir(runs, args.results_dir, args.study_record())  # before pre-training writes pretrain.json there
+    # before pre-training writes pretrain.json into the results folder
+    check_results_dir(runs, args.results_dir, args.study_record())
     pending = [run for run in runs if load_finished(run, args.results_dir) is None]
     base = None
     if pending and not args.report_only:

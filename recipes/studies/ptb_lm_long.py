@@ -238,10 +238,9 @@ def lr_confound(results: list[dict[str, Any]], method: str, lr: float) -> list[s
         return []
     return [f"- Both methods ran at the one nominal LR {lr:g}; with {method}'s multipliers the "
             f"layers it balances trained at {m:.2f}x that LR on average (LR-weighted mean "
-            f"multiplier), so a "
-            f"difference here may come from the {'higher' if m > 1 else 'lower'} effective LR as "
-            f"much as from balancing the layers: this study cannot tell them apart (the baseline "
-            f"was not run at {m * lr:.3g})."]
+            f"multiplier), so a difference here may come from the "
+            f"{'higher' if m > 1 else 'lower'} effective LR as much as from balancing the layers: "
+            f"this study cannot tell them apart (the baseline was not run at {m * lr:.3g})."]
 
 
 def _plot_curves(results: list[dict[str, Any]], args: StudyArguments, path: Path) -> None:
