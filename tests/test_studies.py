@@ -207,8 +207,12 @@ def test_a_results_folder_of_other_settings_is_refused(tmp_path: Path) -> None:
         {"study": {"workers": 2, "nice": 10, "seeds": [43, 37], "epochs": 30}}))
     st.check_results_dir([], tmp_path, {"workers": 1, "nice": 0, "seeds": [43, 37], "epochs": 30,
                                         "device": "cuda"})
-    with pytest.raises(ValueError, match=r"other arguments \(seeds \[43, 37\] there, \[43\] here\)"):
+    with pytest.raises(ValueError, match=r"other arguments \(seeds \[43, 37\] there, \[43\] here; "
+                                         r"a study may add seeds, LRs or methods, not drop them\)"):
         st.check_results_dir([], tmp_path, {"workers": 2, "seeds": [43], "epochs": 30})
+    st.check_results_dir([], tmp_path, {"seeds": [43, 37, 13], "epochs": 30})  # one more seed
+    with pytest.raises(ValueError, match=r"epochs 30 there, 40 here"):
+        st.check_results_dir([], tmp_path, {"seeds": [43, 37, 13], "epochs": 40})
 
 
 @pytest.mark.parametrize("study, flags", [
@@ -235,6 +239,21 @@ def test_a_study_with_other_settings_leaves_the_committed_results_alone(
     assert done.stderr.startswith(f"{study}.py: error: ") and "--results_dir" in done.stderr
     assert {p: p.read_bytes() for p in results.rglob("*") if p.is_file()} == before
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_study_that_adds_a_seed_keeps_every_committed_run(tmp_path: Path) -> None:
+    import shutil
+
+    results = tmp_path / "fashion_mnist_long"
+    shutil.copytree(STUDIES / "results" / "fashion_mnist_long", results)
+    done = subprocess.run([sys.executable, str(STUDIES / "fashion_mnist_long.py"), "--seeds", "43",
+                           "37", "13", "11", "--report_only", "true", "--results_dir", str(results),
+                           "--checkpoint_dir", str(tmp_path / "ckpt")],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["finished"] == 18 and summary["planned"] == 24
+    assert "Status: PARTIAL: 18 of 24 runs finished." in (results / "report.md").read_text()
 
 
 def test_the_studies_readme_quotes_its_committed_reports() -> None:

@@ -182,9 +182,9 @@ def check_results_dir(runs: Iterable[Run], results_dir: str | os.PathLike,
                       study: dict[str, Any] | None = None) -> None:
     """Raise :class:`UsageError` when ``results_dir`` belongs to another study: its
     ``summary.json`` records other arguments than ``study`` (``GridArguments.study_record()``;
-    the grid's pace, ``workers`` and ``nice``, and arguments the summary predates are not
-    compared), or it holds a result under the key of one of ``runs`` that this run would not
-    reuse (made with other settings, or unreadable).
+    a list may grow, as more seeds; the grid's pace, ``workers`` and ``nice``, and arguments the
+    summary predates are not compared), or it holds a result under the key of one of ``runs``
+    that this run would not reuse (made with other settings, or unreadable).
 
     Training would replace such a result and a report would leave it out and rewrite the
     folder's report as another study's, so a study with other arguments (``--epochs 5``,
@@ -199,10 +199,11 @@ def check_results_dir(runs: Iterable[Run], results_dir: str | os.PathLike,
             recorded = {}  # a damaged summary is rewritten from the runs: nothing is lost
         wanted = _as_recorded(study)
         differ = [f"{k} {recorded[k]!r} there, {wanted[k]!r} here" for k in wanted
-                  if k in recorded and k not in _PACE and recorded[k] != wanted[k]]
+                  if k in recorded and k not in _PACE and not _extends(wanted[k], recorded[k])]
         if differ:
             raise UsageError(f"{folder} holds the results of a study with other arguments "
-                             f"({', '.join(differ)}); pass --results_dir for a study with these")
+                             f"({', '.join(differ)}; a study may add seeds, LRs or methods, not "
+                             f"drop them); pass --results_dir for a study with these")
     for run in runs:
         path = run.result_path(folder)
         if not path.is_file():
@@ -224,6 +225,14 @@ def check_results_dir(runs: Iterable[Run], results_dir: str | os.PathLike,
 
 #: Arguments that set how fast a grid goes, not what it trains.
 _PACE = ("workers", "nice")
+
+
+def _extends(wanted: Any, recorded: Any) -> bool:
+    """``wanted`` is ``recorded`` or, for a list (seeds, LRs, methods), holds all of it: a grid
+    that grew keeps every run its report had."""
+    if isinstance(wanted, list) and isinstance(recorded, list):
+        return {json.dumps(v) for v in recorded} <= {json.dumps(v) for v in wanted}
+    return wanted == recorded
 
 
 def _as_recorded(settings: dict[str, Any]) -> Any:
