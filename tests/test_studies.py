@@ -307,14 +307,16 @@ def test_a_gpu_run_of_the_image_study_is_a_different_run() -> None:
 def test_partial_lm_report_shows_no_spread_for_one_seed(tmp_path: Path) -> None:
     import ptb_lm_long as study
 
-    def run(method: str, seed: int, valid: float, test: float) -> dict:
+    def run(method: str, seed: int, valid: float, test: float, lr: float = 1.25e-4) -> dict:
         tb = {"mean_multiplier": {"mean": 1.4, "lr_weighted": 1.3}} if method == "tb" else None
-        return {"method": method, "seed": seed, "valid_ppl": valid, "test_ppl": test,
+        key = f"{method}_seed{seed}" if lr == 1.25e-4 else f"{method}_lr{lr:g}_seed{seed}"
+        return {"key": key, "study_settings": {"method": method, "seed": seed, "learning_rate": lr},
+                "method": method, "seed": seed, "valid_ppl": valid, "test_ppl": test,
                 "best_step": 10, "steps": 20,
                 "evals": [{"step": 10, "valid_ppl": valid}], "tempbalance": tb}
 
     results = [run("cal", 43, 120.0, 118.0), run("cal", 37, 124.0, 121.0), run("tb", 43, 117.0, 116.0)]
-    args = study.StudyArguments(results_dir=str(tmp_path))
+    args = study.StudyArguments(results_dir=str(tmp_path), control_lrs=[])
     summary = study.write_report(results, args, planned=6)
     report = (tmp_path / "report.md").read_text()
     cal_std = np.std([120.0, 124.0], ddof=1)
@@ -324,6 +326,17 @@ def test_partial_lm_report_shows_no_spread_for_one_seed(tmp_path: Path) -> None:
     assert summary["cells"]["tb"]["valid_ppl"]["std"] is None
     assert summary["paired"]["valid_ppl"]["differences"] == [-3.0]
     assert "one paired seed so far" in report and "PARTIAL: 3 of 6" in report
+    assert "The baseline at 0.000163 would be the control; it is not part of this study" in report
+    # with the control arm: its own row, and tb against it per seed
+    results += [run("cal", 43, 118.5, 117.5, lr=1.6e-4), run("tb", 37, 121.0, 119.0)]
+    args = study.StudyArguments(results_dir=str(tmp_path), control_lrs=[1.6e-4])
+    summary = study.write_report(results, args, planned=8)
+    report = (tmp_path / "report.md").read_text()
+    assert "| cal @ 0.00016 | 118.50 (1 seed) | 117.50 (1 seed) | 1 (none) | 1 |" in report
+    assert "| cal_lr0.00016_seed43 | 10 of 20 | 118.50 | 117.50 |" in report
+    assert summary["paired"]["test_ppl vs cal @ 0.00016"]["differences"] == [116.0 - 117.5]
+    assert summary["paired"]["test_ppl"]["differences"] == [116.0 - 118.0, 119.0 - 121.0]
+    assert "The control: tb against cal @ 0.00016 (every layer at that LR) above" in report
 
 
 def test_lora_study_selects_among_the_lrs_with_the_most_seeds() -> None:
@@ -491,11 +504,19 @@ def test_lm_study_smoke(tmp_path: Path) -> None:
             "20", "--eval_steps", "10", "--save_steps", "10", "--batch_size", "4", "--d_model", "64",
             "--d_head", "20", "--d_inner", "96", "--num_layers", "1", "--max_eval_windows", "3",
             "--data_dir", str(tmp_path / "corpus"), "--results_dir", str(tmp_path / "results"),
-            "--checkpoint_dir", str(tmp_path / "ckpt"), "--eta_every", "1"]
-    done = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=600)
+            "--checkpoint_dir", str(tmp_path / "ckpt"), "--eta_every", "1",
+            "--control_lrs", "2.5e-4"]
+    done = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     runs = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "results" / "runs").glob("*.json")}
-    assert sorted(runs) == ["cal_seed37", "cal_seed43", "tb_seed37", "tb_seed43"]
+    assert sorted(runs) == ["cal_lr0.00025_seed37", "cal_lr0.00025_seed43", "cal_seed37",
+                            "cal_seed43", "tb_seed37", "tb_seed43"]
+    # the control: the baseline, trained at its own LR (the LR the recipe recorded it ran with)
+    for seed in (43, 37):
+        control = runs[f"cal_lr0.00025_seed{seed}"]
+        assert control["config"]["training"]["learning_rate"] == 2.5e-4
+        assert runs[f"cal_seed{seed}"]["config"]["training"]["learning_rate"] == 1.25e-4
+        assert control.get("tempbalance") is None
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())
     for key in ("valid_ppl", "test_ppl"):
         cal = [runs[f"cal_seed{s}"][key] for s in (43, 37)]
@@ -518,10 +539,17 @@ def test_lm_study_smoke(tmp_path: Path) -> None:
         assert runs[f"cal_seed{seed}"].get("tempbalance") is None
     report = (tmp_path / "results" / "report.md").read_text()
     assert "Status: complete." in report and "| valid_ppl |" in report
+    for key in ("valid_ppl", "test_ppl"):
+        control = [runs[f"cal_lr0.00025_seed{s}"][key] for s in (43, 37)]
+        tb = [runs[f"tb_seed{s}"][key] for s in (43, 37)]
+        pair = summary["paired"][f"{key} vs cal @ 0.00025"]
+        assert pair["differences"] == pytest.approx([t - c for t, c in zip(tb, control)])
+    assert "The control: tb against cal @ 0.00025" in report
     # the caveat on the LR: tb's multipliers in [1, 2] raise its average LR above the baseline's
     weighted = np.mean([runs[f"tb_seed{s}"]["tempbalance"]["mean_multiplier"]["lr_weighted"]
                         for s in (43, 37)])
-    assert f"trained at {weighted:.2f}x that LR on average" in report and "higher effective LR" in report
+    assert f"trained at {weighted:.2f}x the nominal LR 0.000125 on average" in report
+    assert "higher effective LR" in report
     assert (tmp_path / "results" / "curves.png").is_file()
     # the snapshot of unfinished runs reads the loop state of their last checkpoint (step 10 here):
     # taken as unfinished, each run shows its first evaluation, as its finished record has it

@@ -10,6 +10,11 @@ batch 120 streams x BPTT 32, cosine to 0 over ``--max_steps``), TempBalance ever
 
     python recipes/studies/ptb_lm_long.py            # the whole study; rerun to continue
 
+After the main runs (``cal`` and ``tb`` per seed) come the control runs: ``cal`` again at each of
+``--control_lrs`` (default 1.9e-4, about the LR TempBalance's balanced layers train at on average
+with (s1, s2) = (1, 2)), so that a difference between the methods can be told from one of a higher
+LR; the report pairs ``tb`` with each.
+
 As in ``fashion_mnist_long.py``: two runs at a time, one thread each, under ``nice -n 10``;
 finished runs committed as JSON in ``--results_dir`` and reused when their settings match;
 checkpoints every ``--save_steps`` in ``--checkpoint_dir`` (outside the repository), a killed run
@@ -61,6 +66,10 @@ class StudyArguments(GridArguments):
     seeds: list[int] = field(default_factory=lambda: [43, 37, 13])
     max_steps: int = field(default=3000, metadata={"help": "optimizer steps (cosine to 0 over them)"})
     learning_rate: float = field(default=1.25e-4, metadata={"help": "the authors' Adam LR"})
+    control_lrs: list[float] = field(default_factory=lambda: [1.9e-4], metadata={
+        "help": "the baseline again at these LRs, after the main runs: a control for TempBalance's "
+                "higher average LR (1.9e-4: 1.25e-4 x 1.53, its LR-weighted mean multiplier on "
+                "seed 43); none: --control_lrs with no value"})
     eval_steps: int = field(default=250, metadata={"help": "steps between valid evaluations"})
     save_steps: int = field(default=250, metadata={"help": "steps between checkpoints"})
     batch_size: int = field(default=120, metadata={"help": "training streams (paper: 120)"})
@@ -85,32 +94,53 @@ def ensure_corpus(data_dir: str) -> None:
 
 
 def build_runs(args: StudyArguments) -> list[Run]:
-    runs = []
-    for seed in args.seeds:
-        for method in args.methods:
-            settings = {
-                "study": "ptb_lm_long", "corpus": Path(args.data_dir).name, "method": method,
-                "seed": seed, "max_steps": args.max_steps, "learning_rate": args.learning_rate,
-                "eval_steps": args.eval_steps, "batch_size": args.batch_size,
-                "d_model": args.d_model, "num_layers": args.num_layers, "d_head": args.d_head,
-                "d_inner": args.d_inner, "causal": True, "max_eval_windows": args.max_eval_windows,
-                "tempbalance": ({"s1": 1.0, "s2": 2.0, "interval": 10} if method == "tb" else None),
-            }
-            command = [sys.executable, str(RECIPES / "ptb_lm.py"), "--data_dir", args.data_dir,
-                       "--method", method, "--seed", str(seed), "--max_steps", str(args.max_steps),
-                       "--learning_rate", str(args.learning_rate),
-                       "--eval_steps", str(args.eval_steps), "--logging_steps", str(args.eval_steps),
-                       "--save_steps", str(args.save_steps), "--save_total_limit", "1",
-                       "--per_device_train_batch_size", str(args.batch_size),
-                       "--d_model", str(args.d_model), "--num_layers", str(args.num_layers),
-                       "--d_head", str(args.d_head), "--d_inner", str(args.d_inner),
-                       "--tb_s1", "1.0", "--tb_s2", "2.0", "--tb_interval", "10",
-                       "--use_cpu", "true", "--report_to", "none"]
-            if args.max_eval_windows is not None:
-                command += ["--max_eval_windows", str(args.max_eval_windows)]
-            runs.append(Run(key=f"{method}_seed{seed}", settings=settings, command=command,
-                            total_steps=args.max_steps))
-    return runs
+    """The main runs seed by seed (each method), then the control runs (the baseline at each of
+    ``--control_lrs``), so that the comparison the study is for finishes first."""
+    main = [_run(args, method, seed, args.learning_rate) for seed in args.seeds
+            for method in args.methods]
+    controls = [_run(args, args.methods[0], seed, lr) for lr in args.control_lrs
+                for seed in args.seeds]
+    return main + controls
+
+
+def _run(args: StudyArguments, method: str, seed: int, lr: float) -> Run:
+    settings = {
+        "study": "ptb_lm_long", "corpus": Path(args.data_dir).name, "method": method,
+        "seed": seed, "max_steps": args.max_steps, "learning_rate": lr,
+        "eval_steps": args.eval_steps, "batch_size": args.batch_size,
+        "d_model": args.d_model, "num_layers": args.num_layers, "d_head": args.d_head,
+        "d_inner": args.d_inner, "causal": True, "max_eval_windows": args.max_eval_windows,
+        "tempbalance": ({"s1": 1.0, "s2": 2.0, "interval": 10} if method == "tb" else None),
+    }
+    command = [sys.executable, str(RECIPES / "ptb_lm.py"), "--data_dir", args.data_dir,
+               "--method", method, "--seed", str(seed), "--max_steps", str(args.max_steps),
+               "--learning_rate", str(lr),
+               "--eval_steps", str(args.eval_steps), "--logging_steps", str(args.eval_steps),
+               "--save_steps", str(args.save_steps), "--save_total_limit", "1",
+               "--per_device_train_batch_size", str(args.batch_size),
+               "--d_model", str(args.d_model), "--num_layers", str(args.num_layers),
+               "--d_head", str(args.d_head), "--d_inner", str(args.d_inner),
+               "--tb_s1", "1.0", "--tb_s2", "2.0", "--tb_interval", "10",
+               "--use_cpu", "true", "--report_to", "none"]
+    if args.max_eval_windows is not None:
+        command += ["--max_eval_windows", str(args.max_eval_windows)]
+    arm = _arm_name(method, lr, args)
+    return Run(key=f"{arm.replace(' @ ', '_lr')}_seed{seed}", settings=settings, command=command,
+               total_steps=args.max_steps)
+
+
+def _arm_name(method: str, lr: float, args: StudyArguments) -> str:
+    """A method at the study's LR is its name; the baseline at a control LR is ``cal @ 0.00019``."""
+    return method if float(lr) == float(args.learning_rate) else f"{method} @ {lr:g}"
+
+
+def arm(result: dict[str, Any], args: StudyArguments) -> str:
+    """The arm (method, or baseline at a control LR) of a committed run."""
+    return _arm_name(result["method"], result["study_settings"]["learning_rate"], args)
+
+
+def arms(args: StudyArguments) -> list[str]:
+    return list(args.methods) + [_arm_name(args.methods[0], lr, args) for lr in args.control_lrs]
 
 
 def collect(run: Run, folder: Path) -> dict[str, Any]:
@@ -137,7 +167,8 @@ def in_progress(runs: list[Run], args: StudyArguments, finished: set[str]) -> li
     """Unfinished runs with a checkpoint: their valid perplexity at each evaluation so far (from the
     loop state ``ptb_lm.py`` saves with every checkpoint). Not results: mid-way through a cosine
     schedule, and before the best checkpoint is chosen."""
-    return [{"key": run.key, "method": run.settings["method"], "seed": run.settings["seed"],
+    return [{"key": run.key, "seed": run.settings["seed"],
+             "method": _arm_name(run.settings["method"], run.settings["learning_rate"], args),
              "done": step, "pair": f"seed {run.settings['seed']}",
              "curve": [[int(e["step"]), float(e["valid_ppl"])] for e in state["evals"]]}
             for run, step, state in checkpoint_snapshots(runs, args.checkpoint_dir, finished,
@@ -184,8 +215,8 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
         lines += ["## Perplexity (best valid checkpoint), mean ± std over seeds", "",
                   "| method | valid PPL | test PPL | mean multiplier (per step / LR-weighted) | seeds |",
                   "|---|---|---|---|---|"]
-        for method in args.methods:
-            group = [r for r in results if r["method"] == method]
+        for method in arms(args):
+            group = [r for r in results if arm(r, args) == method]
             if not group:
                 continue
             cells = []
@@ -202,45 +233,62 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
         lines += ["", "Per run (the best valid checkpoint is the one scored on test; a best step "
                   "before the last means the run overfit after it):", "",
                   "| run | best step | valid PPL | test PPL |", "|---|---|---|---|"]
-        lines += [f"| {r['method']}_seed{r['seed']} | {r['best_step']} of {r['steps']} | "
+        lines += [f"| {r['key']} | {r['best_step']} of {r['steps']} | "
                   f"{r['valid_ppl']:.2f} | {r['test_ppl']:.2f} |" for r in results]
-        lines += ["", f"## Paired differences {other} - {base} (perplexity, same seed; negative = "
-                  f"{other} better)", "", "| split | per seed | n | mean ± std | 95% t-interval |",
+        controls = arms(args)[len(args.methods):]
+        against = " and ".join([f"`{base}`"] + [f"`{c}` (control)" for c in controls])
+        lines += ["", f"## Paired differences {other} - baseline (perplexity, same seed; negative = "
+                  f"{other} better)", "", f"Against {against}: a split named alone is against "
+                  f"`{base}`.", "", "| split | per seed | n | mean ± std | 95% t-interval |",
                   "|---|---|---|---|---|"]
-        for key in ("valid_ppl", "test_ppl"):
-            by = {m: {int(r["seed"]): float(r[key]) for r in results if r["method"] == m}
-                  for m in (base, other)}
-            pair = paired_differences(by[base], by[other])
-            summary["paired"][key] = pair
-            lines.append(pair_row(key, pair))
+        comparisons = [(key, base, key) for key in ("valid_ppl", "test_ppl")]
+        comparisons += [(key, c, f"{key} vs {c}") for c in controls for key in ("valid_ppl", "test_ppl")]
+        for key, against, label in comparisons:
+            by = {a: {int(r["seed"]): float(r[key]) for r in results if arm(r, args) == a}
+                  for a in (against, other)}
+            pair = paired_differences(by[against], by[other])
+            summary["paired"][label] = pair
+            lines.append(pair_row(label, pair))
         _plot_curves(results, args, out / "curves.png")
         lines += ["", "## Valid perplexity over training", "", "![curves](curves.png)", "",
                   "## Verdict", ""]
-        for key in ("valid_ppl", "test_ppl"):
-            lines.append("- " + verdict(summary["paired"][key], what=key.replace("_", " "),
+        for _, _, label in comparisons:
+            lines.append("- " + verdict(summary["paired"][label], what=label.replace("_", " "),
                                         unit="PPL", higher_is_better=False, finished=n,
                                         planned=planned))
-        lines += lr_confound(results, other, args.learning_rate)
+        lines += lr_confound(results, args)
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary
 
 
-def lr_confound(results: list[dict[str, Any]], method: str, lr: float) -> list[str]:
-    """The verdict's caveat: ``method`` ran at its mean multiplier times the baseline's LR, and
-    with one LR for both a difference cannot be told apart from one of a higher (or lower) LR."""
+def lr_confound(results: list[dict[str, Any]], args: StudyArguments) -> list[str]:
+    """The verdict's caveat on the LR: TempBalance's balanced layers ran at its mean multiplier
+    times the nominal LR, so against the baseline at that LR alone a difference cannot be told
+    apart from one of a higher (or lower) LR; the baseline at ``--control_lrs`` is the control."""
+    other = args.methods[-1]
     mults = [r["tempbalance"]["mean_multiplier"]["lr_weighted"] for r in results
-             if r["method"] == method and r.get("tempbalance")]
+             if arm(r, args) == other and r.get("tempbalance")]
     if not mults:
         return []
     m = sum(mults) / len(mults)
     if abs(m - 1) < 0.02:
         return []
-    return [f"- Both methods ran at the one nominal LR {lr:g}; with {method}'s multipliers the "
-            f"layers it balances trained at {m:.2f}x that LR on average (LR-weighted mean "
-            f"multiplier), so a difference here may come from the "
-            f"{'higher' if m > 1 else 'lower'} effective LR as much as from balancing the layers: "
-            f"this study cannot tell them apart (the baseline was not run at {m * lr:.3g})."]
+    lr = args.learning_rate
+    said = (f"- With its multipliers the layers {other} balances trained at {m:.2f}x the nominal "
+            f"LR {lr:g} on average (LR-weighted mean multiplier), so against the baseline at "
+            f"{lr:g} a difference may come from the {'higher' if m > 1 else 'lower'} effective "
+            f"LR as much as from balancing the layers.")
+    controls = [c for c in arms(args)[len(args.methods):]
+                if any(arm(r, args) == c for r in results)]
+    if not controls:
+        if args.control_lrs:
+            lrs = ", ".join(f"{c:g}" for c in args.control_lrs)
+            return [said + f" The control, the baseline at {lrs}, is not measured yet."]
+        return [said + f" The baseline at {m * lr:.3g} would be the control; it is not part of "
+                       f"this study (--control_lrs)."]
+    return [said + f" The control: {other} against {', '.join(controls)} (every layer at "
+                   f"that LR) above; a difference that holds there is not the LR alone."]
 
 
 def _plot_curves(results: list[dict[str, Any]], args: StudyArguments, path: Path) -> None:
@@ -248,10 +296,11 @@ def _plot_curves(results: list[dict[str, Any]], args: StudyArguments, path: Path
 
     fig = Figure(figsize=(5, 3.4), layout="constrained")
     ax = fig.add_subplot()
-    for i, method in enumerate(args.methods):
-        for j, r in enumerate(r for r in results if r["method"] == method):
+    for i, name in enumerate(arms(args)):
+        for j, r in enumerate(r for r in results if arm(r, args) == name):
             ax.plot([e["step"] for e in r["evals"]], [e["valid_ppl"] for e in r["evals"]],
-                    color=f"C{i}", alpha=0.8, label=method if j == 0 else None)
+                    color=f"C{i}", alpha=0.8, label=name if j == 0 else None,
+                    linestyle="--" if i >= len(args.methods) else "-")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("valid perplexity")
