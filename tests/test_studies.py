@@ -168,7 +168,7 @@ def test_a_setting_at_its_implicit_value_is_left_out_and_any_other_value_recorde
     assert st.settings_hash(gpu) != st.settings_hash({"lr": 0.1})
 
 
-@pytest.mark.parametrize("study", ["fashion_mnist_long", "lora_finetune"])
+@pytest.mark.parametrize("study", ["fashion_mnist_long", "ptb_lm_long", "lora_finetune"])
 def test_the_default_command_reuses_every_committed_run(study: str) -> None:
     """A setting added to a study must not orphan the runs committed before it: the default
     command finds every one of them (and so their checkpoint folders, by the same settings)."""
