@@ -407,9 +407,9 @@ class TempBalance:
     def _warn_other_config(self, saved: Any) -> None:
         if not isinstance(saved, Mapping) or not is_main_process():
             return
-        mine = self.config.to_dict()
+        mine = self.config.to_dict()  # lists, as the saved to_dict() (through JSON or not)
         differ = [f"{k} {saved[k]!r} there, {mine[k]!r} here" for k in mine
-                  if k in saved and _plain(saved[k]) != _plain(mine[k])]
+                  if k in saved and saved[k] != mine[k]]
         if differ:
             warnings.warn(
                 f"TempBalance: the state being loaded was saved with other settings "
@@ -516,11 +516,6 @@ class TempBalance:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
-def _plain(value: Any) -> Any:
-    """A config value as JSON holds it (tuples are lists), for comparing a saved config."""
-    return [_plain(v) for v in value] if isinstance(value, list | tuple) else value
 
 
 def _is_number(value: Any) -> bool:

@@ -241,6 +241,15 @@ def test_a_study_with_other_settings_leaves_the_committed_results_alone(
     assert not (tmp_path / "ckpt").exists()
 
 
+def test_a_control_lr_equal_to_the_studys_own_is_refused() -> None:
+    """Its runs would carry the main baseline's keys and settings: two runs of one key."""
+    done = subprocess.run([sys.executable, str(STUDIES / "ptb_lm_long.py"), "--control_lrs",
+                           "1.25e-4", "--report_only", "true"],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert "includes the study's own LR 0.000125" in done.stderr
+
+
 def test_a_study_that_adds_a_seed_keeps_every_committed_run(tmp_path: Path) -> None:
     import shutil
 

@@ -143,6 +143,7 @@ def build_runs(args: StudyArguments) -> list[Run]:
     """One :class:`Run` per (seed, LR, method): seed by seed, so that a partial grid holds whole
     seeds (every LR, both methods)."""
     runs = []
+    steps = math.ceil(_train_windows(args) / args.batch_size) * math.ceil(args.epochs)
     for seed in args.seeds:
         for lr in args.lrs:
             for method in args.methods:
@@ -154,8 +155,6 @@ def build_runs(args: StudyArguments) -> list[Run]:
                 command = [sys.executable, str(RECIPE), "finetune", "--base", str(base_dir(args)),
                            *model_flags(args), "--method", method, "--learning_rate", str(lr),
                            "--seed", str(seed), "--epochs", str(args.epochs)]
-                windows = _train_windows(args)
-                steps = math.ceil(windows / args.batch_size) * math.ceil(args.epochs)
                 runs.append(Run(key=f"{method}_lr{lr:g}_seed{seed}", settings=settings,
                                 command=command, total_steps=steps))
     return runs

@@ -56,7 +56,7 @@ from study_tools import (  # noqa: E402
     verdict,
 )
 from transformers import HfArgumentParser  # noqa: E402
-from usage import run_main  # noqa: E402
+from usage import UsageError, run_main  # noqa: E402
 
 
 @dataclass
@@ -84,6 +84,12 @@ class StudyArguments(GridArguments):
         "help": "committed results: runs/*.json, report.md, summary.json, curves.png"})
     checkpoint_dir: str = field(default=str(CACHE / "studies" / "ptb_lm_long"), metadata={
         "help": "checkpoints and logs of the runs (outside the repository)"})
+
+    def __post_init__(self) -> None:
+        if any(float(lr) == float(self.learning_rate) for lr in self.control_lrs):
+            raise UsageError(f"--control_lrs {self.control_lrs} includes the study's own LR "
+                             f"{self.learning_rate:g}: its baseline runs are the main ones; leave "
+                             f"it out")
 
 
 def ensure_corpus(data_dir: str) -> None:

@@ -167,15 +167,27 @@ def checkpoint_snapshots(runs: Iterable[Run], checkpoint_root: str | os.PathLike
 
 
 def load_finished(run: Run, results_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The committed result of ``run`` when it was made with the same settings, else None."""
+    """The committed result of ``run``, None when there is none. A file under its key that this
+    run would not reuse (made with other settings, or unreadable) raises :class:`UsageError`:
+    training would replace it."""
     path = run.result_path(results_dir)
     if not path.is_file():
         return None
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return None
-    return saved if saved.get("study_settings") == _as_recorded(run.settings) else None
+        recorded = saved.get("study_settings")
+    except (json.JSONDecodeError, AttributeError):
+        raise UsageError(f"{path} is not a run's result (unreadable JSON); remove it to train "
+                         f"{run.key} again") from None
+    wanted = _as_recorded(run.settings)
+    if recorded != wanted:
+        recorded = recorded if isinstance(recorded, dict) else {}
+        differ = [f"{k} {recorded.get(k, '(none)')!r} there, {wanted.get(k, '(none)')!r} here"
+                  for k in sorted(set(recorded) | set(wanted)) if recorded.get(k) != wanted.get(k)]
+        raise UsageError(f"{path} holds {run.key} made with other settings "
+                         f"({', '.join(differ)}); pass --results_dir for a study with these "
+                         f"settings, or remove the file to replace that run")
+    return saved
 
 
 def check_results_dir(runs: Iterable[Run], results_dir: str | os.PathLike,
@@ -204,23 +216,8 @@ def check_results_dir(runs: Iterable[Run], results_dir: str | os.PathLike,
             raise UsageError(f"{folder} holds the results of a study with other arguments "
                              f"({', '.join(differ)}; a study may add seeds, LRs or methods, not "
                              f"drop them); pass --results_dir for a study with these")
-    for run in runs:
-        path = run.result_path(folder)
-        if not path.is_file():
-            continue
-        try:
-            recorded = json.loads(path.read_text(encoding="utf-8")).get("study_settings")
-        except (json.JSONDecodeError, AttributeError):
-            raise UsageError(f"{path} is not a run's result (unreadable JSON); remove it to train "
-                             f"{run.key} again") from None
-        wanted = _as_recorded(run.settings)
-        if recorded != wanted:
-            recorded = recorded if isinstance(recorded, dict) else {}
-            differ = [f"{k} {recorded.get(k, '(none)')!r} there, {wanted.get(k, '(none)')!r} here"
-                      for k in sorted(set(recorded) | set(wanted)) if recorded.get(k) != wanted.get(k)]
-            raise UsageError(f"{path} holds {run.key} made with other settings "
-                             f"({', '.join(differ)}); pass --results_dir for a study with these "
-                             f"settings, or remove the file to replace that run")
+    for run in runs:  # before anything is trained or written: load_finished raises
+        load_finished(run, folder)
 
 
 #: Arguments that set how fast a grid goes, not what it trains.
