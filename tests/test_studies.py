@@ -215,6 +215,48 @@ def test_a_results_folder_of_other_settings_is_refused(tmp_path: Path) -> None:
         st.check_results_dir([], tmp_path, {"seeds": [43, 37, 13], "epochs": 40})
 
 
+def test_a_study_prepares_only_when_a_run_is_left_to_train(tmp_path: Path) -> None:
+    """run_study: the results folder is checked before ``prepare`` makes anything; ``prepare``
+    runs once when a run is left to train (never for --report_only or a finished grid), and the
+    runs are built again after it (what it made may shape them)."""
+    made: list[str] = []
+    reports: list[tuple[list[str], list[int]]] = []
+    write = ("import json, pathlib, sys; out = pathlib.Path(sys.argv[sys.argv.index('--output_dir') "
+             "+ 1]); (out / 'results.json').write_text(json.dumps({'score': len(out.name)}))")
+
+    def build(args: st.GridArguments) -> list[st.Run]:
+        steps = 7 if made else 3  # e.g. step counts from a corpus prepare made
+        return [st.Run(key=f"r{i}", settings={"i": i}, command=[sys.executable, "-c", write],
+                       total_steps=steps) for i in (1, 2)]
+
+    def report(results: list[dict], runs: list[st.Run]) -> dict:
+        reports.append(([r["key"] for r in results], [run.total_steps for run in runs]))
+        return st.save_report(args, ["# study"], {"study": args.study_record()})
+
+    def study(**kw) -> None:
+        st.run_study(args, build_runs=build, report=report, prepare=lambda: made.append("corpus"),
+                     collect=lambda run, folder: json.loads((folder / "results.json").read_text()),
+                     **kw)
+
+    args = st.GridArguments(results_dir=str(tmp_path / "results"), nice=0, eta_every=1.0,
+                            checkpoint_dir=str(tmp_path / "ckpt"))
+    study()
+    assert made == ["corpus"]
+    assert reports[0] == ([], [7, 7]) and reports[-1] == (["r1", "r2"], [7, 7])
+    saved = json.loads((tmp_path / "results" / "runs" / "r1.json").read_text())
+    assert saved["score"] == len(f"r1-{st.settings_hash({'i': 1})}")
+    study()  # every run finished: nothing to prepare
+    assert made == ["corpus"] and reports[-1] == (["r1", "r2"], [7, 7])
+    (tmp_path / "results" / "runs" / "r2.json").unlink()
+    args.report_only = True  # a run is missing, but nothing trains
+    study()
+    assert made == ["corpus"] and reports[-1] == (["r1"], [7, 7])
+    args.report_only, args.threads = False, 2  # a results folder of another study: refused first
+    with pytest.raises(ValueError, match="threads 1 there, 2 here"):
+        study()
+    assert made == ["corpus"] and not (tmp_path / "results" / "runs" / "r2.json").exists()
+
+
 @pytest.mark.parametrize("study, flags", [
     ("fashion_mnist_long", ["--epochs", "5"]),
     ("fashion_mnist_long", ["--epochs", "5", "--report_only", "true"]),

@@ -50,6 +50,8 @@ from study_tools import (  # noqa: E402
     recorded_settings,
     run_study,
     running_section,
+    save_report,
+    start_report,
     verdict,
 )
 from transformers import HfArgumentParser  # noqa: E402
@@ -188,16 +190,11 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
                  running: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """``report.md``, ``summary.json`` and ``curves.png`` in ``args.results_dir``; ``running``
     (from :func:`in_progress`) adds a snapshot of the unfinished runs."""
-    out = Path(args.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
     base, other = args.methods[0], args.methods[-1]
     n = len(results)
-    status = "complete" if n >= planned else f"PARTIAL: {n} of {planned} runs finished"
-    lines = [f"# Fashion-MNIST, ResNet18 (width {args.width:g}), {args.epochs} epochs: "
-             f"{base} vs {other}", "", f"Status: {status}.", ""]
-    summary: dict[str, Any] = {"status": status, "finished": n, "planned": planned,
-                               "study": args.study_record(),
-                               "paired": {}, "multiplier": {}}
+    lines, summary = start_report(f"Fashion-MNIST, ResNet18 (width {args.width:g}), {args.epochs} "
+                                  f"epochs: {base} vs {other}", n, planned, args)
+    summary |= {"paired": {}, "multiplier": {}}
     if running:
         lines += running_section(
             running, base=base, other=other, progress="epochs done",
@@ -207,9 +204,7 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
         summary["in_progress"] = running
     if not results:
         lines.append("No run has finished yet: not yet measured.")
-        (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        return summary
+        return save_report(args, lines, summary)
     cells = aggregate(results)
     summary["cells"] = [{"method": c.method, "lr": c.lr, "mean": c.mean, "std": c.std,
                          "seeds": list(c.seeds), "values": list(c.values)} for c in cells]
@@ -243,7 +238,7 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
                   "than the baseline (layers outside the plan: first conv, classifier, shortcut "
                   "BNs, stay at 1).", ""]
     # Curves.
-    _plot_curves(results, args, out / "curves.png")
+    _plot_curves(results, args, Path(args.results_dir) / "curves.png")
     lines += ["## Test accuracy over epochs", "", "![curves](curves.png)", ""]
     lines += ["## Verdict", ""]
     for lr in args.lrs:
@@ -259,9 +254,7 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
                       f"in parallel")
         lines += ["", f"Measured training time per run ({where}, last sitting of each run): "
                   f"median {format_duration(sorted(runtime)[len(runtime) // 2])}."]
-    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    return summary
+    return save_report(args, lines, summary)
 
 
 def _plot_curves(results: list[dict[str, Any]], args: StudyArguments, path: Path) -> None:
@@ -297,13 +290,12 @@ def _plot_curves(results: list[dict[str, Any]], args: StudyArguments, path: Path
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args,) = HfArgumentParser(StudyArguments).parse_args_into_dataclasses(args=argv)
-    runs = build_runs(args)
 
-    def report(results: list[dict[str, Any]]) -> dict[str, Any]:
+    def report(results: list[dict[str, Any]], runs: list[Run]) -> dict[str, Any]:
         return write_report(results, args, len(runs),
                             in_progress(runs, args, {r["key"] for r in results}))
 
-    return run_study(runs, args, collect=collect, report=report)
+    return run_study(args, build_runs=build_runs, collect=collect, report=report)
 
 
 if __name__ == "__main__":

@@ -42,17 +42,18 @@ from study_tools import (  # noqa: E402
     CACHE,
     GridArguments,
     Run,
-    check_results_dir,
     cosine_lr,
+    ensure_corpus,
     format_duration,
-    load_finished,
     mean_multiplier,
     multiplier_table,
     pair_row,
     paired_differences,
     recorded_settings,
     run_study,
+    save_report,
     settings_hash,
+    start_report,
     verdict,
 )
 from transformers import HfArgumentParser  # noqa: E402
@@ -110,14 +111,13 @@ def base_dir(args: StudyArguments) -> Path:
     return Path(args.checkpoint_dir) / f"base-{settings_hash(base_settings(args))}"
 
 
-def ensure_base(args: StudyArguments) -> dict[str, Any]:
-    """The pre-trained base model's results, pre-training it first if it is not in the cache."""
+def ensure_base(args: StudyArguments) -> None:
+    """The pre-trained base model in the cache (pre-trained first if it is not there) and its
+    results in ``--results_dir``/``pretrain.json`` (:func:`saved_base`)."""
     folder = base_dir(args)
     results = folder / "results.json"
     if not (results.is_file() and (folder / "model.safetensors").is_file()):
-        if not all((Path(args.data_dir) / f"ptb.{s}.txt").is_file() for s in ("train", "valid", "test")):
-            subprocess.run([sys.executable, str(RECIPES / "data" / "make_shakespeare_ptb.py"),
-                            "--out", args.data_dir], check=True)
+        ensure_corpus(args.data_dir)
         # One thread, as the runs: on shared cores the threads of one process wait for each
         # other at every operation (measured here: 2 threads took longer than 1).
         threads = str(args.threads)
@@ -136,7 +136,12 @@ def ensure_base(args: StudyArguments) -> dict[str, Any]:
     out = json.loads(results.read_text(encoding="utf-8")) | {"settings": base_settings(args)}
     Path(args.results_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.results_dir) / "pretrain.json").write_text(json.dumps(out, indent=1) + "\n")
-    return out
+
+
+def saved_base(args: StudyArguments) -> dict[str, Any] | None:
+    """The base model's results as :func:`ensure_base` saved them; None before it ran."""
+    path = Path(args.results_dir) / "pretrain.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def build_runs(args: StudyArguments) -> list[Run]:
@@ -162,9 +167,9 @@ def build_runs(args: StudyArguments) -> list[Run]:
 
 def _train_windows(args: StudyArguments) -> int:
     """Fine-tuning training windows, from the base model's token counts when known."""
-    saved = Path(args.results_dir) / "pretrain.json"
-    if saved.is_file():
-        return json.loads(saved.read_text())["tokens"]["train"] // args.seq_len
+    base = saved_base(args)
+    if base is not None:
+        return base["tokens"]["train"] // args.seq_len
     return 56606 // args.seq_len  # the Shakespeare corpus with the default settings
 
 
@@ -233,15 +238,13 @@ def _table(results, args, key: str, chosen: dict[str, float]) -> list[str]:
 
 def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: int,
                  base: dict[str, Any] | None) -> dict[str, Any]:
-    out = Path(args.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """``report.md``, ``summary.json`` and ``curves.png`` in ``args.results_dir``; ``base``: the
+    base model's results (:func:`saved_base`), None before it is pre-trained."""
     lora, tb = args.methods[0], args.methods[-1]
     n = len(results)
-    status = "complete" if n >= planned else f"PARTIAL: {n} of {planned} runs finished"
-    lines = [f"# LoRA fine-tuning on held-out plays: {lora} vs {tb}", "", f"Status: {status}.", ""]
-    summary: dict[str, Any] = {"status": status, "finished": n, "planned": planned,
-                               "study": args.study_record(),
-                               "base": base, "paired": {}, "multiplier": {}}
+    lines, summary = start_report(f"LoRA fine-tuning on held-out plays: {lora} vs {tb}", n,
+                                  planned, args)
+    summary |= {"base": base, "paired": {}, "multiplier": {}}
     if base is not None:
         lines += [f"Base model: {base['parameters']:,} parameters, pre-trained {base['steps']} "
                   f"steps ({base['train_runtime_s'] / 60:.1f} min); before fine-tuning it scores "
@@ -249,9 +252,7 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
                   f"{base['finetune_test_ppl']:.2f} on the held-out plays.", ""]
     if not results:
         lines.append("No run has finished yet: not yet measured.")
-        (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        return summary
+        return save_report(args, lines, summary)
     chosen = select_lrs(results, args)
     summary["selected_lr"] = chosen
     lines += ["## Validation perplexity after the last epoch, mean ± std (seeds); LR selected on it "
@@ -284,7 +285,7 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
                   "1 means the adapters train with a lower average LR than the baseline's at the "
                   "same nominal LR (the first block's q_proj, excluded as the first layer, stays "
                   "at 1).", ""]
-    _plot_curves(results, args, out / "curves.png")
+    _plot_curves(results, args, Path(args.results_dir) / "curves.png")
     lines += ["## Validation perplexity over epochs", "", "![curves](curves.png)", "",
               "## Verdict", ""]
     for lr in args.lrs:
@@ -296,9 +297,7 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
     runtime = sorted(r["train_runtime_s"] for r in results)
     lines += ["", f"Measured fine-tuning time per run (one thread, {args.workers} runs in parallel "
               f"on 2 shared cores): median {format_duration(runtime[len(runtime) // 2])}."]
-    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    return summary
+    return save_report(args, lines, summary)
 
 
 def _by_kind(tb_runs: list[dict[str, Any]], lr: float, summary: dict[str, Any]) -> list[str]:
@@ -357,22 +356,13 @@ def _plot_curves(results: list[dict[str, Any]], args: StudyArguments, path: Path
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args,) = HfArgumentParser(StudyArguments).parse_args_into_dataclasses(args=argv)
-    saved_base = Path(args.results_dir) / "pretrain.json"
-    runs = build_runs(args)
-    # before pre-training writes pretrain.json into the results folder
-    check_results_dir(runs, args.results_dir, args.study_record())
-    pending = [run for run in runs if load_finished(run, args.results_dir) is None]
-    base = None
-    if pending and not args.report_only:
-        base = ensure_base(args)
-        runs = build_runs(args)  # the step counts, now from the real token counts
-    elif saved_base.is_file():
-        base = json.loads(saved_base.read_text())
 
-    def report(results: list[dict[str, Any]]) -> dict[str, Any]:
-        return write_report(results, args, len(runs), base)
+    def report(results: list[dict[str, Any]], runs: list[Run]) -> dict[str, Any]:
+        return write_report(results, args, len(runs), saved_base(args))
 
-    return run_study(runs, args, collect=collect, report=report)
+    # pre-training writes pretrain.json into the results folder: after run_study's check of it
+    return run_study(args, build_runs=build_runs, collect=collect, report=report,
+                     prepare=lambda: ensure_base(args))
 
 
 if __name__ == "__main__":

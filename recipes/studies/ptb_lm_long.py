@@ -29,7 +29,6 @@ truncated one.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,11 +47,14 @@ from study_tools import (  # noqa: E402
     Run,
     checkpoint_snapshots,
     cosine_lr,
+    ensure_corpus,
     mean_multiplier,
     pair_row,
     paired_differences,
     run_study,
     running_section,
+    save_report,
+    start_report,
     verdict,
 )
 from transformers import HfArgumentParser  # noqa: E402
@@ -92,13 +94,6 @@ class StudyArguments(GridArguments):
                              f"it out")
 
 
-def ensure_corpus(data_dir: str) -> None:
-    if all((Path(data_dir) / f"ptb.{s}.txt").is_file() for s in ("train", "valid", "test")):
-        return
-    subprocess.run([sys.executable, str(RECIPES / "data" / "make_shakespeare_ptb.py"), "--out",
-                    data_dir], check=True)
-
-
 def build_runs(args: StudyArguments) -> list[Run]:
     """The main runs seed by seed (each method), then the control runs (the baseline at each of
     ``--control_lrs``), so that the comparison the study is for finishes first."""
@@ -130,23 +125,30 @@ def _run(args: StudyArguments, method: str, seed: int, lr: float) -> Run:
                "--use_cpu", "true", "--report_to", "none"]
     if args.max_eval_windows is not None:
         command += ["--max_eval_windows", str(args.max_eval_windows)]
-    arm = _arm_name(method, lr, args)
-    return Run(key=f"{arm.replace(' @ ', '_lr')}_seed{seed}", settings=settings, command=command,
-               total_steps=args.max_steps)
+    return Run(key=f"{arm_of(settings, args)}_seed{seed}".replace(" @ ", "_lr"),
+               settings=settings, command=command, total_steps=args.max_steps)
 
 
-def _arm_name(method: str, lr: float, args: StudyArguments) -> str:
-    """A method at the study's LR is its name; the baseline at a control LR is ``cal @ 0.00019``."""
-    return method if float(lr) == float(args.learning_rate) else f"{method} @ {lr:g}"
-
-
-def arm(result: dict[str, Any], args: StudyArguments) -> str:
-    """The arm (method, or baseline at a control LR) of a committed run."""
-    return _arm_name(result["method"], result["study_settings"]["learning_rate"], args)
+def arm_of(settings: dict[str, Any], args: StudyArguments) -> str:
+    """The arm of a run (its ``Run.settings``, or a result's ``study_settings``): a method at the
+    study's LR is its name, the baseline at a control LR ``cal @ 0.00019``. Run keys are the arm
+    and the seed: ``tb_seed43``, ``cal_lr0.00019_seed43``."""
+    method, lr = settings["method"], float(settings["learning_rate"])
+    return method if lr == float(args.learning_rate) else f"{method} @ {lr:g}"
 
 
 def arms(args: StudyArguments) -> list[str]:
-    return list(args.methods) + [_arm_name(args.methods[0], lr, args) for lr in args.control_lrs]
+    """Every arm of the study in report order: the methods, then the controls."""
+    return list(args.methods) + [arm_of({"method": args.methods[0], "learning_rate": lr}, args)
+                                 for lr in args.control_lrs]
+
+
+def by_arm(results: list[dict[str, Any]], args: StudyArguments) -> dict[str, list[dict[str, Any]]]:
+    """The finished runs of each arm that has any, in report order."""
+    groups: dict[str, list[dict[str, Any]]] = {name: [] for name in arms(args)}
+    for r in results:
+        groups[arm_of(r["study_settings"], args)].append(r)
+    return {name: group for name, group in groups.items() if group}
 
 
 def collect(run: Run, folder: Path) -> dict[str, Any]:
@@ -174,7 +176,7 @@ def in_progress(runs: list[Run], args: StudyArguments, finished: set[str]) -> li
     loop state ``ptb_lm.py`` saves with every checkpoint). Not results: mid-way through a cosine
     schedule, and before the best checkpoint is chosen."""
     return [{"key": run.key, "seed": run.settings["seed"],
-             "method": _arm_name(run.settings["method"], run.settings["learning_rate"], args),
+             "method": arm_of(run.settings, args),
              "done": step, "pair": f"seed {run.settings['seed']}",
              "curve": [[int(e["step"]), float(e["valid_ppl"])] for e in state["evals"]]}
             for run, step, state in checkpoint_snapshots(runs, args.checkpoint_dir, finished,
@@ -197,15 +199,12 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
                  running: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """``report.md``, ``summary.json`` and ``curves.png`` in ``args.results_dir``; ``running``
     (from :func:`in_progress`) adds a snapshot of the unfinished runs."""
-    out = Path(args.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
     base, other = args.methods[0], args.methods[-1]
     n = len(results)
-    status = "complete" if n >= planned else f"PARTIAL: {n} of {planned} runs finished"
-    lines = [f"# Tensorized transformer LM ({args.d_model}-d, {args.num_layers} layers, causal), "
-             f"{args.max_steps} steps: {base} vs {other}", "", f"Status: {status}.", ""]
-    summary: dict[str, Any] = {"status": status, "finished": n, "planned": planned,
-                               "study": args.study_record(), "paired": {}}
+    lines, summary = start_report(
+        f"Tensorized transformer LM ({args.d_model}-d, {args.num_layers} layers, causal), "
+        f"{args.max_steps} steps: {base} vs {other}", n, planned, args)
+    summary["paired"] = {}
     if running:
         lines += running_section(
             running, base=base, other=other, progress="steps done",
@@ -217,64 +216,60 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
         summary["in_progress"] = running
     if not results:
         lines.append("No run has finished yet: not yet measured.")
-    else:
-        lines += ["## Perplexity (best valid checkpoint), mean ± std over seeds", "",
-                  "| method | valid PPL | test PPL | mean multiplier (per step / LR-weighted) | seeds |",
-                  "|---|---|---|---|---|"]
-        for method in arms(args):
-            group = [r for r in results if arm(r, args) == method]
-            if not group:
-                continue
-            cells = []
-            for key in ("valid_ppl", "test_ppl"):
-                values = [r[key] for r in group]
-                mean, std = mean_std(values)
-                cells.append(format_mean_std(mean, std))
-                summary.setdefault("cells", {}).setdefault(method, {})[key] = {
-                    "mean": mean, "std": std, "values": values, "seeds": [r["seed"] for r in group]}
-            mults = [r["tempbalance"]["mean_multiplier"] for r in group if r.get("tempbalance")]
-            mult = (f"{sum(m['mean'] for m in mults) / len(mults):.4f} / "
-                    f"{sum(m['lr_weighted'] for m in mults) / len(mults):.4f}" if mults else "1 (none)")
-            lines.append(f"| {method} | {cells[0]} | {cells[1]} | {mult} | {len(group)} |")
-        lines += ["", "Per run (the best valid checkpoint is the one scored on test; a best step "
-                  "before the last means the run overfit after it):", "",
-                  "| run | best step | valid PPL | test PPL |", "|---|---|---|---|"]
-        lines += [f"| {r['key']} | {r['best_step']} of {r['steps']} | "
-                  f"{r['valid_ppl']:.2f} | {r['test_ppl']:.2f} |" for r in results]
-        controls = arms(args)[len(args.methods):]
-        against = " and ".join([f"`{base}`"] + [f"`{c}` (control)" for c in controls])
-        lines += ["", f"## Paired differences {other} - baseline (perplexity, same seed; negative = "
-                  f"{other} better)", "", f"Against {against}: a split named alone is against "
-                  f"`{base}`.", "", "| split | per seed | n | mean ± std | 95% t-interval |",
-                  "|---|---|---|---|---|"]
-        comparisons = [(key, base, key) for key in ("valid_ppl", "test_ppl")]
-        comparisons += [(key, c, f"{key} vs {c}") for c in controls for key in ("valid_ppl", "test_ppl")]
-        for key, against, label in comparisons:
-            by = {a: {int(r["seed"]): float(r[key]) for r in results if arm(r, args) == a}
-                  for a in (against, other)}
-            pair = paired_differences(by[against], by[other])
-            summary["paired"][label] = pair
-            lines.append(pair_row(label, pair))
-        _plot_curves(results, args, out / "curves.png")
-        lines += ["", "## Valid perplexity over training", "", "![curves](curves.png)", "",
-                  "## Verdict", ""]
-        for _, _, label in comparisons:
-            lines.append("- " + verdict(summary["paired"][label], what=label.replace("_", " "),
-                                        unit="PPL", higher_is_better=False, finished=n,
-                                        planned=planned))
-        lines += lr_confound(results, args)
-    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    return summary
+        return save_report(args, lines, summary)
+    groups = by_arm(results, args)
+    lines += ["## Perplexity (best valid checkpoint), mean ± std over seeds", "",
+              "| method | valid PPL | test PPL | mean multiplier (per step / LR-weighted) | seeds |",
+              "|---|---|---|---|---|"]
+    for name, group in groups.items():
+        cells = []
+        for key in ("valid_ppl", "test_ppl"):
+            values = [r[key] for r in group]
+            mean, std = mean_std(values)
+            cells.append(format_mean_std(mean, std))
+            summary.setdefault("cells", {}).setdefault(name, {})[key] = {
+                "mean": mean, "std": std, "values": values, "seeds": [r["seed"] for r in group]}
+        mults = [r["tempbalance"]["mean_multiplier"] for r in group if r.get("tempbalance")]
+        mult = (f"{sum(m['mean'] for m in mults) / len(mults):.4f} / "
+                f"{sum(m['lr_weighted'] for m in mults) / len(mults):.4f}" if mults else "1 (none)")
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {mult} | {len(group)} |")
+    lines += ["", "Per run (the best valid checkpoint is the one scored on test; a best step "
+              "before the last means the run overfit after it):", "",
+              "| run | best step | valid PPL | test PPL |", "|---|---|---|---|"]
+    lines += [f"| {r['key']} | {r['best_step']} of {r['steps']} | "
+              f"{r['valid_ppl']:.2f} | {r['test_ppl']:.2f} |" for r in results]
+    controls = arms(args)[len(args.methods):]
+    against = " and ".join([f"`{base}`"] + [f"`{c}` (control)" for c in controls])
+    lines += ["", f"## Paired differences {other} - baseline (perplexity, same seed; negative = "
+              f"{other} better)", "", f"Against {against}: a split named alone is against "
+              f"`{base}`.", "", "| split | per seed | n | mean ± std | 95% t-interval |",
+              "|---|---|---|---|---|"]
+    comparisons = [(key, base, key) for key in ("valid_ppl", "test_ppl")]
+    comparisons += [(key, c, f"{key} vs {c}") for c in controls for key in ("valid_ppl", "test_ppl")]
+    for key, against, label in comparisons:
+        by = {a: {int(r["seed"]): float(r[key]) for r in groups.get(a, [])} for a in (against, other)}
+        pair = paired_differences(by[against], by[other])
+        summary["paired"][label] = pair
+        lines.append(pair_row(label, pair))
+    _plot_curves(groups, args, Path(args.results_dir) / "curves.png")
+    lines += ["", "## Valid perplexity over training", "", "![curves](curves.png)", "",
+              "## Verdict", ""]
+    for _, _, label in comparisons:
+        lines.append("- " + verdict(summary["paired"][label], what=label.replace("_", " "),
+                                    unit="PPL", higher_is_better=False, finished=n,
+                                    planned=planned))
+    lines += lr_confound(groups, args)
+    return save_report(args, lines, summary)
 
 
-def lr_confound(results: list[dict[str, Any]], args: StudyArguments) -> list[str]:
+def lr_confound(groups: dict[str, list[dict[str, Any]]], args: StudyArguments) -> list[str]:
     """The verdict's caveat on the LR: TempBalance's balanced layers ran at its mean multiplier
     times the nominal LR, so against the baseline at that LR alone a difference cannot be told
-    apart from one of a higher (or lower) LR; the baseline at ``--control_lrs`` is the control."""
+    apart from one of a higher (or lower) LR; the baseline at ``--control_lrs`` is the control.
+    ``groups``: the finished runs by arm (:func:`by_arm`)."""
     other = args.methods[-1]
-    mults = [r["tempbalance"]["mean_multiplier"]["lr_weighted"] for r in results
-             if arm(r, args) == other and r.get("tempbalance")]
+    mults = [r["tempbalance"]["mean_multiplier"]["lr_weighted"] for r in groups.get(other, [])
+             if r.get("tempbalance")]
     if not mults:
         return []
     m = sum(mults) / len(mults)
@@ -285,8 +280,7 @@ def lr_confound(results: list[dict[str, Any]], args: StudyArguments) -> list[str
             f"LR {lr:g} on average (LR-weighted mean multiplier), so against the baseline at "
             f"{lr:g} a difference may come from the {'higher' if m > 1 else 'lower'} effective "
             f"LR as much as from balancing the layers.")
-    controls = [c for c in arms(args)[len(args.methods):]
-                if any(arm(r, args) == c for r in results)]
+    controls = [c for c in arms(args)[len(args.methods):] if c in groups]
     if not controls:
         if args.control_lrs:
             lrs = ", ".join(f"{c:g}" for c in args.control_lrs)
@@ -297,13 +291,13 @@ def lr_confound(results: list[dict[str, Any]], args: StudyArguments) -> list[str
                    f"that LR) above; a difference that holds there is not the LR alone."]
 
 
-def _plot_curves(results: list[dict[str, Any]], args: StudyArguments, path: Path) -> None:
+def _plot_curves(groups: dict[str, list[dict[str, Any]]], args: StudyArguments, path: Path) -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5, 3.4), layout="constrained")
     ax = fig.add_subplot()
     for i, name in enumerate(arms(args)):
-        for j, r in enumerate(r for r in results if arm(r, args) == name):
+        for j, r in enumerate(groups.get(name, [])):
             ax.plot([e["step"] for e in r["evals"]], [e["valid_ppl"] for e in r["evals"]],
                     color=f"C{i}", alpha=0.8, label=name if j == 0 else None,
                     linestyle="--" if i >= len(args.methods) else "-")
@@ -318,16 +312,14 @@ def _plot_curves(results: list[dict[str, Any]], args: StudyArguments, path: Path
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args,) = HfArgumentParser(StudyArguments).parse_args_into_dataclasses(args=argv)
-    runs = build_runs(args)
 
-    def report(results: list[dict[str, Any]]) -> dict[str, Any]:
+    def report(results: list[dict[str, Any]], runs: list[Run]) -> dict[str, Any]:
         return write_report(results, args, len(runs),
                             in_progress(runs, args, {r["key"] for r in results}))
 
-    if not args.report_only:
-        ensure_corpus(args.data_dir)
     # each worker's progress bar goes to its worker.log: the step rate of a run, while it runs
-    return run_study(runs, args, collect=collect, report=report)
+    return run_study(args, build_runs=build_runs, collect=collect, report=report,
+                     prepare=lambda: ensure_corpus(args.data_dir))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -40,8 +41,9 @@ from usage import UsageError  # recipes/ is on sys.path, as for every study
 
 __all__ = ["CACHE", "GridArguments", "Run", "recorded_settings", "settings_hash", "last_checkpoint",
            "checkpoint_snapshots", "load_finished", "check_results_dir", "run_grid", "run_study",
-           "paired_differences", "t_quantile_975", "mean_multiplier", "multiplier_table", "cosine_lr", "format_duration",
-           "verdict", "pair_row"]
+           "ensure_corpus", "start_report", "save_report", "paired_differences", "t_quantile_975",
+           "mean_multiplier", "multiplier_table", "cosine_lr", "format_duration", "verdict",
+           "pair_row"]
 
 RESULTS_FILE = "results.json"
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
@@ -365,22 +367,68 @@ def _exit_on_sigterm() -> Any:
     return signal.signal(signal.SIGTERM, stop)
 
 
-def run_study(runs: Sequence[Run], args: GridArguments, *,
+def run_study(args: GridArguments, *, build_runs: Callable[[Any], list[Run]],
               collect: Callable[[Run, Path], dict[str, Any]],
-              report: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> dict[str, Any]:
-    """A study's command: train the grid of ``runs`` as ``args`` says (with ``args.report_only``,
-    only read the committed runs), write the report with ``report(results)`` at the start, after
-    each finished run and at the end, print it and return what the last ``report`` returned.
-    A results folder of another study is refused first (:func:`check_results_dir`)."""
+              report: Callable[[list[dict[str, Any]], list[Run]], dict[str, Any]],
+              prepare: Callable[[], None] | None = None) -> dict[str, Any]:
+    """A study's command, as ``args`` says; returns what the last ``report`` returned.
+
+    1. ``runs = build_runs(args)``; a results folder of another study is refused before anything
+       is made or written (:func:`check_results_dir`).
+    2. With ``args.report_only``, only the committed runs are read. Otherwise, when a run is left
+       to train, ``prepare()`` makes what the runs need (a corpus, a base model) and the runs are
+       built again, since what it made may shape them (the LoRA study's step counts come from its
+       base model); then the grid trains (:func:`run_grid`).
+    3. ``report(results, runs)`` writes ``report.md`` and the rest: at the start, after each
+       finished run and at the end; the last report is printed.
+    """
+    runs = build_runs(args)
     check_results_dir(runs, args.results_dir, args.study_record())
     if args.report_only:
         results = [r for run in runs if (r := load_finished(run, args.results_dir)) is not None]
     else:
+        if prepare is not None and any(load_finished(run, args.results_dir) is None for run in runs):
+            prepare()
+            runs = build_runs(args)
         results = run_grid(runs, results_dir=args.results_dir, checkpoint_root=args.checkpoint_dir,
-                           collect=collect, on_update=report, workers=args.workers,
-                           threads=args.threads, nice=args.nice, eta_every=args.eta_every)
-    summary = report(results)
+                           collect=collect, on_update=lambda done: report(done, runs),
+                           workers=args.workers, threads=args.threads, nice=args.nice,
+                           eta_every=args.eta_every)
+    summary = report(results, runs)
     print((Path(args.results_dir) / "report.md").read_text(encoding="utf-8"))
+    return summary
+
+
+def ensure_corpus(data_dir: str | os.PathLike) -> None:
+    """The offline PTB-format Shakespeare corpus in ``data_dir`` (``ptb.{train,valid,test}.txt``),
+    made by ``recipes/data/make_shakespeare_ptb.py`` when a file is missing."""
+    if all((Path(data_dir) / f"ptb.{split}.txt").is_file() for split in ("train", "valid", "test")):
+        return
+    script = Path(__file__).resolve().parents[1] / "data" / "make_shakespeare_ptb.py"
+    subprocess.run([sys.executable, str(script), "--out", str(data_dir)], check=True)
+
+
+def start_report(title: str, finished: int, planned: int,
+                 args: GridArguments) -> tuple[list[str], dict[str, Any]]:
+    """Make ``args.results_dir`` (the report's pictures go there first) and return the start of
+    every study's report: the markdown lines of its title and status, and the summary that records
+    the status and the study's arguments (:func:`check_results_dir` reads them back); the study
+    adds to both, then :func:`save_report`."""
+    Path(args.results_dir).mkdir(parents=True, exist_ok=True)
+    status = "complete" if finished >= planned else f"PARTIAL: {finished} of {planned} runs finished"
+    lines = [f"# {title}", "", f"Status: {status}.", ""]
+    summary = {"status": status, "finished": finished, "planned": planned,
+               "study": args.study_record()}
+    return lines, summary
+
+
+def save_report(args: GridArguments, lines: list[str], summary: dict[str, Any]) -> dict[str, Any]:
+    """Write ``report.md`` and ``summary.json`` into ``args.results_dir``; return ``summary``."""
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n",
+                                      encoding="utf-8")
     return summary
 
 
