@@ -142,8 +142,10 @@ def test_remaining_time_counts_only_up_to_each_runs_last_checkpoint(tmp_path: Pa
     line = st._progress(runs, {}, [runs[2]], active, total, dict.fromkeys(total, 0),
                         dict.fromkeys("ab", t0), {}, tmp_path, workers=2, now=t0 + 1500)
     rate = 500 / 1850  # steps per second of one worker
-    remaining = 3000 + (2750 - rate * 600) + (2750 - rate * 550)
-    assert f"about {st.format_duration(remaining / (2 * rate))} left" in line
+    a_left, b_left = 2750 - rate * 600, 2750 - rate * 550
+    # c starts on a's worker (a ends first), then runs alone while b's worker is idle
+    assert a_left < b_left < a_left + 3000
+    assert f"about {st.format_duration((a_left + 3000) / rate)} left" in line
     assert f"({rate * 3600:.0f} steps/h per worker)" in line and "a 250/3000" in line
     before = st._progress(runs, {}, [runs[2]], active, total, dict.fromkeys(total, 0),
                           dict.fromkeys("ab", t0), {}, tmp_path / "none", workers=2, now=t0 + 60)
@@ -154,8 +156,12 @@ def test_remaining_time_counts_only_up_to_each_runs_last_checkpoint(tmp_path: Pa
     resumed = st._progress(runs, {}, [runs[2]], active, total, {"a": 0, "b": 250, "c": 0},
                            dict.fromkeys("ab", t0), {}, tmp_path, workers=2, now=t0 + 1500)
     rate = 250 / 900
-    remaining = 3000 + (2750 - rate * 600) + (2750 - rate * 1500)
-    assert f"about {st.format_duration(remaining / (2 * rate))} left" in resumed
+    a_left, b_left = 2750 - rate * 600, 2750 - rate * 1500
+    assert b_left < a_left < b_left + 3000  # c starts on b's worker
+    assert f"about {st.format_duration((b_left + 3000) / rate)} left" in resumed
+    # queued runs take the first worker to come free, in order: 10+30, then 40+30, then 50+5
+    assert st._grid_steps_left([10, 50], [30, 30, 5], workers=2) == 70
+    assert st._grid_steps_left([], [30, 20], workers=3) == 30  # a pool larger than the grid
 
 
 # ------------------------------------------------------------------------------------ reuse

@@ -21,6 +21,7 @@ Statistics: :func:`paired_differences` (per-seed ``b - a`` with a 95% t-interval
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import math
 import os
@@ -480,16 +481,27 @@ def _progress(runs, finished, queue, active, total, start_steps, began, ended, c
     parts = [f"{key} {step}/{total[key]}" for key, (step, _) in marks.items()]
     if gained > 0:
         rate = gained / seconds  # steps per second of one worker
-        remaining = sum(total[run.key] - start_steps[run.key] for run in queue)
-        remaining += sum(max(total[key] - step - rate * (now - at), 0.0)
-                         for key, (step, at) in marks.items())
-        # the last runs of a grid may have fewer than ``workers`` to share the pool
-        eta = (f"about {format_duration(remaining / (rate * workers))} left "
-               f"({rate * 3600:.0f} steps/h per worker)")
+        running = [max(total[key] - step - rate * (now - at), 0.0)
+                   for key, (step, at) in marks.items()]
+        queued = [total[run.key] - start_steps[run.key] for run in queue]
+        eta = (f"about {format_duration(_grid_steps_left(running, queued, workers) / rate)} "
+               f"left ({rate * 3600:.0f} steps/h per worker)")
     else:
         eta = "remaining time known after the first checkpoint"
     return (f"{len(finished)} of {len(runs)} runs finished, {len(active)} running "
             f"[{', '.join(parts)}], {len(queue)} queued; {eta}")
+
+
+def _grid_steps_left(running: Sequence[float], queued: Sequence[float], workers: int) -> float:
+    """Steps of one worker until the grid is done: ``running`` holds the steps left of the runs
+    in progress, and each queued run starts, in order, on the first worker to come free (as
+    :func:`run_grid` starts them). So the last runs, with fewer than ``workers`` left to share the
+    pool, count at their own length, not at a share of the total."""
+    free = sorted(running) + [0.0] * max(workers - len(running), 0)
+    heapq.heapify(free)
+    for steps in queued:
+        heapq.heappush(free, heapq.heappop(free) + steps)
+    return max(free, default=0.0)
 
 
 def running_section(running: Sequence[dict[str, Any]], *, base: str, other: str, intro: str,
