@@ -12,7 +12,8 @@ identified by its *settings* (a small dict: method, LR, seed, epochs, ...). The 
 * prints the progress and an estimate of the remaining time every ``eta_every`` seconds (from the
   rate measured in this sitting; progress is read from the last checkpoint of each run).
 
-:func:`run_study` is a study's whole command (the grid, or ``--report_only``, and the report).
+:func:`run_study` is a study's whole command (the results-folder check, what the runs need when
+one is left to train, the grid or ``--report_only``, and the report).
 
 Statistics: :func:`paired_differences` (per-seed ``b - a`` with a 95% t-interval) and
 :func:`mean_multiplier` (the average TempBalance LR multiplier over training, from its history).
