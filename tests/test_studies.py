@@ -394,6 +394,14 @@ def test_partial_lm_report_shows_no_spread_for_one_seed(tmp_path: Path) -> None:
     assert summary["paired"]["test_ppl vs cal @ 0.00016"]["differences"] == [116.0 - 117.5]
     assert summary["paired"]["test_ppl"]["differences"] == [116.0 - 118.0, 119.0 - 121.0]
     assert "The control: tb against cal @ 0.00016 (every layer at that LR) above" in report
+    # the gap over training, per seed both arms ran, at the evaluations both made
+    assert summary["valid_ppl_differences"] == {"tb - cal": {43: [[10, 117.0 - 120.0]],
+                                                             37: [[10, 121.0 - 124.0]]},
+                                                "tb - cal @ 0.00016": {43: [[10, 117.0 - 118.5]]}}
+    base = [{"seed": 1, "evals": [{"step": 10, "valid_ppl": 5.0}, {"step": 20, "valid_ppl": 4.0}]}]
+    other = [{"seed": 1, "evals": [{"step": 10, "valid_ppl": 4.5}, {"step": 30, "valid_ppl": 3.0}]},
+             {"seed": 2, "evals": [{"step": 10, "valid_ppl": 4.0}]}]
+    assert study.curve_differences(base, other) == {1: [[10, -0.5]]}
 
 
 def test_lora_study_selects_among_the_lrs_with_the_most_seeds() -> None:
@@ -602,6 +610,12 @@ def test_lm_study_smoke(tmp_path: Path) -> None:
         pair = summary["paired"][f"{key} vs cal @ 0.00025"]
         assert pair["differences"] == pytest.approx([t - c for t, c in zip(tb, control)])
     assert "The control: tb against cal @ 0.00025" in report
+    for seed in (43, 37):  # the gap over training: valid PPL tb - cal at steps 10 and 20
+        tb, cal = (runs[f"{m}_seed{seed}"]["evals"] for m in ("tb", "cal"))
+        got = summary["valid_ppl_differences"]["tb - cal"][str(seed)]
+        assert [step for step, _ in got] == [t["step"] for t in tb] == [c["step"] for c in cal]
+        assert [d for _, d in got] == pytest.approx([t["valid_ppl"] - c["valid_ppl"]
+                                                     for t, c in zip(tb, cal)])
     # the caveat on the LR: tb's multipliers in [1, 2] raise its average LR above the baseline's
     weighted = np.mean([runs[f"tb_seed{s}"]["tempbalance"]["mean_multiplier"]["lr_weighted"]
                         for s in (43, 37)])

@@ -251,8 +251,13 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
         pair = paired_differences(by[against], by[other])
         summary["paired"][label] = pair
         lines.append(pair_row(label, pair))
-    _plot_curves(groups, args, Path(args.results_dir) / "curves.png")
-    lines += ["", "## Valid perplexity over training", "", "![curves](curves.png)", "",
+    gaps = {against: curve_differences(groups.get(against, []), groups.get(other, []))
+            for against in [base, *controls]}
+    summary["valid_ppl_differences"] = {f"{other} - {a}": g for a, g in gaps.items() if g}
+    _plot_curves(groups, gaps, args, Path(args.results_dir) / "curves.png")
+    lines += ["", "## Valid perplexity over training", "",
+              f"Left: each run. Right: {other} - baseline at each evaluation, same seed "
+              f"(`summary.json`: `valid_ppl_differences`).", "", "![curves](curves.png)", "",
               "## Verdict", ""]
     for _, _, label in comparisons:
         lines.append("- " + verdict(summary["paired"][label], what=label.replace("_", " "),
@@ -291,22 +296,56 @@ def lr_confound(groups: dict[str, list[dict[str, Any]]], args: StudyArguments) -
                    f"that LR) above; a difference that holds there is not the LR alone."]
 
 
-def _plot_curves(groups: dict[str, list[dict[str, Any]]], args: StudyArguments, path: Path) -> None:
-    from matplotlib.figure import Figure
+def curve_differences(base: list[dict[str, Any]],
+                      other: list[dict[str, Any]]) -> dict[int, list[list[float]]]:
+    """Per seed both arms ran: ``[step, other - base]`` of the valid perplexity at every
+    evaluation both made."""
+    curves = {int(r["seed"]): {int(e["step"]): float(e["valid_ppl"]) for e in r["evals"]}
+              for r in base}
+    out = {}
+    for r in other:
+        seen = curves.get(int(r["seed"]))
+        if seen is not None:
+            out[int(r["seed"])] = [[int(e["step"]), float(e["valid_ppl"]) - seen[int(e["step"])]]
+                                   for e in r["evals"] if int(e["step"]) in seen]
+    return out
 
-    fig = Figure(figsize=(5, 3.4), layout="constrained")
-    ax = fig.add_subplot()
+
+def _plot_curves(groups: dict[str, list[dict[str, Any]]],
+                 gaps: dict[str, dict[int, list[list[float]]]], args: StudyArguments,
+                 path: Path) -> None:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
+
+    fig = Figure(figsize=(9, 3.4), layout="constrained")
+    ax, diff = fig.subplots(1, 2)
     for i, name in enumerate(arms(args)):
         for j, r in enumerate(groups.get(name, [])):
             ax.plot([e["step"] for e in r["evals"]], [e["valid_ppl"] for e in r["evals"]],
                     color=f"C{i}", alpha=0.8, label=name if j == 0 else None,
                     linestyle="--" if i >= len(args.methods) else "-")
     ax.set_yscale("log")
-    ax.set_xlabel("step")
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
     ax.set_ylabel("valid perplexity")
-    ax.set_title("one line per seed", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.set_title("one line per run", fontsize=9)
+    other = args.methods[-1]
+    markers = "os^vD"
+    for against, by_seed in gaps.items():
+        i = arms(args).index(against)  # the baseline's colour on the left
+        for j, (seed, points) in enumerate(sorted(by_seed.items())):
+            diff.plot([x for x, _ in points], [d for _, d in points], color=f"C{i}",
+                      marker=markers[j % len(markers)], markersize=3, alpha=0.8,
+                      linestyle="--" if i >= len(args.methods) else "-",
+                      label=f"{other} - {against}, seed {seed}")
+    diff.axhline(0, color="gray", linewidth=1)
+    diff.set_ylabel("valid perplexity difference")
+    diff.set_title(f"{other} - baseline, same seed (below 0: {other} better)", fontsize=9)
+    for a in (ax, diff):
+        a.set_xlabel("step")
+        a.grid(alpha=0.3)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
     fig.savefig(path, dpi=100)
 
 
