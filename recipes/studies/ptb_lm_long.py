@@ -47,6 +47,7 @@ from study_tools import (  # noqa: E402
     Run,
     checkpoint_snapshots,
     cosine_lr,
+    curve_gaps,
     ensure_corpus,
     mean_multiplier,
     pair_row,
@@ -299,16 +300,11 @@ def lr_confound(groups: dict[str, list[dict[str, Any]]], args: StudyArguments) -
 def curve_differences(base: list[dict[str, Any]],
                       other: list[dict[str, Any]]) -> dict[int, list[list[float]]]:
     """Per seed both arms ran: ``[step, other - base]`` of the valid perplexity at every
-    evaluation both made."""
-    curves = {int(r["seed"]): {int(e["step"]): float(e["valid_ppl"]) for e in r["evals"]}
-              for r in base}
-    out = {}
-    for r in other:
-        seen = curves.get(int(r["seed"]))
-        if seen is not None:
-            out[int(r["seed"])] = [[int(e["step"]), float(e["valid_ppl"]) - seen[int(e["step"])]]
-                                   for e in r["evals"] if int(e["step"]) in seen]
-    return out
+    evaluation both made (:func:`study_tools.curve_gaps`)."""
+    curves = [{int(r["seed"]): {int(e["step"]): float(e["valid_ppl"]) for e in r["evals"]}
+               for r in runs} for runs in (base, other)]
+    return {seed: curve_gaps(curves[0][seed], curve) for seed, curve in curves[1].items()
+            if seed in curves[0]}
 
 
 def _plot_curves(groups: dict[str, list[dict[str, Any]]],

@@ -31,7 +31,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -43,7 +42,7 @@ from usage import UsageError  # recipes/ is on sys.path, as for every study
 
 __all__ = ["CACHE", "GridArguments", "Run", "recorded_settings", "settings_hash", "last_checkpoint",
            "checkpoint_snapshots", "load_finished", "check_results_dir", "run_grid", "run_study",
-           "ensure_corpus", "start_report", "save_report", "paired_differences", "t_quantile_975",
+           "ensure_corpus", "curve_gaps", "start_report", "save_report", "paired_differences", "t_quantile_975",
            "mean_multiplier", "multiplier_table", "cosine_lr", "format_duration", "verdict",
            "pair_row"]
 
@@ -195,8 +194,9 @@ def load_finished(run: Run, results_dir: str | os.PathLike) -> dict[str, Any] | 
 
 
 def check_results_dir(runs: Iterable[Run], results_dir: str | os.PathLike,
-                      study: dict[str, Any] | None = None) -> None:
-    """Raise :class:`UsageError` when ``results_dir`` belongs to another study: its
+                      study: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """The committed results of ``runs`` (by key; :func:`load_finished`), once ``results_dir`` is
+    known to be this study's. Raise :class:`UsageError` when it belongs to another study: its
     ``summary.json`` records other arguments than ``study`` (``GridArguments.study_record()``;
     a list may grow, as more seeds; the grid's pace, ``workers`` and ``nice``, and arguments the
     summary predates are not compared), or it holds a result under the key of one of ``runs``
@@ -220,8 +220,8 @@ def check_results_dir(runs: Iterable[Run], results_dir: str | os.PathLike,
             raise UsageError(f"{folder} holds the results of a study with other arguments "
                              f"({', '.join(differ)}; a study may add seeds, LRs or methods, not "
                              f"drop them); pass --results_dir for a study with these")
-    for run in runs:  # before anything is trained or written: load_finished raises
-        load_finished(run, folder)
+    # before anything is trained or written: load_finished raises
+    return {run.key: saved for run in runs if (saved := load_finished(run, folder)) is not None}
 
 
 #: Arguments that set how fast a grid goes, not what it trains.
@@ -385,11 +385,11 @@ def run_study(args: GridArguments, *, build_runs: Callable[[Any], list[Run]],
        finished run and at the end; the last report is printed.
     """
     runs = build_runs(args)
-    check_results_dir(runs, args.results_dir, args.study_record())
+    finished = check_results_dir(runs, args.results_dir, args.study_record())
     if args.report_only:
-        results = [r for run in runs if (r := load_finished(run, args.results_dir)) is not None]
+        results = [finished[run.key] for run in runs if run.key in finished]
     else:
-        if prepare is not None and any(load_finished(run, args.results_dir) is None for run in runs):
+        if prepare is not None and any(run.key not in finished for run in runs):
             prepare()
             runs = build_runs(args)
         results = run_grid(runs, results_dir=args.results_dir, checkpoint_root=args.checkpoint_dir,
@@ -403,11 +403,14 @@ def run_study(args: GridArguments, *, build_runs: Callable[[Any], list[Run]],
 
 def ensure_corpus(data_dir: str | os.PathLike) -> None:
     """The offline PTB-format Shakespeare corpus in ``data_dir`` (``ptb.{train,valid,test}.txt``),
-    made by ``recipes/data/make_shakespeare_ptb.py`` when a file is missing."""
+    made as ``recipes/ptb_lm.py`` makes it (:func:`ptb_lm.build_offline_corpus`) when a file is
+    missing."""
     if all((Path(data_dir) / f"ptb.{split}.txt").is_file() for split in ("train", "valid", "test")):
         return
-    script = Path(__file__).resolve().parents[1] / "data" / "make_shakespeare_ptb.py"
-    subprocess.run([sys.executable, str(script), "--out", str(data_dir)], check=True)
+    from ptb_lm import build_offline_corpus  # torch and Accelerate: only when there is work
+
+    print(f"making the offline corpus in {data_dir} ...", flush=True)
+    build_offline_corpus(Path(data_dir))
 
 
 def start_report(title: str, finished: int, planned: int,
@@ -505,6 +508,12 @@ def _grid_steps_left(running: Sequence[float], queued: Sequence[float], workers:
     return max(free, default=0.0)
 
 
+def curve_gaps(base: dict[int, float], other: dict[int, float]) -> list[list[float]]:
+    """``[x, other - base]`` at every point (epoch, step) both curves of a same-seed pair reached,
+    in order."""
+    return [[x, other[x] - base[x]] for x in sorted(base.keys() & other.keys())]
+
+
 def running_section(running: Sequence[dict[str, Any]], *, base: str, other: str, intro: str,
                     progress: str, value: str, unit: str, point: Callable[[int], str],
                     digits: int = 2) -> list[str]:
@@ -526,10 +535,9 @@ def running_section(running: Sequence[dict[str, Any]], *, base: str, other: str,
         pairs.setdefault(r["pair"], {})[r["method"]] = {int(x): float(v) for x, v in r["curve"]}
     diffs = []
     for label, by in pairs.items():
-        common = sorted(set(by.get(base, ())) & set(by.get(other, ())))
-        if common:
-            diffs.append(f"{label}: " + ", ".join(
-                f"{point(x)} {by[other][x] - by[base][x]:+.{digits}f}" for x in common))
+        gaps = curve_gaps(by.get(base, {}), by.get(other, {}))
+        if gaps:
+            diffs.append(f"{label}: " + ", ".join(f"{point(x)} {d:+.{digits}f}" for x, d in gaps))
     if diffs:
         lines += ["", f"Same-seed differences {other} - {base} ({unit}) at the evaluations both "
                   "reached: " + "; ".join(diffs) + "."]
