@@ -631,11 +631,22 @@ def test_lm_study_smoke(tmp_path: Path) -> None:
     assert sorted(running) == sorted(runs)
     for key, r in running.items():
         assert r["done"] == 10 and r["curve"] == [[10, pytest.approx(runs[key]["evals"][0]["valid_ppl"])]]
-    lines = "\n".join(st.running_section(list(running.values()), base="cal", other="tb", intro="",
-                                          progress="steps done", value="ppl", unit="PPL",
-                                          point=lambda x: f"step {x}"))
+    kw = dict(other="tb", intro="", progress="steps done", value="ppl", unit="PPL",
+              point=lambda x: f"step {x}")
+    lines = "\n".join(st.running_section(list(running.values()), bases=["cal"], **kw))
     diff = running["tb_seed43"]["curve"][0][1] - running["cal_seed43"]["curve"][0][1]
     assert f"seed 43: step 10 {diff:+.2f}" in lines
+    # a control still running is compared with the finished tb of its seed (at the steps the
+    # control reached); pairs with no run left running are results, not the snapshot's business
+    control = running["cal_lr0.00025_seed43"]
+    finished = [study._snapshot(runs[k], study.arm_of(runs[k]["study_settings"], args))
+                for k in runs if k != control["key"]]
+    lines = "\n".join(st.running_section([control], bases=["cal", "cal @ 0.00025"],
+                                          finished=finished, **kw))
+    diff = runs["tb_seed43"]["evals"][0]["valid_ppl"] - control["curve"][0][1]
+    assert f"Same-seed differences tb - cal @ 0.00025 (PPL) at the evaluations both reached: " \
+           f"seed 43: step 10 {diff:+.2f}." in lines
+    assert "tb - cal (PPL)" not in lines and "seed 37" not in lines
 
 
 # ------------------------------------------------------------------------------------ LoRA study

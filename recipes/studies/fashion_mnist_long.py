@@ -197,7 +197,7 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
     summary |= {"paired": {}, "multiplier": {}}
     if running:
         lines += running_section(
-            running, base=base, other=other, progress="epochs done",
+            running, bases=[base], other=other, progress="epochs done",
             value="test accuracy (%) by epoch", unit="pp", point=lambda epoch: f"e{epoch}",
             intro=f"Test accuracy after the last checkpointed epoch of each unfinished run, of "
                   f"{args.epochs}. Mid-way through a cosine schedule this says little about the end.")

@@ -176,12 +176,18 @@ def in_progress(runs: list[Run], args: StudyArguments, finished: set[str]) -> li
     """Unfinished runs with a checkpoint: their valid perplexity at each evaluation so far (from the
     loop state ``ptb_lm.py`` saves with every checkpoint). Not results: mid-way through a cosine
     schedule, and before the best checkpoint is chosen."""
-    return [{"key": run.key, "seed": run.settings["seed"],
-             "method": arm_of(run.settings, args),
-             "done": step, "pair": f"seed {run.settings['seed']}",
-             "curve": [[int(e["step"]), float(e["valid_ppl"])] for e in state["evals"]]}
+    return [_snapshot({"key": run.key, "seed": run.settings["seed"], "evals": state["evals"]},
+                      arm_of(run.settings, args)) | {"done": step}
             for run, step, state in checkpoint_snapshots(runs, args.checkpoint_dir, finished,
                                                          _loop_state)]
+
+
+def _snapshot(run: dict[str, Any], arm: str) -> dict[str, Any]:
+    """A run (``key``, ``seed``, ``evals``: finished, or a checkpoint's loop state) as
+    :func:`study_tools.running_section` reads it: its arm, its seed's pair, its valid perplexity
+    curve."""
+    return {"key": run["key"], "seed": run["seed"], "method": arm, "pair": f"seed {run['seed']}",
+            "curve": [[int(e["step"]), float(e["valid_ppl"])] for e in run["evals"]]}
 
 
 def _loop_state(checkpoint: Path) -> dict[str, Any] | None:
@@ -208,11 +214,13 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
     summary["paired"] = {}
     if running:
         lines += running_section(
-            running, base=base, other=other, progress="steps done",
-            value="valid perplexity by evaluation", unit="PPL",
+            running, bases=[a for a in arms(args) if a != other], other=other,
+            finished=[_snapshot(r, arm_of(r["study_settings"], args)) for r in results],
+            progress="steps done", value="valid perplexity by evaluation", unit="PPL",
             point=lambda step: f"step {step}",
             intro=f"Valid perplexity at each evaluation (every {args.eval_steps} steps) so far of "
-                  f"each unfinished run, of {args.max_steps} steps. Mid-way through a cosine "
+                  f"each unfinished run, of {args.max_steps} steps (a finished run is compared "
+                  f"with its unfinished partner at the same steps). Mid-way through a cosine "
                   f"schedule this says little about the end.")
         summary["in_progress"] = running
     if not results:

@@ -514,16 +514,19 @@ def curve_gaps(base: dict[int, float], other: dict[int, float]) -> list[list[flo
     return [[x, other[x] - base[x]] for x in sorted(base.keys() & other.keys())]
 
 
-def running_section(running: Sequence[dict[str, Any]], *, base: str, other: str, intro: str,
-                    progress: str, value: str, unit: str, point: Callable[[int], str],
-                    digits: int = 2) -> list[str]:
+def running_section(running: Sequence[dict[str, Any]], *, bases: Sequence[str], other: str,
+                    intro: str, progress: str, value: str, unit: str, point: Callable[[int], str],
+                    finished: Sequence[dict[str, Any]] = (), digits: int = 2) -> list[str]:
     """Markdown lines of a snapshot of the unfinished runs: not results, mid-way through a schedule.
 
-    ``running``: one entry per unfinished run with ``key``, ``method``, ``pair`` (the label of its
-    same-seed pair, e.g. ``"LR 0.2 seed 37"``), ``done`` (how far it got, in the unit ``progress``
-    names: ``"epochs done"``) and ``curve`` (``[x, value]`` per evaluation so far, ``value`` names
-    the values, ``unit`` their differences). ``point(x)`` labels one evaluation in the paired
-    differences (``e3``, ``step 250``).
+    ``running``: one entry per unfinished run with ``key``, ``method`` (its arm), ``pair`` (the
+    label of its same-seed pair, e.g. ``"LR 0.2 seed 37"``), ``done`` (how far it got, in the unit
+    ``progress`` names: ``"epochs done"``) and ``curve`` (``[x, value]`` per evaluation so far,
+    ``value`` names the values, ``unit`` their differences). ``finished``: the finished runs in the
+    same form (without ``done``), not listed, only partners: a control still running is compared
+    with the finished ``other`` of its seed. The differences ``other - base`` for each of
+    ``bases``, at the evaluations both runs of a pair reached, come for every pair with a run still
+    running; ``point(x)`` labels one evaluation (``e3``, ``step 250``).
     """
     lines = ["## Runs in progress (a snapshot, not a result)", "", intro, "",
              f"| run | {progress} | {value} |", "|---|---|---|"]
@@ -531,16 +534,20 @@ def running_section(running: Sequence[dict[str, Any]], *, base: str, other: str,
         lines.append(f"| {r['key']} | {r['done']} | "
                      + ", ".join(f"{v:.{digits}f}" for _, v in r["curve"]) + " |")
     pairs: dict[str, dict[str, dict[int, float]]] = {}
-    for r in running:
+    for r in [*finished, *running]:
         pairs.setdefault(r["pair"], {})[r["method"]] = {int(x): float(v) for x, v in r["curve"]}
-    diffs = []
-    for label, by in pairs.items():
-        gaps = curve_gaps(by.get(base, {}), by.get(other, {}))
-        if gaps:
-            diffs.append(f"{label}: " + ", ".join(f"{point(x)} {d:+.{digits}f}" for x, d in gaps))
-    if diffs:
-        lines += ["", f"Same-seed differences {other} - {base} ({unit}) at the evaluations both "
-                  "reached: " + "; ".join(diffs) + "."]
+    unfinished = {(r["pair"], r["method"]) for r in running}
+    for base in bases:
+        diffs = []
+        for label, by in pairs.items():
+            if not {(label, base), (label, other)} & unfinished:
+                continue
+            gaps = curve_gaps(by.get(base, {}), by.get(other, {}))
+            if gaps:
+                diffs.append(f"{label}: " + ", ".join(f"{point(x)} {d:+.{digits}f}" for x, d in gaps))
+        if diffs:
+            lines += ["", f"Same-seed differences {other} - {base} ({unit}) at the evaluations both "
+                      "reached: " + "; ".join(diffs) + "."]
     return lines + [""]
 
 
