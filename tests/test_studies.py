@@ -298,6 +298,14 @@ def test_a_control_lr_equal_to_the_studys_own_is_refused() -> None:
     assert "includes the study's own LR 0.000125" in done.stderr
 
 
+def test_a_flat_control_multiplier_must_be_positive() -> None:
+    done = subprocess.run([sys.executable, str(STUDIES / "ptb_lm_long.py"), "--control_flat",
+                           "0", "--report_only", "true"],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert "--control_flat [0.0]" in done.stderr and "must be a positive number" in done.stderr
+
+
 def test_a_study_that_adds_a_seed_keeps_every_committed_run(tmp_path: Path) -> None:
     import shutil
 
@@ -373,7 +381,7 @@ def test_partial_lm_report_shows_no_spread_for_one_seed(tmp_path: Path) -> None:
                 "evals": [{"step": 10, "valid_ppl": valid}], "tempbalance": tb}
 
     results = [run("cal", 43, 120.0, 118.0), run("cal", 37, 124.0, 121.0), run("tb", 43, 117.0, 116.0)]
-    args = study.StudyArguments(results_dir=str(tmp_path), control_lrs=[])
+    args = study.StudyArguments(results_dir=str(tmp_path), control_lrs=[], control_flat=[])
     summary = study.write_report(results, args, planned=6)
     report = (tmp_path / "report.md").read_text()
     cal_std = np.std([120.0, 124.0], ddof=1)
@@ -386,18 +394,30 @@ def test_partial_lm_report_shows_no_spread_for_one_seed(tmp_path: Path) -> None:
     assert "The baseline at 0.000163 would be the control; it is not part of this study" in report
     # with the control arm: its own row, and tb against it per seed
     results += [run("cal", 43, 118.5, 117.5, lr=1.6e-4), run("tb", 37, 121.0, 119.0)]
-    args = study.StudyArguments(results_dir=str(tmp_path), control_lrs=[1.6e-4])
-    summary = study.write_report(results, args, planned=8)
+    args = study.StudyArguments(results_dir=str(tmp_path), control_lrs=[1.6e-4], control_flat=[1.3])
+    summary = study.write_report(results, args, planned=10)
     report = (tmp_path / "report.md").read_text()
     assert "| cal @ 0.00016 | 118.50 (1 seed) | 117.50 (1 seed) | 1 (none) | 1 |" in report
     assert "| cal_lr0.00016_seed43 | 10 of 20 | 118.50 | 117.50 |" in report
     assert summary["paired"]["test_ppl vs cal @ 0.00016"]["differences"] == [116.0 - 117.5]
     assert summary["paired"]["test_ppl"]["differences"] == [116.0 - 118.0, 119.0 - 121.0]
-    assert "The control: tb against cal @ 0.00016 (every layer at that LR) above" in report
+    assert "The controls, above: tb against cal @ 0.00016 (every layer at that LR" in report
+    assert "Not measured yet: tb flat 1.3." in report
+    # the flat control: TempBalance with s1 = s2, its own arm, key and pairing
+    flat = run("tb", 43, 116.5, 115.0)
+    flat["key"], flat["study_settings"]["tempbalance"] = "tb_flat1.3_seed43", {"s1": 1.3, "s2": 1.3}
+    summary = study.write_report(results + [flat], args, planned=10)
+    report = (tmp_path / "report.md").read_text()
+    assert "| tb flat 1.3 | 116.50 (1 seed) | 115.00 (1 seed) | 1.4000 / 1.3000 | 1 |" in report
+    assert "| tb | 119.00 ± " in report  # the main tb arm keeps its two seeds
+    assert summary["paired"]["test_ppl vs tb flat 1.3"]["differences"] == [116.0 - 115.0]
+    assert "tb against tb flat 1.3 (the layers tb balances at a constant 1.3x" in report
+    assert "Not measured yet" not in report
     # the gap over training, per seed both arms ran, at the evaluations both made
     assert summary["valid_ppl_differences"] == {"tb - cal": {43: [[10, 117.0 - 120.0]],
                                                              37: [[10, 121.0 - 124.0]]},
-                                                "tb - cal @ 0.00016": {43: [[10, 117.0 - 118.5]]}}
+                                                "tb - cal @ 0.00016": {43: [[10, 117.0 - 118.5]]},
+                                                "tb - tb flat 1.3": {43: [[10, 117.0 - 116.5]]}}
     base = [{"seed": 1, "evals": [{"step": 10, "valid_ppl": 5.0}, {"step": 20, "valid_ppl": 4.0}]}]
     other = [{"seed": 1, "evals": [{"step": 10, "valid_ppl": 4.5}, {"step": 30, "valid_ppl": 3.0}]},
              {"seed": 2, "evals": [{"step": 10, "valid_ppl": 4.0}]}]
@@ -570,12 +590,13 @@ def test_lm_study_smoke(tmp_path: Path) -> None:
             "--d_head", "20", "--d_inner", "96", "--num_layers", "1", "--max_eval_windows", "3",
             "--data_dir", str(tmp_path / "corpus"), "--results_dir", str(tmp_path / "results"),
             "--checkpoint_dir", str(tmp_path / "ckpt"), "--eta_every", "1",
-            "--control_lrs", "2.5e-4"]
+            "--control_lrs", "2.5e-4", "--control_flat", "1.5"]
     done = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     runs = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "results" / "runs").glob("*.json")}
     assert sorted(runs) == ["cal_lr0.00025_seed37", "cal_lr0.00025_seed43", "cal_seed37",
-                            "cal_seed43", "tb_seed37", "tb_seed43"]
+                            "cal_seed43", "tb_flat1.5_seed37", "tb_flat1.5_seed43", "tb_seed37",
+                            "tb_seed43"]
     # the control: the baseline, trained at its own LR (the LR the recipe recorded it ran with)
     for seed in (43, 37):
         control = runs[f"cal_lr0.00025_seed{seed}"]
@@ -609,7 +630,19 @@ def test_lm_study_smoke(tmp_path: Path) -> None:
         tb = [runs[f"tb_seed{s}"][key] for s in (43, 37)]
         pair = summary["paired"][f"{key} vs cal @ 0.00025"]
         assert pair["differences"] == pytest.approx([t - c for t, c in zip(tb, control)])
-    assert "The control: tb against cal @ 0.00025" in report
+    assert "tb against cal @ 0.00025 (every layer at that LR" in report
+    assert "tb against tb flat 1.5 (the layers tb balances at a constant 1.5x" in report
+    for seed in (43, 37):  # the flat control: TempBalance's layers, every one at 1.5x throughout
+        flat = runs[f"tb_flat1.5_seed{seed}"]
+        assert flat["study_settings"]["tempbalance"] == {"s1": 1.5, "s2": 1.5, "interval": 10}
+        assert flat["config"]["tempbalance"]["s1"] == flat["config"]["tempbalance"]["s2"] == 1.5
+        assert flat["tempbalance"]["layers"] == runs[f"tb_seed{seed}"]["tempbalance"]["layers"]
+        assert set(flat["tempbalance"]["final_multipliers"].values()) == {1.5}
+        assert flat["tempbalance"]["mean_multiplier"]["lr_weighted"] == pytest.approx(1.5)
+        for key in ("valid_ppl", "test_ppl"):
+            pair = summary["paired"][f"{key} vs tb flat 1.5"]
+            assert pair["differences"] == pytest.approx(
+                [runs[f"tb_seed{s}"][key] - runs[f"tb_flat1.5_seed{s}"][key] for s in (43, 37)])
     for seed in (43, 37):  # the gap over training: valid PPL tb - cal at steps 10 and 20
         tb, cal = (runs[f"{m}_seed{seed}"]["evals"] for m in ("tb", "cal"))
         got = summary["valid_ppl_differences"]["tb - cal"][str(seed)]

@@ -10,10 +10,13 @@ batch 120 streams x BPTT 32, cosine to 0 over ``--max_steps``), TempBalance ever
 
     python recipes/studies/ptb_lm_long.py            # the whole study; rerun to continue
 
-After the main runs (``cal`` and ``tb`` per seed) come the control runs: ``cal`` again at each of
-``--control_lrs`` (default 1.9e-4, about the LR TempBalance's balanced layers train at on average
-with (s1, s2) = (1, 2)), so that a difference between the methods can be told from one of a higher
-LR; the report pairs ``tb`` with each.
+After the main runs (``cal`` and ``tb`` per seed) come two controls, since with (s1, s2) = (1, 2)
+TempBalance only raises LRs (its balanced layers train at 1.53x the baseline's LR on average):
+``cal`` again at each of ``--control_lrs`` (default 1.9e-4: every layer at about that raised LR),
+then TempBalance with s1 = s2 = each of ``--control_flat`` (default 1.53: the layers it balances
+all at that constant multiplier, the others at 1x; the same raise without Eq. 2's spread). The
+report pairs ``tb`` with each: a difference that holds against the first is not a higher LR
+alone, one that holds against the second is the spread of the multipliers.
 
 As in ``fashion_mnist_long.py``: two runs at a time, one thread each, under ``nice -n 10``;
 finished runs committed as JSON in ``--results_dir`` and reused when their settings match;
@@ -73,6 +76,10 @@ class StudyArguments(GridArguments):
         "help": "the baseline again at these LRs, after the main runs: a control for TempBalance's "
                 "higher average LR (1.9e-4: 1.25e-4 x 1.53, its LR-weighted mean multiplier on "
                 "seed 43); none: --control_lrs with no value"})
+    control_flat: list[float] = field(default_factory=lambda: [1.53], metadata={
+        "help": "TempBalance again with s1 = s2 = each of these, after the LR controls: the layers "
+                "it balances at that constant LR multiplier (1.53: its LR-weighted mean with "
+                "(s1, s2) = (1, 2)), the others at 1x; none: --control_flat with no value"})
     eval_steps: int = field(default=250, metadata={"help": "steps between valid evaluations"})
     save_steps: int = field(default=250, metadata={"help": "steps between checkpoints"})
     batch_size: int = field(default=120, metadata={"help": "training streams (paper: 120)"})
@@ -93,26 +100,34 @@ class StudyArguments(GridArguments):
             raise UsageError(f"--control_lrs {self.control_lrs} includes the study's own LR "
                              f"{self.learning_rate:g}: its baseline runs are the main ones; leave "
                              f"it out")
+        if not all(0 < float(m) < float("inf") for m in self.control_flat):
+            raise UsageError(f"--control_flat {self.control_flat}: each value is an LR multiplier "
+                             f"and must be a positive number (e.g. 1.53)")
 
 
 def build_runs(args: StudyArguments) -> list[Run]:
     """The main runs seed by seed (each method), then the control runs (the baseline at each of
-    ``--control_lrs``), so that the comparison the study is for finishes first."""
+    ``--control_lrs``, then TempBalance flat at each of ``--control_flat``), so that the
+    comparison the study is for finishes first."""
     main = [_run(args, method, seed, args.learning_rate) for seed in args.seeds
             for method in args.methods]
     controls = [_run(args, args.methods[0], seed, lr) for lr in args.control_lrs
                 for seed in args.seeds]
-    return main + controls
+    flat = [_run(args, args.methods[-1], seed, args.learning_rate, flat=m)
+            for m in args.control_flat for seed in args.seeds]
+    return main + controls + flat
 
 
-def _run(args: StudyArguments, method: str, seed: int, lr: float) -> Run:
+def _run(args: StudyArguments, method: str, seed: int, lr: float,
+         flat: float | None = None) -> Run:
+    s1, s2 = (1.0, 2.0) if flat is None else (float(flat), float(flat))
     settings = {
         "study": "ptb_lm_long", "corpus": Path(args.data_dir).name, "method": method,
         "seed": seed, "max_steps": args.max_steps, "learning_rate": lr,
         "eval_steps": args.eval_steps, "batch_size": args.batch_size,
         "d_model": args.d_model, "num_layers": args.num_layers, "d_head": args.d_head,
         "d_inner": args.d_inner, "causal": True, "max_eval_windows": args.max_eval_windows,
-        "tempbalance": ({"s1": 1.0, "s2": 2.0, "interval": 10} if method == "tb" else None),
+        "tempbalance": ({"s1": s1, "s2": s2, "interval": 10} if method == "tb" else None),
     }
     command = [sys.executable, str(RECIPES / "ptb_lm.py"), "--data_dir", args.data_dir,
                "--method", method, "--seed", str(seed), "--max_steps", str(args.max_steps),
@@ -122,26 +137,38 @@ def _run(args: StudyArguments, method: str, seed: int, lr: float) -> Run:
                "--per_device_train_batch_size", str(args.batch_size),
                "--d_model", str(args.d_model), "--num_layers", str(args.num_layers),
                "--d_head", str(args.d_head), "--d_inner", str(args.d_inner),
-               "--tb_s1", "1.0", "--tb_s2", "2.0", "--tb_interval", "10",
+               "--tb_s1", str(s1), "--tb_s2", str(s2), "--tb_interval", "10",
                "--use_cpu", "true", "--report_to", "none"]
     if args.max_eval_windows is not None:
         command += ["--max_eval_windows", str(args.max_eval_windows)]
-    return Run(key=f"{arm_of(settings, args)}_seed{seed}".replace(" @ ", "_lr"),
-               settings=settings, command=command, total_steps=args.max_steps)
+    return Run(key=f"{_arm(method, lr, flat, args)[1]}_seed{seed}", settings=settings,
+               command=command, total_steps=args.max_steps)
+
+
+def _arm(method: str, lr: float, flat: float | None, args: StudyArguments) -> tuple[str, str]:
+    """An arm's name in the report and the stem of its run keys: a method at the study's LR is
+    ``tb`` (runs ``tb_seed43``), the baseline at a control LR ``cal @ 0.00019``
+    (``cal_lr0.00019_seed43``), TempBalance at a flat multiplier ``tb flat 1.53``
+    (``tb_flat1.53_seed43``)."""
+    if flat is not None:
+        return f"{method} flat {flat:g}", f"{method}_flat{flat:g}"
+    if float(lr) == float(args.learning_rate):
+        return method, method
+    return f"{method} @ {lr:g}", f"{method}_lr{lr:g}"
 
 
 def arm_of(settings: dict[str, Any], args: StudyArguments) -> str:
-    """The arm of a run (its ``Run.settings``, or a result's ``study_settings``): a method at the
-    study's LR is its name, the baseline at a control LR ``cal @ 0.00019``. Run keys are the arm
-    and the seed: ``tb_seed43``, ``cal_lr0.00019_seed43``."""
-    method, lr = settings["method"], float(settings["learning_rate"])
-    return method if lr == float(args.learning_rate) else f"{method} @ {lr:g}"
+    """The arm (:func:`_arm`) of a run's ``Run.settings`` or a result's ``study_settings``."""
+    tb = settings.get("tempbalance") or {}
+    flat = tb["s1"] if tb and tb["s1"] == tb["s2"] else None
+    return _arm(settings["method"], float(settings["learning_rate"]), flat, args)[0]
 
 
 def arms(args: StudyArguments) -> list[str]:
     """Every arm of the study in report order: the methods, then the controls."""
-    return list(args.methods) + [arm_of({"method": args.methods[0], "learning_rate": lr}, args)
-                                 for lr in args.control_lrs]
+    return ([_arm(m, args.learning_rate, None, args)[0] for m in args.methods]
+            + [_arm(args.methods[0], lr, None, args)[0] for lr in args.control_lrs]
+            + [_arm(args.methods[-1], args.learning_rate, m, args)[0] for m in args.control_flat])
 
 
 def by_arm(results: list[dict[str, Any]], args: StudyArguments) -> dict[str, list[dict[str, Any]]]:
@@ -248,7 +275,8 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
     lines += [f"| {r['key']} | {r['best_step']} of {r['steps']} | "
               f"{r['valid_ppl']:.2f} | {r['test_ppl']:.2f} |" for r in results]
     controls = arms(args)[len(args.methods):]
-    against = " and ".join([f"`{base}`"] + [f"`{c}` (control)" for c in controls])
+    against = f"`{base}`" + (", and the controls " + ", ".join(f"`{c}`" for c in controls)
+                             if controls else "")
     lines += ["", f"## Paired differences {other} - baseline (perplexity, same seed; negative = "
               f"{other} better)", "", f"Against {against}: a split named alone is against "
               f"`{base}`.", "", "| split | per seed | n | mean ± std | 95% t-interval |",
@@ -279,8 +307,10 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
 def lr_confound(groups: dict[str, list[dict[str, Any]]], args: StudyArguments) -> list[str]:
     """The verdict's caveat on the LR: TempBalance's balanced layers ran at its mean multiplier
     times the nominal LR, so against the baseline at that LR alone a difference cannot be told
-    apart from one of a higher (or lower) LR; the baseline at ``--control_lrs`` is the control.
-    ``groups``: the finished runs by arm (:func:`by_arm`)."""
+    apart from one of a higher (or lower) LR. The controls tell them apart: the baseline at
+    ``--control_lrs`` (every layer raised) and TempBalance flat at ``--control_flat`` (its layers
+    raised by a constant, Eq. 2's spread removed). ``groups``: the finished runs by arm
+    (:func:`by_arm`)."""
     other = args.methods[-1]
     mults = [r["tempbalance"]["mean_multiplier"]["lr_weighted"] for r in groups.get(other, [])
              if r.get("tempbalance")]
@@ -294,15 +324,23 @@ def lr_confound(groups: dict[str, list[dict[str, Any]]], args: StudyArguments) -
             f"LR {lr:g} on average (LR-weighted mean multiplier), so against the baseline at "
             f"{lr:g} a difference may come from the {'higher' if m > 1 else 'lower'} effective "
             f"LR as much as from balancing the layers.")
-    controls = [c for c in arms(args)[len(args.methods):] if c in groups]
-    if not controls:
-        if args.control_lrs:
-            lrs = ", ".join(f"{c:g}" for c in args.control_lrs)
-            return [said + f" The control, the baseline at {lrs}, is not measured yet."]
+    what = {**{_arm(args.methods[0], c, None, args)[0]:
+               "every layer at that LR: a difference that holds there is not the LR alone"
+               for c in args.control_lrs},
+            **{_arm(other, lr, f, args)[0]:
+               f"the layers {other} balances at a constant {f:g}x, the others at 1x: a difference "
+               f"that holds there comes from the spread of the multipliers (Eq. 2)"
+               for f in args.control_flat}}
+    if not what:
         return [said + f" The baseline at {m * lr:.3g} would be the control; it is not part of "
-                       f"this study (--control_lrs)."]
-    return [said + f" The control: {other} against {', '.join(controls)} (every layer at "
-                   f"that LR) above; a difference that holds there is not the LR alone."]
+                       f"this study (--control_lrs, --control_flat)."]
+    measured = [f"{other} against {c} ({why})" for c, why in what.items() if c in groups]
+    waiting = [c for c in what if c not in groups]
+    if measured:
+        said += " The controls, above: " + "; ".join(measured) + "."
+    if waiting:
+        said += f" Not measured yet: {', '.join(waiting)}."
+    return [said]
 
 
 def curve_differences(base: list[dict[str, Any]],
