@@ -109,18 +109,14 @@ def build_runs(args: StudyArguments) -> list[Run]:
     """The main runs seed by seed (each method), then the control runs (the baseline at each of
     ``--control_lrs``, then TempBalance flat at each of ``--control_flat``), so that the
     comparison the study is for finishes first."""
-    main = [_run(args, method, seed, args.learning_rate) for seed in args.seeds
-            for method in args.methods]
-    controls = [_run(args, args.methods[0], seed, lr) for lr in args.control_lrs
-                for seed in args.seeds]
-    flat = [_run(args, args.methods[-1], seed, args.learning_rate, flat=m)
-            for m in args.control_flat for seed in args.seeds]
-    return main + controls + flat
+    specs = _arm_specs(args)
+    main, controls = specs[:len(args.methods)], specs[len(args.methods):]
+    return ([_run(args, seed, *spec) for seed in args.seeds for spec in main]
+            + [_run(args, seed, *spec) for spec in controls for seed in args.seeds])
 
 
-def _run(args: StudyArguments, method: str, seed: int, lr: float,
-         flat: float | None = None) -> Run:
-    s1, s2 = (1.0, 2.0) if flat is None else (float(flat), float(flat))
+def _run(args: StudyArguments, seed: int, method: str, lr: float, flat: float | None) -> Run:
+    s1, s2 = (1.0, 2.0) if flat is None else (flat, flat)
     settings = {
         "study": "ptb_lm_long", "corpus": Path(args.data_dir).name, "method": method,
         "seed": seed, "max_steps": args.max_steps, "learning_rate": lr,
@@ -145,6 +141,14 @@ def _run(args: StudyArguments, method: str, seed: int, lr: float,
                command=command, total_steps=args.max_steps)
 
 
+def _arm_specs(args: StudyArguments) -> list[tuple[str, float, float | None]]:
+    """Every arm as ``(method, lr, flat)`` in report order: the methods at the study's LR, the
+    baseline at each ``--control_lrs``, TempBalance at each ``--control_flat`` multiplier."""
+    return ([(m, args.learning_rate, None) for m in args.methods]
+            + [(args.methods[0], lr, None) for lr in args.control_lrs]
+            + [(args.methods[-1], args.learning_rate, float(f)) for f in args.control_flat])
+
+
 def _arm(method: str, lr: float, flat: float | None, args: StudyArguments) -> tuple[str, str]:
     """An arm's name in the report and the stem of its run keys: a method at the study's LR is
     ``tb`` (runs ``tb_seed43``), the baseline at a control LR ``cal @ 0.00019``
@@ -166,9 +170,7 @@ def arm_of(settings: dict[str, Any], args: StudyArguments) -> str:
 
 def arms(args: StudyArguments) -> list[str]:
     """Every arm of the study in report order: the methods, then the controls."""
-    return ([_arm(m, args.learning_rate, None, args)[0] for m in args.methods]
-            + [_arm(args.methods[0], lr, None, args)[0] for lr in args.control_lrs]
-            + [_arm(args.methods[-1], args.learning_rate, m, args)[0] for m in args.control_flat])
+    return [_arm(*spec, args)[0] for spec in _arm_specs(args)]
 
 
 def by_arm(results: list[dict[str, Any]], args: StudyArguments) -> dict[str, list[dict[str, Any]]]:
@@ -214,7 +216,12 @@ def _snapshot(run: dict[str, Any], arm: str) -> dict[str, Any]:
     :func:`study_tools.running_section` reads it: its arm, its seed's pair, its valid perplexity
     curve."""
     return {"key": run["key"], "seed": run["seed"], "method": arm, "pair": f"seed {run['seed']}",
-            "curve": [[int(e["step"]), float(e["valid_ppl"])] for e in run["evals"]]}
+            "curve": [[step, ppl] for step, ppl in _valid_curve(run["evals"]).items()]}
+
+
+def _valid_curve(evals: list[dict[str, Any]]) -> dict[int, float]:
+    """``{step: valid perplexity}`` of a run's evaluations, in order."""
+    return {int(e["step"]): float(e["valid_ppl"]) for e in evals}
 
 
 def _loop_state(checkpoint: Path) -> dict[str, Any] | None:
@@ -324,13 +331,12 @@ def lr_confound(groups: dict[str, list[dict[str, Any]]], args: StudyArguments) -
             f"LR {lr:g} on average (LR-weighted mean multiplier), so against the baseline at "
             f"{lr:g} a difference may come from the {'higher' if m > 1 else 'lower'} effective "
             f"LR as much as from balancing the layers.")
-    what = {**{_arm(args.methods[0], c, None, args)[0]:
-               "every layer at that LR: a difference that holds there is not the LR alone"
-               for c in args.control_lrs},
-            **{_arm(other, lr, f, args)[0]:
-               f"the layers {other} balances at a constant {f:g}x, the others at 1x: a difference "
-               f"that holds there comes from the spread of the multipliers (Eq. 2)"
-               for f in args.control_flat}}
+    what = {_arm(method, c_lr, flat, args)[0]:
+            "every layer at that LR: a difference that holds there is not the LR alone"
+            if flat is None else
+            f"the layers {other} balances at a constant {flat:g}x, the others at 1x: a difference "
+            f"that holds there comes from the spread of the multipliers (Eq. 2)"
+            for method, c_lr, flat in _arm_specs(args)[len(args.methods):]}
     if not what:
         return [said + f" The baseline at {m * lr:.3g} would be the control; it is not part of "
                        f"this study (--control_lrs, --control_flat)."]
@@ -347,8 +353,7 @@ def curve_differences(base: list[dict[str, Any]],
                       other: list[dict[str, Any]]) -> dict[int, list[list[float]]]:
     """Per seed both arms ran: ``[step, other - base]`` of the valid perplexity at every
     evaluation both made (:func:`study_tools.curve_gaps`)."""
-    curves = [{int(r["seed"]): {int(e["step"]): float(e["valid_ppl"]) for e in r["evals"]}
-               for r in runs} for runs in (base, other)]
+    curves = [{int(r["seed"]): _valid_curve(r["evals"]) for r in runs} for runs in (base, other)]
     return {seed: curve_gaps(curves[0][seed], curve) for seed, curve in curves[1].items()
             if seed in curves[0]}
 
@@ -363,8 +368,9 @@ def _plot_curves(groups: dict[str, list[dict[str, Any]]],
     ax, diff = fig.subplots(1, 2)
     for i, name in enumerate(arms(args)):
         for j, r in enumerate(groups.get(name, [])):
-            ax.plot([e["step"] for e in r["evals"]], [e["valid_ppl"] for e in r["evals"]],
-                    color=f"C{i}", alpha=0.8, label=name if j == 0 else None,
+            curve = _valid_curve(r["evals"])
+            ax.plot(list(curve), list(curve.values()), color=f"C{i}", alpha=0.8,
+                    label=name if j == 0 else None,
                     linestyle="--" if i >= len(args.methods) else "-")
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(ScalarFormatter())
