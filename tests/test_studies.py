@@ -77,6 +77,10 @@ def test_verdict_is_no_stronger_than_the_interval() -> None:
     text = st.verdict(pair(-0.2, 0.5), what="x", unit="pp", higher_is_better=True, finished=18,
                       planned=18)
     assert "no difference detected" in text and "better" not in text and "worse" not in text
+    text = st.verdict(pair(0.1, 0.5), what="x", unit="PPL", higher_is_better=False, finished=6,
+                      planned=6, against="cal @ 0.00019")  # a control: named, not "baseline"
+    assert text.startswith("x: TempBalance - cal @ 0.00019 = +0.30 PPL")
+    assert "TempBalance is worse than cal @ 0.00019;" in text and "this setting" not in text
     assert "not yet measured" in st.verdict({"n": 0}, what="x", unit="pp", higher_is_better=True,
                                             finished=0, planned=18)
 

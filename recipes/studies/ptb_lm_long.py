@@ -303,10 +303,10 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
               f"Left: each run. Right: {other} - baseline at each evaluation, same seed "
               f"(`summary.json`: `valid_ppl_differences`).", "", "![curves](curves.png)", "",
               "## Verdict", ""]
-    for _, _, label in comparisons:
+    for _, against, label in comparisons:
         lines.append("- " + verdict(summary["paired"][label], what=label.replace("_", " "),
                                     unit="PPL", higher_is_better=False, finished=n,
-                                    planned=planned))
+                                    planned=planned, against=None if against == base else against))
     lines += lr_confound(groups, args)
     return save_report(args, lines, summary)
 

@@ -647,11 +647,12 @@ def pair_row(label: str, pair: dict[str, Any], digits: int = 2) -> str:
 
 
 def verdict(pair: dict[str, Any], *, what: str, unit: str, higher_is_better: bool,
-            finished: int, planned: int) -> str:
+            finished: int, planned: int, against: str | None = None) -> str:
     """One sentence no stronger than ``pair`` (from :func:`paired_differences` of ``tb - cal``).
 
     A difference is called one only when the 95% interval excludes 0; otherwise the sentence says
-    how large a difference the interval still allows. Partial grids say so.
+    how large a difference the interval still allows. Partial grids say so. ``against`` names
+    the arm subtracted when it is a control rather than the study's baseline at its setting.
     """
     partial = f" (partial: {finished} of {planned} runs)" if finished < planned else ""
     if pair["n"] == 0:
@@ -660,11 +661,12 @@ def verdict(pair: dict[str, Any], *, what: str, unit: str, higher_is_better: boo
         return (f"{what}: one paired seed so far ({pair['mean']:+.2f} {unit}); no interval, no "
                 f"verdict{partial}.")
     low, high = pair["ci"]
-    text = (f"{what}: TempBalance - baseline = {pair['mean']:+.2f} {unit}, 95% CI "
+    text = (f"{what}: TempBalance - {against or 'baseline'} = {pair['mean']:+.2f} {unit}, 95% CI "
             f"[{low:+.2f}, {high:+.2f}] over {pair['n']} paired seeds")
     if low > 0 or high < 0:
         better = (low > 0) == higher_is_better
-        return (f"{text}: TempBalance is {'better' if better else 'worse'} at this setting; "
+        compared = f"than {against}" if against else "at this setting"
+        return (f"{text}: TempBalance is {'better' if better else 'worse'} {compared}; "
                 f"the interval excludes 0{partial}.")
     return (f"{text}: no difference detected; the interval allows anything from "
             f"{low:+.2f} to {high:+.2f} {unit}{partial}.")
