@@ -2,7 +2,8 @@
 
     python benchmarks/analyze_scale.py [--sizes 0.25 0.5 1.0] [--ww-sizes 0.25 0.5]
                                        [--modes stream memory ww] [--shard-mb 500]
-                                       [--layout safetensors|bin] [--tmp DIR] [--json FILE]
+                                       [--layout safetensors|bin] [--malloc command|default]
+                                       [--tmp DIR] [--json FILE]
 
 For each size (billions of parameters) a Llama-shaped checkpoint is synthesised into a temporary
 directory and deleted afterwards: the TinyLlama-1.1B block (width 2048, MLP 5632, 32 heads, 4 KV
@@ -16,7 +17,8 @@ Each measurement runs in a fresh child process (``python this_file --child MODE 
 reports its wall time (from before loading to the finished report, imports excluded) and its
 peak resident set (``VmHWM`` from ``/proc/self/status``). Our two modes first make the process
 setting the command makes (``streaming.return_large_frees``: freed large blocks go back to the
-OS at once). A third child, ``overhead``, measures the fixed cost: it imports everything and
+OS at once); ``--malloc default`` leaves glibc's adaptive mmap threshold instead (what a library
+call in a process of one's own gets), to measure what that setting saves. A third child, ``overhead``, measures the fixed cost: it imports everything and
 plans the streaming analysis (checkpoint headers, meta model) but analyses no layer; the second
 table gives each mode's peak minus that, as a multiple of the largest weight tensor.
 
@@ -147,7 +149,7 @@ def _peak_rss_mib() -> float:
     return math.nan
 
 
-def child(mode: str, path: str, select: str | None = None) -> dict:
+def child(mode: str, path: str, select: str | None = None, malloc: str = "command") -> dict:
     import torch
 
     if mode == "overhead":
@@ -160,7 +162,7 @@ def child(mode: str, path: str, select: str | None = None) -> dict:
         analyze_checkpoint(path, progress=False, select=r"(?!)")  # (matches nothing)
         return {"mode": mode, "seconds": time.perf_counter() - start,
                 "peak_rss_mib": _peak_rss_mib(), "layers": 0, "alphas": []}
-    if mode in ("stream", "memory"):
+    if mode in ("stream", "memory") and malloc == "command":
         # What `hf-tempbalance analyze` does for its own process (cli.main): freed large blocks
         # go straight back to the OS (streaming.return_large_frees).
         from hf_tempbalance.streaming import return_large_frees
@@ -203,11 +205,12 @@ def child(mode: str, path: str, select: str | None = None) -> dict:
             "layers": len(alphas), "alphas": alphas}
 
 
-def run_child(mode: str, path: Path, select: str | None = None) -> dict | None:
+def run_child(mode: str, path: Path, select: str | None = None,
+              malloc: str = "command") -> dict | None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(Path(__file__).resolve().parents[1])] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    extra = ["--select", select] if select is not None else []
+    extra = (["--select", select] if select is not None else []) + ["--malloc", malloc]
     proc = subprocess.run([sys.executable, __file__, "--child", mode, str(path), *extra], env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -240,12 +243,15 @@ def main() -> None:
                              "of the weightwatcher child only")
     parser.add_argument("--select", default=None, metavar="REGEX",
                         help="analyse only these layers (`analyze --layers`); loading is the same")
+    parser.add_argument("--malloc", choices=["command", "default"], default="command",
+                        help="our modes with `hf-tempbalance analyze`'s malloc setting (freed large "
+                             "blocks go back to the OS) or glibc's default")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ww_path:
         os.environ["TB_WW_PATH"] = args.ww_path
     if args.child:
-        print(json.dumps(child(*args.child, select=args.select)))
+        print(json.dumps(child(*args.child, select=args.select, malloc=args.malloc)))
         return
     modes = [m for m in args.modes if m != "ww" or (ww_available() and args.select is None)]
     if "ww" in args.modes and "ww" not in modes:
@@ -271,7 +277,7 @@ def main() -> None:
             for mode in modes:
                 if mode == "ww" and args.ww_sizes is not None and size not in args.ww_sizes:
                     continue
-                out = run_child(mode, root / "ckpt", args.select)
+                out = run_child(mode, root / "ckpt", args.select, args.malloc)
                 if out is not None:
                     print(f"  {mode}: {out['seconds']:.1f} s, peak RSS {out['peak_rss_mib']:.0f} "
                           f"MiB, {out['layers']} layers", file=sys.stderr)
@@ -287,7 +293,9 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
     load = os.getloadavg()
     print(f"\nload average at the end: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} "
-          f"({os.cpu_count()} CPUs)")
+          f"({os.cpu_count()} CPUs); malloc: "
+          + ("glibc's default (--malloc default)" if args.malloc == "default" else
+             "as `hf-tempbalance analyze` (freed large blocks back to the OS)"))
     print_table(results, modes)
     print()
     print_working_set(results, modes)

@@ -15,6 +15,9 @@ mixtral     mixture-of-experts decoder blocks as Transformers 5 stores them (fus
             stacks): width 1024, 8 experts with MLP 1408, 16 heads, 4 KV heads,
             ``--llama-layers`` blocks (default 2), vocabulary 1024
 toy         a 3-conv + 2-linear CNN for smoke tests (seconds on any machine)
+yolov8n     Ultralytics' YOLOv8n detector (``yolov8n.yaml``, 20 classes as VOC; needs the
+            ``ultralytics`` extra): the ESD work of the YOLO recipe's updates; no training
+            step here (``TRAINABLE`` lists the models that have one)
 =========== ==========================================================================
 
 The device is ``--device`` or the ``TB_BENCH_DEVICE`` environment variable (``cpu``, ``cuda``,
@@ -42,7 +45,8 @@ from torch import nn
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
-MODELS = ("resnet18", "resnet34", "vgg16", "gpt2", "llama", "mixtral", "toy")
+MODELS = ("resnet18", "resnet34", "vgg16", "gpt2", "llama", "mixtral", "toy", "yolov8n")
+TRAINABLE = ("resnet18", "resnet34", "vgg16", "gpt2", "llama", "mixtral", "toy")
 VISION = ("resnet18", "resnet34", "vgg16", "toy")
 
 
@@ -96,6 +100,10 @@ def build_model(name: str, *, llama_layers: int = 2, seed: int = 0) -> nn.Module
             nn.AdaptiveAvgPool2d(4), nn.Flatten(),
             nn.Linear(512, 96), nn.ReLU(), nn.Linear(96, 10),
         )
+    if name == "yolov8n":
+        from ultralytics.nn.tasks import DetectionModel
+
+        return DetectionModel("yolov8n.yaml", nc=20, verbose=False)
     raise SystemExit(f"unknown model {name!r}; choose from {MODELS}")
 
 

@@ -10,7 +10,8 @@ with the run. The callback leaves it to the history file instead (``include_hist
 This measures both, for a run of ``--steps`` optimizer steps that updates every ``--interval``
 steps: one real update of the model gives the rows, which are repeated with the steps and update
 indices of the later updates (the values do not change the size much). Baseline: the same state
-with the history. Ratio: with / without.
+with the history. Ratio: with / without. Also: the memory the history holds in the process
+(``tracemalloc`` of building the rows, each with float objects of its own as a run makes them).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,12 +58,19 @@ def bench(model_name: str, interval: int, steps: int, repeats: int) -> dict:
     callback.engine = tb = TempBalance(model, callback.config, clock=lambda: steps)
     rows = tb.update()
     updates = -(-steps // interval)
-    # What the Trainer's rows also hold: the scheduler LR and the epoch.
-    tb.history = [{**row, "step": u * interval, "update": u, "base_lr": 1e-4, "epoch": u / 391}
+    # What the Trainer's rows also hold: the scheduler LR and the epoch. Each row gets float
+    # objects of its own (x + 0.0 is a new one), as every update makes them.
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    tb.history = [{**row, "value": row["value"] + 0.0, "multiplier": row["multiplier"] + 0.0,
+                   "step": u * interval, "update": u, "base_lr": 1e-4 + 0.0, "epoch": u / 391}
                   for u in range(updates) for row in rows]
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
     tb.num_updates = updates
     result = {"model": model_name, "layers": len(tb.plan.layers), "steps": steps,
-              "updates": updates, "rows": len(tb.history)}
+              "updates": updates, "rows": len(tb.history), "memory_MB": held / 1e6,
+              "bytes_per_row": held / len(tb.history)}
     for label, history_file in (("with", None), ("without", "tempbalance_history.jsonl")):
         callback.history_file = history_file  # None: the history travels in the checkpoint
         seconds, size = save_seconds_and_bytes(callback.state(), repeats)
@@ -86,10 +95,13 @@ def run(args: argparse.Namespace) -> list[dict]:
         res = bench(args.model, args.interval, steps, args.repeats)
         results.append(res)
         print(f"{steps} steps: with history {res['with_MB']:.1f} MB in {res['with_s']:.3f} s, "
-              f"without {res['without_MB']:.3f} MB in {res['without_s']:.4f} s", flush=True)
-    headers = ["model", "layers", "steps", "updates", "history rows", "with history (MB)",
-               "save with (s)", "without (MB)", "save without (s)", "size ratio", "time ratio"]
-    table = [[r["model"], r["layers"], r["steps"], r["updates"], r["rows"], f"{r['with_MB']:.1f}",
+              f"without {res['without_MB']:.3f} MB in {res['without_s']:.4f} s; history in "
+              f"memory {res['memory_MB']:.1f} MB", flush=True)
+    headers = ["model", "layers", "steps", "updates", "history rows", "in memory (MB)",
+               "bytes per row", "with history (MB)", "save with (s)", "without (MB)",
+               "save without (s)", "size ratio", "time ratio"]
+    table = [[r["model"], r["layers"], r["steps"], r["updates"], r["rows"],
+              f"{r['memory_MB']:.1f}", f"{r['bytes_per_row']:.0f}", f"{r['with_MB']:.1f}",
               f"{r['with_s']:.3f}", f"{r['without_MB']:.3f}", f"{r['without_s']:.4f}",
               f"{r['with_MB'] / r['without_MB']:.0f}x", f"{r['with_s'] / r['without_s']:.0f}x"]
              for r in results]

@@ -1,6 +1,7 @@
 """The library's batched ESD engine against a straightforward per-layer implementation.
 
-    python benchmarks/esd_speed.py [--models resnet18 resnet34 vgg16 gpt2 llama mixtral] [--repeats 5]
+    python benchmarks/esd_speed.py [--models resnet18 resnet34 vgg16 gpt2 llama mixtral yolov8n]
+                                   [--repeats 5]
                                    [--device cpu|cuda] [--threads N] [--json FILE]
 
 For each model (random weights, see ``bench_common``), on the layers TempBalance balances:

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
-    MODELS,
+    TRAINABLE,
     VISION,
     PeakMemory,
     add_common_args,
@@ -86,7 +86,7 @@ def bench_model(name: str, device: torch.device, steps: int, repeats: int, batch
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["resnet18", "gpt2"], choices=MODELS)
+    parser.add_argument("--models", nargs="+", default=["resnet18", "gpt2"], choices=TRAINABLE)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)

@@ -63,9 +63,10 @@ def train(run: Path, use_tb: bool, data: tuple[torch.Tensor, ...], epochs: int,
     torch.manual_seed(43)
     model = cnn()
     batch, steps_per_epoch = 128, len(x) // 128
+    # The same optimizer for both runs (every parameter decays in both): TempBalance attaches to it
+    # as it is, so the runs differ by TempBalance alone.
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     tb = TempBalance(model, interval=interval) if use_tb else None
-    groups = tb.param_groups(lr=0.05, weight_decay=5e-4) if tb else model.parameters()
-    opt = torch.optim.SGD(groups, lr=0.05, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     if tb:
         tb.attach(opt)

@@ -64,8 +64,8 @@ class LoadedAdapter:
 
 def load_adapter(path: str | os.PathLike, base: str | None = None, *,
                  trust_remote_code: bool = False, revision: str | None = None) -> LoadedAdapter:
-    """The PEFT model of the adapter folder ``path`` on ``base`` (default: the config's
-    ``base_model_name_or_path``)."""
+    """The adapter folder ``path`` loaded on ``base`` (default: the config's
+    ``base_model_name_or_path``): the PEFT model is the result's ``.model``."""
     folder = Path(os.path.expanduser(os.fspath(path)))
     config = _read_json(folder / ADAPTER_CONFIG)
     weights = next((folder / f for f in ADAPTER_WEIGHTS if (folder / f).is_file()), None)

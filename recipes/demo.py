@@ -94,10 +94,8 @@ def report(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    # Convolutions with 8-64 channels gain nothing from a second thread, and with OpenMP's default
-    # spin-wait two threads stall whenever the other core is busy: measured on this 2-core
-    # machine, one forward+backward of a batch of 128 took 0.13 s on 1 thread, 0.19 s on 2 with
-    # OMP_WAIT_POLICY=PASSIVE and 2.9 s on 2 with the default policy.
+    # Convolutions with 8-64 channels gain little from a second thread, and with OpenMP's default
+    # spin-wait two threads stall whenever the other core is busy (a shared machine, a test run).
     torch.set_num_threads(args.threads)
     start = time.time()
     print(f"[1/3] Fashion-MNIST from the Debian package into {args.data_dir}/ ...", flush=True)

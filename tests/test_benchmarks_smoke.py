@@ -58,16 +58,21 @@ def test_checkpoint_state_measures_the_history_it_leaves_out(capsys):
     import json
 
     checkpoint_state = pytest.importorskip("checkpoint_state")
-    (small, large) = checkpoint_state.main(["--model", "toy", "--interval", "5", "--steps", "10", "100",
+    (small, large) = checkpoint_state.main(["--model", "toy", "--interval", "5", "--steps", "10", "1000",
                                             "--repeats", "1"])
-    assert (small["updates"], large["updates"]) == (2, 20)
-    assert large["rows"] == 20 * large["layers"]
+    assert (small["updates"], large["updates"]) == (2, 200)
+    assert large["rows"] == 200 * large["layers"]
     # Without the history the saved state does not grow with the run; with it, it does.
     assert large["without_MB"] == pytest.approx(small["without_MB"], rel=0.01)
     assert large["with_MB"] - large["without_MB"] > 9 * (small["with_MB"] - small["without_MB"])
     row = {"step": 95, "update": 19, "layer": "x" * 5, "metric": "alpha_hill", "value": 2.0,
            "multiplier": 1.0, "valid": True, "base_lr": 1e-4, "epoch": 0.1}
     assert large["with_MB"] - large["without_MB"] > large["rows"] * len(json.dumps(row)) / 1e6
+    # In memory each row is at least its dict and its slot in the list, and at most that plus
+    # objects of its own (the small run's 6 rows can reuse freed ones: only the large one is held
+    # to this).
+    least = sys.getsizeof(row) + 8
+    assert least <= large["bytes_per_row"] < 2 * least
     assert "| toy |" in capsys.readouterr().out
 
 
