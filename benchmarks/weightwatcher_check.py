@@ -3,6 +3,7 @@
     pip install weightwatcher        # not a dependency of hf_tempbalance; any environment will do
     python benchmarks/weightwatcher_check.py [--models resnet18 toy trained heavy]
                                              [--dtype float32 float64] [--json FILE]
+    python benchmarks/weightwatcher_check.py --write-fixture tests/ww_fixture
 
 For each model, both tools fit the same weights and the per-layer alphas are compared:
 
@@ -23,6 +24,11 @@ Models: ``resnet18`` is what ``hf-tempbalance analyze resnet18`` reads (timm's r
 over-trained, none and under-trained all occur). Reported per model and dtype: layers compared,
 max |Δalpha| and max |Δalpha|/alpha, mean alpha of each tool, and whether every layer gets the
 same verdict (weightwatcher's ``warning`` column).
+
+``--write-fixture DIR`` records the small models' weights (``models.safetensors``) and
+weightwatcher's fit of each (``weightwatcher.json``: alpha, warning, number of eigenvalues per
+layer), so that ``tests/test_weightwatcher.py`` checks ours against weightwatcher's own numbers
+where weightwatcher is not installed.
 """
 
 from __future__ import annotations
@@ -122,6 +128,43 @@ def build(name: str) -> nn.Module:
     return {"resnet18": resnet18, "toy": toy_model, "trained": trained_toy, "heavy": heavy_tailed}[name]()
 
 
+#: The models whose weights and weightwatcher fits the fixture records (resnet18 is 11M weights).
+FIXTURE_MODELS = ("toy", "trained", "heavy")
+FIXTURE_WEIGHTS, FIXTURE_FITS = "models.safetensors", "weightwatcher.json"
+
+
+def write_fixture(folder: Path) -> dict:
+    """Record :data:`FIXTURE_MODELS`' weights and weightwatcher's fit of each into ``folder``."""
+    from safetensors.torch import save_file
+
+    ww = import_weightwatcher()
+    tensors, fits = {}, {}
+    for name in FIXTURE_MODELS:
+        model = build(name)
+        tensors.update({f"{name}.{key}": value.detach().contiguous()
+                        for key, value in model.state_dict().items()})
+        fits[name] = ww_details(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / FIXTURE_WEIGHTS)
+    record = {"weightwatcher": ww.__version__, "torch": torch.__version__,
+              "call": "WeightWatcher(model=model).analyze(randomize=False, plot=False)",
+              "models": fits}
+    (folder / FIXTURE_FITS).write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def fixture_model(name: str, folder: Path) -> nn.Module:
+    """Model ``name`` of :data:`FIXTURE_MODELS` with the weights recorded in ``folder``."""
+    from safetensors.torch import load_file
+
+    model = ToyCNN() if name in ("toy", "trained") else heavy_tailed()  # the architecture
+    prefix = f"{name}."
+    weights = {k[len(prefix):]: v for k, v in load_file(folder / FIXTURE_WEIGHTS).items()
+               if k.startswith(prefix)}
+    model.load_state_dict(weights)
+    return model.eval()
+
+
 def ww_details(model: nn.Module) -> dict[str, dict]:
     """``{module name: {"alpha", "warning", "num_evals"}}`` from weightwatcher's defaults."""
     ww = import_weightwatcher()
@@ -132,11 +175,13 @@ def ww_details(model: nn.Module) -> dict[str, dict]:
                            "num_evals": int(row.num_evals)} for row in details.itertuples()}
 
 
-def compare(model: nn.Module, dtype: str = "float64") -> dict:
-    """Per-layer alphas and verdicts of both tools on ``model``, and their largest differences."""
+def compare(model: nn.Module, dtype: str = "float64", theirs: dict[str, dict] | None = None) -> dict:
+    """Per-layer alphas and verdicts of both tools on ``model``, and their largest differences;
+    ``theirs``: weightwatcher's fit recorded earlier (:func:`ww_details`; default: run it now)."""
     ours = analyze_model(model, TempBalanceConfig(xmin="ks", dtype=dtype), layers="all",
                          progress=False)
-    theirs = ww_details(model)
+    if theirs is None:
+        theirs = ww_details(model)
     rows, small = [], []
     for layer in ours.layers:
         ref = theirs.get(layer.name)
@@ -168,7 +213,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dtype", nargs="+", choices=("float32", "float64"),
                         default=["float32", "float64"])
     parser.add_argument("--json", metavar="FILE", help="also write the results (with every layer)")
+    parser.add_argument("--write-fixture", metavar="DIR", type=Path,
+                        help="record the small models' weights and weightwatcher's fits (only)")
     args = parser.parse_args(argv)
+    if args.write_fixture:
+        record = write_fixture(args.write_fixture)
+        print(f"weightwatcher {record['weightwatcher']}: {', '.join(record['models'])} recorded in "
+              f"{args.write_fixture}")
+        return [record]
     ww = import_weightwatcher()
     results = []
     print(f"weightwatcher {ww.__version__}; layers with < {SMALL_N} eigenvalues left out\n")
