@@ -14,7 +14,6 @@ from expected import numpy_hill
 from torch import nn
 
 from hf_tempbalance import TempBalance, TempBalanceConfig
-from hf_tempbalance.assign import assign_multipliers
 from hf_tempbalance.spectral import esd_reference
 
 BALANCED = ["2", "5", "7", "9"]
@@ -43,11 +42,23 @@ def make_model() -> nn.Sequential:
     return model
 
 
+def paper_map(alphas: list[float], assign: str, s1: float, s2: float) -> list[float]:
+    """The paper's maps (Eq. 2 and App. C) written out here, one layer at a time."""
+    n, lo, hi = len(alphas), min(alphas), max(alphas)
+    if assign == "linear":
+        return [s1 + (s2 - s1) * (a - lo) / (hi - lo) for a in alphas]
+    if assign in ("sqrt", "log2"):
+        f = [math.sqrt(a) if assign == "sqrt" else math.log(a) for a in alphas]
+        return [v * n / sum(f) for v in f]
+    assert assign == "step" and len(set(alphas)) == n  # distinct: the rank is unambiguous
+    return [s1 + sorted(alphas).index(a) * (s2 - s1) / n for a in alphas]
+
+
 def independent_multipliers(model: nn.Module, names, s1=0.5, s2=1.5, assign="linear"):
     """Alphas from float64 per-slice SVD + the NumPy formula, mapped with the paper's maps."""
     alphas = {n: numpy_hill(esd_reference(model.get_submodule(n)).numpy()) for n in names}
     valid = [n for n in names if math.isfinite(alphas[n])]
-    mults = assign_multipliers([alphas[n] for n in valid], assign, s1, s2)
+    mults = paper_map([alphas[n] for n in valid], assign, s1, s2)
     return alphas, dict(zip(valid, mults))
 
 

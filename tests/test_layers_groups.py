@@ -369,8 +369,29 @@ def test_no_balanced_layer_warns():
 
 
 def test_groups_work_with_torch_optimizers():
-    model = tiny_gpt2()
-    tb = TempBalance(model)
+    model = tiny_gpt2().double()
+    tb = TempBalance(model, interval=1)
     opt = torch.optim.AdamW(tb.param_groups(lr=1e-3, weight_decay=0.01))
     ids = [id(p) for g in opt.param_groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == sum(1 for p in model.parameters() if p.requires_grad)
+    # One AdamW step, read from outside: the first step moves p to p·(1 - lr·wd) - lr·g/(|g| + eps),
+    # so lr = Δp / (wd·p + g/(|g| + eps)) for every element with a gradient well above eps.
+    tb.attach(opt)
+    wd = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    tokens = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    named = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in named.items()}
+    opt.step()
+    assert tb.num_updates == 1 and len({round(m, 6) for m in tb.multipliers.values()}) > 2
+    owner = tb.plan.owner_of()
+    for name, p in named.items():
+        g = p.grad
+        mask = g.abs() > 1e-4
+        if not mask.any():
+            continue
+        moved = before[name] - p.detach()
+        direction = wd[id(p)] * before[name] + g / (g.abs() + opt.defaults["eps"])
+        lr = (moved[mask] / direction[mask]).median().item()
+        want = 1e-3 * (tb.multipliers[owner[name]] if name in owner else 1.0)
+        assert lr == pytest.approx(want, rel=1e-6), name

@@ -355,9 +355,35 @@ def test_trainer_ddp_two_cpu_processes_share_the_lora_update(tmp_path):
     assert tb.multipliers == pytest.approx(ranks[0]["final_multipliers"], rel=1e-9)
 
 
+PEFT_LAYOUT_WITHOUT_PEFT = """
+import json, sys
+import torch
+from torch import nn
+from hf_tempbalance import TempBalance
+
+class Lora(nn.Module):  # PEFT's lora.Linear layout, built by hand
+    def __init__(self):
+        super().__init__()
+        self.base_layer = nn.Linear(64, 64).requires_grad_(False)
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(64, 8, bias=False)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(8, 64, bias=False)})
+        self.scaling = {"default": 2.0}
+        self.active_adapters = ["default"]
+
+torch.manual_seed(0)
+model = nn.Sequential(*(Lora() for _ in range(3)))
+tb = TempBalance(model, exclude_first_last=False)
+tb.update()
+print(json.dumps({"names": tb.plan.names, "kinds": [type(l.module).__name__ for l in tb.plan.layers],
+                  "updates": tb.num_updates, "peft_imported": "peft" in sys.modules}))
+"""
+
+
 def test_peft_models_are_found_without_importing_peft_in_the_library():
-    code = ("import sys, hf_tempbalance, hf_tempbalance.engine, hf_tempbalance.layers; "
-            "print('peft' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    assert out.stdout.strip() == "False", out.stderr
+    out = subprocess.run([sys.executable, "-c", PEFT_LAYOUT_WITHOUT_PEFT], capture_output=True,
+                         text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    # found as LoRA layers (one candidate each, the adapted weight), updated, and peft never imported
+    assert got == {"names": ["0", "1", "2"], "kinds": ["LoraAdapted"] * 3, "updates": 1,
+                   "peft_imported": False}

@@ -51,6 +51,10 @@ def test_input_projection_steps_with_the_multiplier():
     model(torch.randn(2, 5, 16)).sum().backward()
     optimizer.step()
     m = tb.multipliers["1.layers.1.self_attn"]
+    # the step updated TempBalance first (interval 1) and the layers got different multipliers,
+    # so a step at the base LR would not pass for one at 0.1 * m
+    assert tb.num_updates == 1 and len({round(v, 6) for v in tb.multipliers.values()}) > 2
+    assert m != pytest.approx(1.0)
     assert used["1.layers.1.self_attn.in_proj_weight"] == pytest.approx(0.1 * m)
     assert used["1.layers.1.self_attn.in_proj_bias"] == pytest.approx(0.1 * m)
     assert len(optimizer.param_groups) == 1  # the split lasted only for the step
