@@ -44,9 +44,26 @@ def numpy_ks_hill(eigs, floor: float = NOISE_FLOOR[np.dtype(np.float32)]) -> tup
     max |(rank / n) - (1 - (x / x_i)^(1 - alpha))| over the tail; the start with the smallest
     distance wins (the first one on ties).
     """
+    return _numpy_ks_over(np.sort(np.asarray(eigs, dtype=np.float64).ravel()), floor, None)
+
+
+def numpy_fix_finger_hill(eigs, floor: float = NOISE_FLOOR[np.dtype(np.float32)]) -> tuple[float, float]:
+    """``(alpha, xmin)`` of the fix-finger fit (Yang et al. 2023): the KS fit above, with the tail
+    start limited to eigenvalues within [0.95, 1.5] times the histogram peak of log10 λ (100 equal
+    bins from the smallest eigenvalue above ``floor · λ_max`` to the largest; the peak is the left
+    edge of the fullest bin); with none in that window, the eigenvalue nearest the peak."""
     lam = np.sort(np.asarray(eigs, dtype=np.float64).ravel())
+    log10 = np.log10(lam[lam > floor * lam[-1]])
+    counts, edges = np.histogram(log10, bins=100, range=(log10[0], log10[-1]))
+    peak = 10.0 ** edges[int(np.argmax(counts))]
+    starts = [i for i in range(len(lam) - 1) if lam[i] > floor * lam[-1]]
+    window = [i for i in starts if 0.95 * peak <= lam[i] <= 1.5 * peak]
+    return _numpy_ks_over(lam, floor, window or [min(starts, key=lambda i: abs(lam[i] - peak))])
+
+
+def _numpy_ks_over(lam: np.ndarray, floor: float, starts) -> tuple[float, float]:
     best = (float("inf"), float("nan"), float("nan"))
-    for i in range(len(lam) - 1):
+    for i in range(len(lam) - 1) if starts is None else starts:
         if lam[i] <= floor * lam[-1]:
             continue
         tail = lam[i:]

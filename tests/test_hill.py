@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from expected import numpy_hill
+from expected import NOISE_FLOOR, numpy_fix_finger_hill, numpy_hill, numpy_ks_hill
 from torch import nn
 
 from hf_tempbalance.spectral import esd, hill_alpha, hill_fit
@@ -60,6 +60,20 @@ def test_ks_and_fix_finger_match_loop_reference(name, xmin):
     expected = hill_alpha_reference(eigs.numpy(), xmin)
     assert math.isfinite(expected)  # (tail starts above the noise floor only: lowrank fits too)
     assert hill_alpha(eigs, xmin) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("name", list(SPECTRA))
+@pytest.mark.parametrize("xmin", ["ks", "fix_finger"])
+def test_ks_and_fix_finger_match_numpy_written_from_the_papers(name, xmin):
+    """Against tests/expected.py (NumPy from Clauset et al. and Yang et al.), which shares no code
+    or constant with the package but the noise floor it restates."""
+    eigs = SPECTRA[name]
+    fit = {"ks": numpy_ks_hill, "fix_finger": numpy_fix_finger_hill}[xmin]
+    alpha, start = fit(eigs.numpy(), floor=NOISE_FLOOR[np.dtype(np.float64)])
+    assert math.isfinite(alpha)
+    got = hill_fit(eigs, xmin)
+    assert float(got.alpha) == pytest.approx(alpha, rel=1e-9)
+    assert float(got.xmin) == pytest.approx(start, rel=1e-12)
 
 
 def test_ks_fit_minimises_ks_distance():
