@@ -43,13 +43,15 @@ def test_per_layer_baseline_is_the_median_hill_fit():
     assert got == pytest.approx(expected, rel=1e-4)
 
 
-def test_overhead_runs_and_fractions_follow_the_formula(capsys):
-    (res,) = overhead.main(["--models", "toy", "--steps", "1", "--repeats", "1",
+def test_overhead_runs_and_fractions_follow_the_formula(capsys, monkeypatch):
+    # Given times: two steps of 0.1 and 0.3 s (mean 0.2), three updates of 0.5, 0.9, 0.7 s
+    # (median 0.7): updating every K steps spends 0.7 / (0.2 K + 0.7) of the time in TempBalance.
+    given = iter([0.1, 0.3, 0.5, 0.9, 0.7])
+    monkeypatch.setattr(overhead, "timed", lambda fn, device: (next(given), fn()))
+    (res,) = overhead.main(["--models", "toy", "--steps", "2", "--repeats", "3",
                             "--batch-size", "8", "--threads", "1"])
-    assert res["step_s"] > 0 and res["update_s"] > 0
-    for k, fraction in res["overhead"].items():
-        k = int(k)
-        assert fraction == pytest.approx(res["update_s"] / (k * res["step_s"] + res["update_s"]))
+    assert (res["step_s"], res["update_s"]) == (pytest.approx(0.2), 0.7)
+    assert res["overhead"] == pytest.approx({"391": 0.7 / 78.9, "100": 0.7 / 20.7, "10": 0.7 / 2.7})
     assert "| toy |" in capsys.readouterr().out
 
 

@@ -295,7 +295,8 @@ class UnigramLM(torch.nn.Module):
         return CausalLMOutput(logits=self.logp.expand(*input_ids.shape, -1))
 
 
-def test_evaluation_is_per_token_nll_and_ppl_is_its_exp():
+def test_evaluation_is_the_mean_per_token_nll():
+    """(The reported perplexity is exp of it: checked on a trained run's results.json below.)"""
     from accelerate import Accelerator
 
     probs = torch.tensor([0.5, 0.25, 0.125, 0.125])
@@ -305,7 +306,6 @@ def test_evaluation_is_per_token_nll_and_ppl_is_its_exp():
     want = -sum(math.log(probs[t]) for t in targets.tolist()) / len(targets)
     nll, count = ptb_lm.evaluate(UnigramLM(probs), streams, 4, Accelerator(cpu=True))
     assert count == 12 and nll == pytest.approx(want, rel=1e-6)  # float32 cross-entropy
-    assert math.exp(nll) == pytest.approx(math.exp(want))
     nll, count = ptb_lm.evaluate(UnigramLM(probs), streams, 4, Accelerator(cpu=True), max_windows=1)
     first = torch.cat([streams[0, 1:5], streams[1, 1:5]])
     assert count == 8
