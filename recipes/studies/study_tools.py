@@ -428,9 +428,9 @@ def start_report(title: str, finished: int, planned: int,
 
 
 def save_report(args: GridArguments, lines: list[str], summary: dict[str, Any]) -> dict[str, Any]:
-    """Write ``report.md`` and ``summary.json`` into ``args.results_dir`` (made by
-    :func:`start_report`); return ``summary``."""
+    """Write ``report.md`` and ``summary.json`` into ``args.results_dir``; return ``summary``."""
     out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)  # also for a report not begun by start_report
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n",
                                       encoding="utf-8")
