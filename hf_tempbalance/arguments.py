@@ -83,7 +83,10 @@ def _config(self) -> TempBalanceConfig:
                 raise ValueError(f"--{PREFIX}interval={value!r}: give a number of optimizer steps "
                                  "or 'epoch'") from None
         values[f.name] = value
-    return TempBalanceConfig(**values)
+    try:
+        return TempBalanceConfig(**values)
+    except ValueError as err:  # name the flag the user typed, not the config field
+        raise ValueError(re.sub(r"^TempBalanceConfig\.(\w+)=", rf"--{PREFIX}\1=", str(err))) from None
 
 
 def _callbacks(self) -> list:

@@ -248,8 +248,11 @@ def run_analyze(args: argparse.Namespace) -> ModelAnalysis:
         config = TempBalanceConfig(dtype=args.dtype, xmin=args.xmin,
                                    layer_types=tuple(args.layer_types),
                                    include=tuple(args.include), exclude=tuple(args.exclude))
-    except ValueError as err:
-        raise CliError(str(err)) from err
+    except ValueError as err:  # name the flag typed, not the config field it fills
+        flags = {"include": "--include", "exclude": "--exclude", "layer_types": "--layer-types",
+                 "xmin": "--xmin", "dtype": "--dtype"}
+        raise CliError(re.sub(r"^TempBalanceConfig\.(\w+)=",
+                              lambda m: f"{flags.get(m.group(1), m.group(1))} ", str(err))) from err
     if args.layers is not None:
         try:
             re.compile(args.layers)
@@ -297,6 +300,11 @@ def run_analyze(args: argparse.Namespace) -> ModelAnalysis:
     if loaded.note:
         notes.append(loaded.note)
     if not report.layers:
+        if args.arch == "tensors" and isinstance(loaded.model, dict):
+            held = ", ".join(f"{k} {tuple(v.shape)}" for k, v in list(loaded.model.items())[:6])
+            raise CliError(f"{args.model}: --arch tensors reads the floating-point tensors of 2 or "
+                           f"more dimensions whose key ends in 'weight', and the filters keep none "
+                           f"of them (the file holds {held}{', ...' if len(loaded.model) > 6 else ''})")
         raise CliError(f"{args.model} has no layer of kinds {args.layer_types} matching the "
                        "filters; check --layer-types/--include/--exclude/--layers")
     human = sys.stderr if to_stdout else sys.stdout
@@ -501,7 +509,11 @@ def run_plot(args: argparse.Namespace) -> dict[str, object]:
             raise CliError(str(err)) from err
 
     for name, plot in plots.items():
-        plot.save(os.path.join(out, name))
+        try:
+            plot.save(os.path.join(out, name))
+        except OSError as err:  # e.g. a file where the folder should be
+            raise CliError(f"cannot write the plots into {'--out ' if args.out else ''}{out}: "
+                           f"{err.strerror or err}") from err
         print(f"wrote {plot.path}")
     return plots
 
@@ -521,9 +533,11 @@ def _run_alphas(run: str, label: str, grid, names: Sequence[str] | None,
                            "was found to compute alphas from")
         last = grid.value[:, -1]
         return [float(v) for v in last if math.isfinite(v)]
+    history = (f"an empty {HISTORY_FILE}" if os.path.exists(os.path.join(run, HISTORY_FILE))
+               else f"no {HISTORY_FILE}")
     raise CliError(
-        f"{run} has neither a {HISTORY_FILE} nor a saved model (config.json, model.safetensors "
-        "or a checkpoint-N directory), so its alphas are unknown. Save the final model there, or "
+        f"{run} has {history} and no saved model (config.json, model.safetensors or a "
+        "checkpoint-N directory), so its alphas are unknown. Save the final model there, or "
         "run `hf-tempbalance analyze MODEL --csv alphas.csv` and pass --baseline-alphas alphas.csv.")
 
 

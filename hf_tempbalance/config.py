@@ -107,10 +107,14 @@ class TempBalanceConfig:
             raise ValueError(f"TempBalanceConfig.{name}={getattr(self, name)!r}: {why}")
 
         if not (_is_number(self.s1) and 0 < self.s1 < float("inf")):
-            bad("s1", "must be a positive finite number (the smallest LR multiplier, paper: 0.5)")
+            bad("s1", "must be a positive finite number (the smallest LR multiplier; the paper's "
+                      "CNNs: 0.5, its language model: 1.0)")
         if not (_is_number(self.s2) and self.s1 <= self.s2 < float("inf")):
-            bad("s2", f"must be a finite number >= s1={self.s1} (paper: s1=0.5, s2=1.5; s2 == s1 "
-                      "is a constant multiplier)")
+            bad("s2", f"must be a finite number >= s1={self.s1} (the paper's CNNs: s1=0.5, s2=1.5; "
+                      "its language model: 1.0, 2.0; s2 == s1 is a constant multiplier)")
+        for name in ("exclude_first_last", "include_xmin", "balance_lr", "log_layers"):
+            if not isinstance(getattr(self, name), bool):  # 'no' or 'False' would count as on
+                bad(name, "must be True or False")
         if self.metric not in available_metrics():
             bad("metric", f"unknown metric; choose from {available_metrics()} or register_metric() one")
         if self.xmin not in XMIN_METHODS:
@@ -121,7 +125,7 @@ class TempBalanceConfig:
             isinstance(self.interval, int) and not isinstance(self.interval, bool) and self.interval >= 1
         ):
             bad("interval", "must be a positive number of optimizer steps or 'epoch'")
-        if not (isinstance(self.start_step, int) and self.start_step >= 0):
+        if not (_is_int(self.start_step) and self.start_step >= 0):
             bad("start_step", "must be a non-negative optimizer step")
         unknown = [t for t in self.layer_types if t not in LAYER_TYPES]
         if unknown or not self.layer_types:
@@ -132,19 +136,19 @@ class TempBalanceConfig:
                     re.compile(pattern)
                 except (re.error, TypeError) as err:
                     bad(name, f"{pattern!r} is not a valid regular expression ({err})")
-        if not (isinstance(self.min_eigs, int) and self.min_eigs >= 0):
+        if not (_is_int(self.min_eigs) and self.min_eigs >= 0):
             bad("min_eigs", "must be a non-negative integer")
         if self.norm_follow not in NORM_FOLLOW:
             bad("norm_follow", f"choose from {NORM_FOLLOW}")
         if self.dtype not in ("float32", "float64"):
             bad("dtype", "choose 'float32' or 'float64'")
-        if self.eig_rtol is not None and not (0 <= self.eig_rtol < 1):
-            bad("eig_rtol", "must be None or in [0, 1)")
+        if self.eig_rtol is not None and not (_is_number(self.eig_rtol) and 0 <= self.eig_rtol < 1):
+            bad("eig_rtol", "must be None or a number in [0, 1)")
         if not (_is_number(self.conv_norm) and 0 < self.conv_norm < float("inf")):
             bad("conv_norm", "must be a positive number (authors: 0.5; 1 for the plain weight)")
         if not (_is_number(self.snr_strength) and 0 <= self.snr_strength < float("inf")):
             bad("snr_strength", "must be a finite number >= 0 (0 disables spectral-norm regularisation)")
-        if not (isinstance(self.snr_iterations, int) and self.snr_iterations >= 1):
+        if not (_is_int(self.snr_iterations) and self.snr_iterations >= 1):
             bad("snr_iterations", "must be a positive integer")
 
     @classmethod
@@ -196,3 +200,7 @@ TempBalanceConfig.__delattr__ = _frozen_delattr  # type: ignore[method-assign]
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is not a count of 1

@@ -389,6 +389,13 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
     """Run the grid (one run: straight into ``args.output_dir``); return every run's results."""
     spec = get_spec(data_args.dataset)
     runs = grid(method_args, args, spec.name, model_args.model)
+    for method, lr, _ in runs:  # every run's settings, checked before the data loads
+        if not lr > 0:
+            raise UsageError(f"learning rate {lr:g} (--lr / --lrs): must be > 0")
+        try:
+            method_tempbalance_config(method, spec.name, model_args, method_args)
+        except ValueError as err:
+            raise UsageError(f"--method {method}: {err}") from None
     with args.main_process_first(desc="loading the data set"):  # one process downloads
         data = prepare_data(data_args)
     single = len(runs) == 1

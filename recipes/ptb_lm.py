@@ -418,6 +418,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          "streams; raise --per_device_train_batch_size or add processes instead.")
     if args.max_steps < 1:
         raise UsageError("--max_steps must be >= 1 (paper: 40000)")
+    for flag, value, paper in (("--bptt", data_args.bptt, 32), ("--eval_streams", data_args.eval_streams, 10)):
+        if value < 1:
+            raise UsageError(f"{flag} {value}: must be >= 1 (paper: {paper})")
+    if data_args.max_eval_windows is not None and data_args.max_eval_windows < 1:
+        raise UsageError(f"--max_eval_windows {data_args.max_eval_windows}: must be >= 1 (or left "
+                         "out: every window, the protocol)")
+    if not args.learning_rate > 0:
+        raise UsageError(f"--learning_rate {args.learning_rate:g}: must be > 0 (paper: 1.25e-4)")
     refuse_unused_flags(args)
     accelerator = Accelerator(cpu=args.use_cpu, log_with=args.report_to or None,
                               project_dir=args.output_dir,  # where TensorBoard & co. write

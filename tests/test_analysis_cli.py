@@ -220,6 +220,14 @@ def test_pickle_with_code_is_refused(tmp_path, capsys):
     assert not marker.exists()
 
 
+def empty_history_run(parent: pathlib.Path) -> str:
+    """A run folder whose history file exists but is empty (a run that never updated)."""
+    run = parent / "empty"
+    run.mkdir(exist_ok=True)
+    (run / HISTORY_FILE).write_text("")
+    return str(run)
+
+
 @pytest.mark.parametrize("make_args, message", [
     (lambda p: ["analyze", str(p / "missing" / "model.safetensors")], "no such file or directory"),
     (lambda p: ["analyze", str(p / "no-dir")], "no such file or directory"),
@@ -236,14 +244,29 @@ def test_pickle_with_code_is_refused(tmp_path, capsys):
     (lambda p: ["analyze", str(p / "w.safetensors"), "--arch", "timm:test_vit"], "check --arch"),
     (lambda p: ["analyze", str(p / "w.safetensors"), "--arch", "timm:test_resnet",
                 "--include", "("], "not a valid regular expression"),
+    (lambda p: ["analyze", str(p / "w.safetensors"), "--arch", "timm:test_resnet",
+                "--include", "("], "error: --include ('(',): '(' is not a valid"),
+    (lambda p: ["analyze", str(p / "w.safetensors"), "--arch", "tensors", "--include", "nothing"],
+     "--arch tensors reads the floating-point tensors of 2 or more dimensions whose key ends in "
+     "'weight', and the filters keep none of them (the file holds bn1.bias"),
     (lambda p: ["plot", str(p / "no-run")], "no such run directory"),
     (lambda p: ["plot", str(p)], HISTORY_FILE),
+    (lambda p: ["plot", empty_history_run(p), empty_history_run(p)],
+     f"has an empty {HISTORY_FILE} and no saved model"),
 ])
 def test_errors_exit_2_with_message(tmp_path, capsys, make_args, message):
     save_file(small_resnet().state_dict(), tmp_path / "w.safetensors")
     assert main(make_args(tmp_path)) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_plots_into_a_path_under_a_file_is_a_clear_error(tb_run, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["plot", str(tb_run[0]), "--out", str(tmp_path / "file" / "plots")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the plots into --out {tmp_path / 'file' / 'plots'}: " in err, err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_missing_matplotlib_is_a_clear_error(tb_run, tmp_path, monkeypatch, capsys):

@@ -52,6 +52,15 @@ BAD = [
     ("snr_strength", {"snr_strength": -0.01}),
     ("snr_strength", {"snr_strength": float("inf")}),
     ("snr_iterations", {"snr_iterations": 0}),
+    ("snr_iterations", {"snr_iterations": True}),
+    ("eig_rtol", {"eig_rtol": "x"}),
+    ("min_eigs", {"min_eigs": True}),
+    ("start_step", {"start_step": True}),
+    # a string is truthy: 'no' from a YAML or JSON config must not mean "on"
+    ("balance_lr", {"balance_lr": "no"}),
+    ("exclude_first_last", {"exclude_first_last": "False"}),
+    ("include_xmin", {"include_xmin": 0}),
+    ("log_layers", {"log_layers": None}),
 ]
 
 

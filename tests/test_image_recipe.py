@@ -228,6 +228,24 @@ def test_missing_data_fails_at_once_with_how_to(tmp_path: Path, monkeypatch) -> 
         data_loading.load_image_dataset(get_spec("cifar100"), tmp_path)
 
 
+@pytest.mark.parametrize("flags, said", [
+    (["--tb_s1", "2", "--tb_s2", "1"], "--method tb: --tb_s2=1.0: must be a finite number >= s1=2.0"),
+    (["--tb_interval", "weekly"], "--method tb: --tb_interval='weekly': give a number of optimizer"),
+    (["--tb_interval", "0"], "--method tb: --tb_interval=0: must be a positive number"),
+    (["--lr", "-1"], "learning rate -1 (--lr / --lrs): must be > 0"),
+    (["--method", "cal", "tb", "--lrs", "0.1", "0"], "learning rate 0 (--lr / --lrs): must be > 0")])
+def test_bad_settings_are_refused_before_the_data_loads(tmp_path: Path, monkeypatch, flags, said):
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was loaded before the settings were checked")
+
+    monkeypatch.setattr(ic, "prepare_data", no_data)
+    with pytest.raises(ic.UsageError) as err:
+        ic.main(["--dataset", "fashion_mnist", "--data_dir", str(tmp_path / "none"),
+                 "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", *flags])
+    assert str(err.value).startswith(said), str(err.value)
+    assert not (tmp_path / "none").exists() and not (tmp_path / "out").exists()
+
+
 def test_offline_accuracy_metric() -> None:
     metric = load_metric("accuracy", offline=True)
     preds, refs = np.array([0, 1, 2, 2, 1]), np.array([0, 2, 2, 2, 0])

@@ -218,6 +218,20 @@ def test_recipe_refuses_training_flags_it_would_ignore(tmp_path, flags, named):
                      "--eval_strategy", "steps"])
 
 
+@pytest.mark.parametrize("flags, said", [
+    (["--bptt", "0"], "--bptt 0: must be >= 1 (paper: 32)"),
+    (["--eval_streams", "0"], "--eval_streams 0: must be >= 1 (paper: 10)"),
+    (["--max_eval_windows", "0"], "--max_eval_windows 0: must be >= 1"),
+    (["--learning_rate", "-1"], "--learning_rate -1: must be > 0 (paper: 1.25e-4)"),
+    (["--tb_s1", "3", "--tb_s2", "1"], "--tb_s2=1.0: must be a finite number >= s1=3.0 (the paper's "
+                                       "CNNs: s1=0.5, s2=1.5; its language model: 1.0, 2.0")])
+def test_bad_values_are_refused_before_any_data_is_read(tmp_path, flags, said):
+    with pytest.raises(ptb_lm.UsageError) as err:
+        ptb_lm.main(["--data_dir", str(tmp_path / "none"), "--output_dir", str(tmp_path / "out"), *flags])
+    assert str(err.value).startswith(said), str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_rotate_checkpoints_keeps_the_newest_numbered_ones(tmp_path):
     for name in ("checkpoint-5", "checkpoint-20", "checkpoint-100", "checkpoint-best", "best"):
         (tmp_path / name).mkdir()
