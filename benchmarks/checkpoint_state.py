@@ -58,15 +58,20 @@ def bench(model_name: str, interval: int, steps: int, repeats: int) -> dict:
     callback.engine = tb = TempBalance(model, callback.config, clock=lambda: steps)
     rows = tb.update()
     updates = -(-steps // interval)
-    # What the Trainer's rows also hold: the scheduler LR and the epoch. Each row gets float
-    # objects of its own (x + 0.0 is a new one), as every update makes them.
+    # What the Trainer's rows also hold: the scheduler LR and the epoch. As in a run, each row has
+    # float objects of its own for its value and multiplier (float(str(x)) is a new object), and
+    # the rows of one update share its step, base LR and epoch.
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    tb.history = [{**row, "value": row["value"] + 0.0, "multiplier": row["multiplier"] + 0.0,
-                   "step": u * interval, "update": u, "base_lr": 1e-4 + 0.0, "epoch": u / 391}
-                  for u in range(updates) for row in rows]
+    history = []
+    for u in range(updates):
+        shared = {"step": u * interval, "update": u, "base_lr": float(str(1e-4 * (1 + u % 7))),
+                  "epoch": u / 391}
+        history += [{**row, "value": float(str(row["value"])),
+                     "multiplier": float(str(row["multiplier"])), **shared} for row in rows]
     held = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
+    tb.history = history
     tb.num_updates = updates
     result = {"model": model_name, "layers": len(tb.plan.layers), "steps": steps,
               "updates": updates, "rows": len(tb.history), "memory_MB": held / 1e6,

@@ -28,7 +28,7 @@ import re
 import typing
 from typing import Any
 
-from .config import TempBalanceConfig
+from .config import ConfigError, TempBalanceConfig
 
 __all__ = ["TempBalanceArguments", "TempBalanceSettings", "PREFIX"]
 
@@ -85,8 +85,8 @@ def _config(self) -> TempBalanceConfig:
         values[f.name] = value
     try:
         return TempBalanceConfig(**values)
-    except ValueError as err:  # name the flag the user typed, not the config field
-        raise ValueError(re.sub(r"^TempBalanceConfig\.(\w+)=", rf"--{PREFIX}\1=", str(err))) from None
+    except ConfigError as err:  # the flag that holds the value, not the config field
+        raise ValueError(f"--{PREFIX}{err.field}={err.value!r}: {err.why}") from None
 
 
 def _callbacks(self) -> list:

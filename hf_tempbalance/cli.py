@@ -38,7 +38,7 @@ from .analysis import (
     analyze_state_dict,
     read_analysis_csv,
 )
-from .config import LAYER_TYPES, TempBalanceConfig
+from .config import LAYER_TYPES, ConfigError, TempBalanceConfig
 from .history import HISTORY_FILE, read_history
 from .loading import (
     LoadedModel,
@@ -248,11 +248,10 @@ def run_analyze(args: argparse.Namespace) -> ModelAnalysis:
         config = TempBalanceConfig(dtype=args.dtype, xmin=args.xmin,
                                    layer_types=tuple(args.layer_types),
                                    include=tuple(args.include), exclude=tuple(args.exclude))
-    except ValueError as err:  # name the flag typed, not the config field it fills
-        flags = {"include": "--include", "exclude": "--exclude", "layer_types": "--layer-types",
-                 "xmin": "--xmin", "dtype": "--dtype"}
-        raise CliError(re.sub(r"^TempBalanceConfig\.(\w+)=",
-                              lambda m: f"{flags.get(m.group(1), m.group(1))} ", str(err))) from err
+    except ConfigError as err:  # the flag that holds the value, not the config field
+        flag = "--" + err.field.replace("_", "-")  # --include, --layer-types, --xmin, --dtype
+        value = (" ".join(map(repr, err.value)) if isinstance(err.value, tuple) else repr(err.value))
+        raise CliError(f"{flag} {value}: {err.why}") from err
     if args.layers is not None:
         try:
             re.compile(args.layers)
@@ -301,10 +300,14 @@ def run_analyze(args: argparse.Namespace) -> ModelAnalysis:
         notes.append(loaded.note)
     if not report.layers:
         if args.arch == "tensors" and isinstance(loaded.model, dict):
-            held = ", ".join(f"{k} {tuple(v.shape)}" for k, v in list(loaded.model.items())[:6])
+            state = loaded.model
+            readable = sum(k.endswith("weight") and v.is_floating_point() and v.ndim >= 2
+                           for k, v in state.items())
+            held = ", ".join(f"{k} {tuple(v.shape)}" for k, v in list(state.items())[:6])
+            why = (f"the filters (--include/--exclude/--layers) keep none of its {readable}"
+                   if readable else f"it has none (it holds {held}{', ...' if len(state) > 6 else ''})")
             raise CliError(f"{args.model}: --arch tensors reads the floating-point tensors of 2 or "
-                           f"more dimensions whose key ends in 'weight', and the filters keep none "
-                           f"of them (the file holds {held}{', ...' if len(loaded.model) > 6 else ''})")
+                           f"more dimensions whose key ends in 'weight', and {why}")
         raise CliError(f"{args.model} has no layer of kinds {args.layer_types} matching the "
                        "filters; check --layer-types/--include/--exclude/--layers")
     human = sys.stderr if to_stdout else sys.stdout
@@ -493,7 +496,8 @@ def run_plot(args: argparse.Namespace) -> dict[str, object]:
         names = next(iter(grids.values())).layers if grids else None
         device = _device(args.device)
         for run, label in zip(args.runs, labels):
-            distributions[label] = _run_alphas(run, label, grids.get(label), names, args, device)
+            distributions[label] = _run_alphas(run, label, grids.get(label), names, args, device,
+                                               empty_history=run in empty)
         for csv_path in args.baseline_alphas:
             try:
                 rows = read_analysis_csv(csv_path)
@@ -519,7 +523,8 @@ def run_plot(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _run_alphas(run: str, label: str, grid, names: Sequence[str] | None,
-                args: argparse.Namespace, device: torch.device) -> list[float]:
+                args: argparse.Namespace, device: torch.device, *,
+                empty_history: bool = False) -> list[float]:
     """Final alphas of a run: its saved model if any, else its last TempBalance update."""
     saved = find_saved_model(run)
     if saved is not None:
@@ -533,8 +538,7 @@ def _run_alphas(run: str, label: str, grid, names: Sequence[str] | None,
                            "was found to compute alphas from")
         last = grid.value[:, -1]
         return [float(v) for v in last if math.isfinite(v)]
-    history = (f"an empty {HISTORY_FILE}" if os.path.exists(os.path.join(run, HISTORY_FILE))
-               else f"no {HISTORY_FILE}")
+    history = f"an empty {HISTORY_FILE}" if empty_history else f"no {HISTORY_FILE}"
     raise CliError(
         f"{run} has {history} and no saved model (config.json, model.safetensors or a "
         "checkpoint-N directory), so its alphas are unknown. Save the final model there, or "

@@ -8,15 +8,27 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
+
 from .assign import ASSIGN_FUNCTIONS
 from .spectral.hill import XMIN_METHODS
 from .spectral.metrics import available_metrics
+from .value_checks import is_bool, is_int, is_number
 
-__all__ = ["TempBalanceConfig", "LAYER_TYPES", "NORM_FOLLOW"]
+__all__ = ["TempBalanceConfig", "ConfigError", "LAYER_TYPES", "NORM_FOLLOW"]
 
 #: Module kinds that layer discovery can balance. ``linear`` includes Transformers' ``Conv1D``.
 LAYER_TYPES = ("linear", "conv", "embedding")
 NORM_FOLLOW = ("authors", "previous", "next", "none")
+
+
+class ConfigError(ValueError):
+    """A :class:`TempBalanceConfig` field with a bad value: ``field``, ``value`` and ``why`` (how
+    to fix it), so that a command can name its own flag for the field."""
+
+    def __init__(self, field: str, value: Any, why: str) -> None:
+        super().__init__(f"TempBalanceConfig.{field}={value!r}: {why}")
+        self.field, self.value, self.why = field, value, why
 
 
 @dataclass(frozen=True)
@@ -95,6 +107,12 @@ class TempBalanceConfig:
     log_layers: bool = True
 
     def __post_init__(self) -> None:
+        # NumPy scalars (a sweep's np.linspace, a config read through pandas) become the Python
+        # values they hold, so that the config stays JSON-able.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, np.generic):
+                object.__setattr__(self, f.name, value.item())
         # A lone string means one item (tuple("conv") would be four one-letter regexes).
         for name in ("layer_types", "include", "exclude"):
             value = getattr(self, name)
@@ -104,16 +122,16 @@ class TempBalanceConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field and how to fix it."""
         def bad(name: str, why: str) -> None:
-            raise ValueError(f"TempBalanceConfig.{name}={getattr(self, name)!r}: {why}")
+            raise ConfigError(name, getattr(self, name), why)
 
-        if not (_is_number(self.s1) and 0 < self.s1 < float("inf")):
+        if not (is_number(self.s1) and 0 < self.s1 < float("inf")):
             bad("s1", "must be a positive finite number (the smallest LR multiplier; the paper's "
                       "CNNs: 0.5, its language model: 1.0)")
-        if not (_is_number(self.s2) and self.s1 <= self.s2 < float("inf")):
+        if not (is_number(self.s2) and self.s1 <= self.s2 < float("inf")):
             bad("s2", f"must be a finite number >= s1={self.s1} (the paper's CNNs: s1=0.5, s2=1.5; "
                       "its language model: 1.0, 2.0; s2 == s1 is a constant multiplier)")
         for name in ("exclude_first_last", "include_xmin", "balance_lr", "log_layers"):
-            if not isinstance(getattr(self, name), bool):  # 'no' or 'False' would count as on
+            if not is_bool(getattr(self, name)):  # 'no' or 'False' would count as on
                 bad(name, "must be True or False")
         if self.metric not in available_metrics():
             bad("metric", f"unknown metric; choose from {available_metrics()} or register_metric() one")
@@ -122,10 +140,10 @@ class TempBalanceConfig:
         if self.assign not in ASSIGN_FUNCTIONS:
             bad("assign", f"choose from {tuple(ASSIGN_FUNCTIONS)}")
         if self.interval != "epoch" and not (
-            isinstance(self.interval, int) and not isinstance(self.interval, bool) and self.interval >= 1
+            is_int(self.interval) and self.interval >= 1
         ):
             bad("interval", "must be a positive number of optimizer steps or 'epoch'")
-        if not (_is_int(self.start_step) and self.start_step >= 0):
+        if not (is_int(self.start_step) and self.start_step >= 0):
             bad("start_step", "must be a non-negative optimizer step")
         unknown = [t for t in self.layer_types if t not in LAYER_TYPES]
         if unknown or not self.layer_types:
@@ -136,19 +154,19 @@ class TempBalanceConfig:
                     re.compile(pattern)
                 except (re.error, TypeError) as err:
                     bad(name, f"{pattern!r} is not a valid regular expression ({err})")
-        if not (_is_int(self.min_eigs) and self.min_eigs >= 0):
+        if not (is_int(self.min_eigs) and self.min_eigs >= 0):
             bad("min_eigs", "must be a non-negative integer")
         if self.norm_follow not in NORM_FOLLOW:
             bad("norm_follow", f"choose from {NORM_FOLLOW}")
         if self.dtype not in ("float32", "float64"):
             bad("dtype", "choose 'float32' or 'float64'")
-        if self.eig_rtol is not None and not (_is_number(self.eig_rtol) and 0 <= self.eig_rtol < 1):
+        if self.eig_rtol is not None and not (is_number(self.eig_rtol) and 0 <= self.eig_rtol < 1):
             bad("eig_rtol", "must be None or a number in [0, 1)")
-        if not (_is_number(self.conv_norm) and 0 < self.conv_norm < float("inf")):
+        if not (is_number(self.conv_norm) and 0 < self.conv_norm < float("inf")):
             bad("conv_norm", "must be a positive number (authors: 0.5; 1 for the plain weight)")
-        if not (_is_number(self.snr_strength) and 0 <= self.snr_strength < float("inf")):
+        if not (is_number(self.snr_strength) and 0 <= self.snr_strength < float("inf")):
             bad("snr_strength", "must be a finite number >= 0 (0 disables spectral-norm regularisation)")
-        if not (_is_int(self.snr_iterations) and self.snr_iterations >= 1):
+        if not (is_int(self.snr_iterations) and self.snr_iterations >= 1):
             bad("snr_iterations", "must be a positive integer")
 
     @classmethod
@@ -197,10 +215,3 @@ def _frozen_delattr(self: TempBalanceConfig, name: str) -> None:
 TempBalanceConfig.__setattr__ = _frozen_setattr  # type: ignore[method-assign]
 TempBalanceConfig.__delattr__ = _frozen_delattr  # type: ignore[method-assign]
 
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # True is not a count of 1

@@ -43,6 +43,7 @@ from .schedule import UpdateSchedule
 from .snr import SpectralNormRegularizer
 from .spectral.matrices import layer_device
 from .spectral.metrics import layer_metrics
+from .value_checks import is_int, is_number
 
 __all__ = ["TempBalance"]
 
@@ -454,13 +455,13 @@ class TempBalance:
                 bad(field, f"does not name the state's layers (unknown: {unknown[:5]}, missing: "
                     f"{absent[:5]}); a layer without its value would silently run at the base LR")
             for name, value in values.items():
-                if not (_is_number(value) or (field == "metrics" and value is None)):
+                if not (is_number(value) or (field == "metrics" and value is None)):
                     bad(field, f"holds {value!r} for layer {name!r}, not a number")
             out[field] = {name: math.nan if values[name] is None else float(values[name])
                           for name in self.plan.names}
         self._check_multipliers(out["multipliers"], state.get("config"), bad)
         for field in ("num_steps", "num_updates"):
-            if not (_is_int(state[field]) and state[field] >= 0):
+            if not (is_int(state[field]) and state[field] >= 0):
                 bad(field, f"is {state[field]!r}, not a non-negative integer")
             out[field] = int(state[field])
         if not isinstance(state["update_requested"], bool):
@@ -468,11 +469,11 @@ class TempBalance:
         out["update_requested"] = state["update_requested"]
         if "last_scheduled_step" in state:
             last = state["last_scheduled_step"]
-            if not (last is None or (_is_int(last) and last >= 0)):
+            if not (last is None or (is_int(last) and last >= 0)):
                 bad("last_scheduled_step", f"is {last!r}, not null or a non-negative integer")
             out["last_scheduled_step"] = None if last is None else int(last)
         epoch = state.get("steps_per_epoch")
-        if not (epoch is None or (_is_int(epoch) and epoch >= 1)):
+        if not (epoch is None or (is_int(epoch) and epoch >= 1)):
             bad("steps_per_epoch", f"is {epoch!r}, not null or a positive integer")
         out["steps_per_epoch"] = None if epoch is None else int(epoch)
         if "history" in state:
@@ -514,12 +515,6 @@ class TempBalance:
                 f"interval={self.config.interval}, updates={self.num_updates})")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
 def _unwrap_model(model: nn.Module) -> nn.Module:

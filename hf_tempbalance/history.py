@@ -41,6 +41,8 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from .value_checks import is_int, is_number
+
 __all__ = ["HISTORY_FILE", "HistoryFormatError", "HistoryLog", "HistoryWriter", "append_history",
            "read_history", "rewrite_history", "history_before", "history_backups", "row_problem",
            "sync_history", "KEEP_BACKUPS"]
@@ -74,12 +76,6 @@ def _encode(rows: Iterable[Mapping[str, Any]]) -> str:
     return "".join(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n" for row in rows)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 _JSON_TYPES = {list: "array", str: "string", bool: "boolean", type(None): "null", int: "number",
@@ -94,17 +90,17 @@ def row_problem(row: Any) -> str | None:
     if absent:
         return f"no {', '.join(map(repr, absent))} key"
     for key in ("step", "update"):
-        if not (_is_int(row[key]) and row[key] >= 0):
+        if not (is_int(row[key]) and row[key] >= 0):
             return f"{key!r} is {row[key]!r}, not a non-negative integer"
     if not isinstance(row["layer"], str):
         return f"'layer' is {row['layer']!r}, not a layer name"
-    if not _is_number(row["multiplier"]):
+    if not is_number(row["multiplier"]):
         return f"'multiplier' is {row['multiplier']!r}, not a number"
     value = row.get("value")
-    if not (value is None or _is_number(value) or value in ("inf", "-inf", "nan")):
+    if not (value is None or is_number(value) or value in ("inf", "-inf", "nan")):
         return f"'value' is {value!r}, not a number"
     for key in ("epoch", "base_lr"):
-        if row.get(key) is not None and not _is_number(row[key]):
+        if row.get(key) is not None and not is_number(row[key]):
             return f"{key!r} is {row[key]!r}, not a number"
     if "metric" in row and not isinstance(row["metric"], str):
         return f"'metric' is {row['metric']!r}, not a metric name"

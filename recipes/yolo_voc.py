@@ -240,6 +240,10 @@ def parse_kv(items: list[str]) -> dict:
 def train_and_evaluate(margs: ModelArguments, dargs: DataArguments, targs: TrainArguments,
                        tbargs: VOCTempBalanceArguments) -> dict:
     """One run; returns what results.json holds."""
+    try:  # before the data and weights are fetched
+        tb_config = tbargs.config() if targs.method == "tb" else None
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     if OFFLINE:
         ensure_offline_font()
     data_yaml, data_note = prepare_data(dargs)
@@ -249,7 +253,6 @@ def train_and_evaluate(margs: ModelArguments, dargs: DataArguments, targs: Train
         cuda and (not OFFLINE or (Path(WEIGHTS_DIR) / "yolo26n.pt").exists()))
     run_name = f"{targs.method}_seed{targs.seed}"
     project = Path(targs.output_dir).resolve()
-    tb_config = tbargs.config() if targs.method == "tb" else None
     trainer = VOCTempBalanceTrainer.with_config(tb_config) if tb_config else VOCDetectionTrainer
 
     overrides = dict(

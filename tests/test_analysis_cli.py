@@ -220,6 +220,11 @@ def test_pickle_with_code_is_refused(tmp_path, capsys):
     assert not marker.exists()
 
 
+def tensors_file(parent: pathlib.Path, tensors: dict) -> str:
+    save_file(tensors, parent / "t.safetensors")
+    return str(parent / "t.safetensors")
+
+
 def empty_history_run(parent: pathlib.Path) -> str:
     """A run folder whose history file exists but is empty (a run that never updated)."""
     run = parent / "empty"
@@ -243,12 +248,13 @@ def empty_history_run(parent: pathlib.Path) -> str:
     (lambda p: ["analyze", str(p / "w.safetensors")], "--arch"),
     (lambda p: ["analyze", str(p / "w.safetensors"), "--arch", "timm:test_vit"], "check --arch"),
     (lambda p: ["analyze", str(p / "w.safetensors"), "--arch", "timm:test_resnet",
-                "--include", "("], "not a valid regular expression"),
-    (lambda p: ["analyze", str(p / "w.safetensors"), "--arch", "timm:test_resnet",
-                "--include", "("], "error: --include ('(',): '(' is not a valid"),
+                "--include", "("], "error: --include '(': '(' is not a valid regular expression"),
     (lambda p: ["analyze", str(p / "w.safetensors"), "--arch", "tensors", "--include", "nothing"],
      "--arch tensors reads the floating-point tensors of 2 or more dimensions whose key ends in "
-     "'weight', and the filters keep none of them (the file holds bn1.bias"),
+     "'weight', and the filters (--include/--exclude/--layers) keep none of its "),
+    (lambda p: ["analyze", tensors_file(p, {"w": torch.ones(60, 60), "v": torch.ones(60, 60)}),
+                "--arch", "tensors"], "whose key ends in 'weight', and it has none (it holds "
+                                      "v (60, 60), w (60, 60))"),
     (lambda p: ["plot", str(p / "no-run")], "no such run directory"),
     (lambda p: ["plot", str(p)], HISTORY_FILE),
     (lambda p: ["plot", empty_history_run(p), empty_history_run(p)],

@@ -56,7 +56,7 @@ BAD = [
     ("eig_rtol", {"eig_rtol": "x"}),
     ("min_eigs", {"min_eigs": True}),
     ("start_step", {"start_step": True}),
-    # a string is truthy: 'no' from a YAML or JSON config must not mean "on"
+    # a string is truthy: a quoted 'no' in a YAML or JSON file must not mean "on"
     ("balance_lr", {"balance_lr": "no"}),
     ("exclude_first_last", {"exclude_first_last": "False"}),
     ("include_xmin", {"include_xmin": 0}),
@@ -103,3 +103,15 @@ def test_to_dict_is_json_and_round_trips():
     data = json.loads(json.dumps(cfg.to_dict()))
     assert set(data) == {f.name for f in dataclasses.fields(TempBalanceConfig)}
     assert TempBalanceConfig.from_dict(data) == cfg
+
+
+def test_numpy_scalars_become_python_values_and_the_config_stays_json_able():
+    import json
+
+    import numpy as np
+
+    cfg = TempBalanceConfig(s1=np.float32(0.25), s2=np.float64(1.75), min_eigs=np.int64(40),
+                            interval=np.int32(7), balance_lr=np.bool_(False))
+    assert (cfg.s1, cfg.s2, cfg.min_eigs, cfg.interval, cfg.balance_lr) == (0.25, 1.75, 40, 7, False)
+    assert [type(v) for v in (cfg.s1, cfg.min_eigs, cfg.interval, cfg.balance_lr)] == [float, int, int, bool]
+    assert TempBalanceConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

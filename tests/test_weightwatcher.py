@@ -44,16 +44,16 @@ def models() -> dict[str, torch.nn.Module]:
     return {name: check.fixture_model(name, FIXTURE) for name in check.FIXTURE_MODELS}
 
 
-def test_the_fixture_is_weightwatchers_fit_of_these_models(models):
-    """Recorded by weightwatcher 0.7.7 with its defaults; the weights are those of the models the
-    benchmark builds (a regenerated fixture of other models would change every alpha)."""
+def test_the_fixture_holds_the_benchmarks_models_and_weightwatchers_call(models):
+    """Recorded by weightwatcher 0.7.7 with its defaults, on the weights of the models the
+    benchmark builds (seeded; rebuilt here to rounding: another BLAS may move the last bits)."""
     assert RECORDED["weightwatcher"] == "0.7.7"
     assert RECORDED["call"] == "WeightWatcher(model=model).analyze(randomize=False, plot=False)"
     assert set(RECORDED["models"]) == set(check.FIXTURE_MODELS)
-    for name in ("toy", "heavy"):  # seeded construction, no training: rebuilt to the bit
+    for name in ("toy", "heavy"):  # no training: the seeded construction alone
         rebuilt = check.build(name).state_dict()
         for key, value in models[name].state_dict().items():
-            assert torch.equal(value, rebuilt[key]), (name, key)
+            torch.testing.assert_close(value, rebuilt[key], rtol=1e-5, atol=1e-7, msg=f"{name}.{key}")
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

@@ -537,3 +537,12 @@ def test_method_is_the_only_switch_and_the_flags_are_the_librarys():
     assert tb.config() == TempBalanceConfig(s1=0.6, s2=1.4, interval=5)
     with pytest.raises(ValueError, match="use_tempbalance"):
         parser.parse_args_into_dataclasses(args=["--use_tempbalance"])
+
+
+def test_bad_tempbalance_flags_are_refused_before_the_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(yolo_voc, "prepare_data", lambda dargs: pytest.fail("data prepared first"))
+    with pytest.raises(yolo_voc.UsageError) as err:
+        yolo_voc.main(["--method", "tb", "--tb_s1", "2", "--voc-root", str(tmp_path / "none"),
+                       "--output_dir", str(tmp_path / "runs")])
+    assert str(err.value).startswith("--tb_s2=1.4: must be a finite number >= s1=2.0")
+    assert not (tmp_path / "runs").exists()
