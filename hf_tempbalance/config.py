@@ -120,7 +120,8 @@ class TempBalanceConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first bad field and how to fix it."""
+        """Raise :class:`ConfigError` (a ``ValueError``) naming the first bad field and how to
+        fix it."""
         def bad(name: str, why: str) -> None:
             raise ConfigError(name, getattr(self, name), why)
 
