@@ -115,3 +115,14 @@ def test_numpy_scalars_become_python_values_and_the_config_stays_json_able():
     assert (cfg.s1, cfg.s2, cfg.min_eigs, cfg.interval, cfg.balance_lr) == (0.25, 1.75, 40, 7, False)
     assert [type(v) for v in (cfg.s1, cfg.min_eigs, cfg.interval, cfg.balance_lr)] == [float, int, int, bool]
     assert TempBalanceConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_config_error_carries_the_field_value_and_fix():
+    from hf_tempbalance.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        TempBalanceConfig(s1=2.0, s2=1.0)
+    assert (err.value.field, err.value.value) == ("s2", 1.0)
+    assert err.value.why.startswith("must be a finite number >= s1=2.0")
+    assert str(err.value) == f"TempBalanceConfig.s2=1.0: {err.value.why}"
+    assert isinstance(err.value, ValueError)  # callers catching ValueError keep working
