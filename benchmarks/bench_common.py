@@ -45,8 +45,8 @@ from torch import nn
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
-MODELS = ("resnet18", "resnet34", "vgg16", "gpt2", "llama", "mixtral", "toy", "yolov8n")
 TRAINABLE = ("resnet18", "resnet34", "vgg16", "gpt2", "llama", "mixtral", "toy")
+MODELS = (*TRAINABLE, "yolov8n")
 VISION = ("resnet18", "resnet34", "vgg16", "toy")
 
 

@@ -68,7 +68,8 @@ from .spectral.matrices import (
 )
 
 __all__ = ["LayerAnalysis", "AnalysisSummary", "ModelAnalysis", "analyze_model",
-           "analyze_lora_deltas", "analyze_state_dict", "read_analysis_csv", "ht_sr_verdict",
+           "analyze_lora_deltas", "analyze_state_dict", "bare_weights", "read_analysis_csv",
+           "ht_sr_verdict",
            "WELL_TRAINED_RANGE", "CALIBRATED_XMIN", "OVER_TRAINED_BELOW", "UNDER_TRAINED_ABOVE"]
 
 #: Alpha range HT-SR theory associates with well-trained layers (on the absolute scale of a
@@ -486,17 +487,22 @@ def analyze_state_dict(
     include = [re.compile(p) for p in config.include]
     exclude = [re.compile(p) for p in config.exclude]
     items = []
-    for key, tensor in state_dict.items():
-        if not (key.endswith("weight") and isinstance(tensor, torch.Tensor)
-                and tensor.is_floating_point() and tensor.ndim >= 2):
-            continue
-        name = key[: -len(".weight")] if key.endswith(".weight") else key
+    for name, tensor in bare_weights(state_dict).items():
         if include and not any(p.search(name) for p in include):
             continue
         if any(p.search(name) for p in exclude) or not _selected(name, select):
             continue
         items.append(_Item(name, "tensor", tuple(tensor.shape), tensor, False))
     return _analyze(items, config, dtype, keep_esds, progress)
+
+
+def bare_weights(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors :func:`analyze_state_dict` reads, by layer name (the key without ``.weight``):
+    floating-point ``...weight`` tensors of two or more dimensions."""
+    return {key[: -len(".weight")] if key.endswith(".weight") else key: tensor
+            for key, tensor in state_dict.items()
+            if key.endswith("weight") and isinstance(tensor, torch.Tensor)
+            and tensor.is_floating_point() and tensor.ndim >= 2}
 
 
 def _chunks(items: Sequence[_Item]) -> list[list[int]]:

@@ -36,6 +36,7 @@ from .analysis import (
     analyze_lora_deltas,
     analyze_model,
     analyze_state_dict,
+    bare_weights,
     read_analysis_csv,
 )
 from .config import LAYER_TYPES, ConfigError, TempBalanceConfig
@@ -301,8 +302,7 @@ def run_analyze(args: argparse.Namespace) -> ModelAnalysis:
     if not report.layers:
         if args.arch == "tensors" and isinstance(loaded.model, dict):
             state = loaded.model
-            readable = sum(k.endswith("weight") and v.is_floating_point() and v.ndim >= 2
-                           for k, v in state.items())
+            readable = len(bare_weights(state))
             held = ", ".join(f"{k} {tuple(v.shape)}" for k, v in list(state.items())[:6])
             why = (f"the filters (--include/--exclude/--layers) keep none of its {readable}"
                    if readable else f"it has none (it holds {held}{', ...' if len(state) > 6 else ''})")

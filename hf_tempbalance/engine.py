@@ -515,8 +515,6 @@ class TempBalance:
                 f"interval={self.config.interval}, updates={self.num_updates})")
 
 
-
-
 def _unwrap_model(model: nn.Module) -> nn.Module:
     """The user's model behind DDP (``.module``) and ``torch.compile`` (``._orig_mod``)."""
     for _ in range(8):

@@ -76,8 +76,6 @@ def _encode(rows: Iterable[Mapping[str, Any]]) -> str:
     return "".join(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n" for row in rows)
 
 
-
-
 _JSON_TYPES = {list: "array", str: "string", bool: "boolean", type(None): "null", int: "number",
                float: "number"}
 

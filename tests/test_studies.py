@@ -676,8 +676,8 @@ def test_lm_study_smoke(tmp_path: Path) -> None:
     # a control still running is compared with the finished tb of its seed (at the steps the
     # control reached); pairs with no run left running are results, not the snapshot's business
     control = running["cal_lr0.00025_seed43"]
-    finished = [study._snapshot(runs[k], study.arm_of(runs[k]["study_settings"], args))
-                for k in runs if k != control["key"]]
+    finished = [study._snapshot(k, r["seed"], r["evals"], study.arm_of(r["study_settings"], args))
+                for k, r in runs.items() if k != control["key"]]
     lines = "\n".join(st.running_section([control], bases=["cal", "cal @ 0.00025"],
                                           finished=finished, **kw))
     diff = runs["tb_seed43"]["evals"][0]["valid_ppl"] - control["curve"][0][1]

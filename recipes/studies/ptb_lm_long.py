@@ -205,18 +205,17 @@ def in_progress(runs: list[Run], args: StudyArguments, finished: set[str]) -> li
     """Unfinished runs with a checkpoint: their valid perplexity at each evaluation so far (from the
     loop state ``ptb_lm.py`` saves with every checkpoint). Not results: mid-way through a cosine
     schedule, and before the best checkpoint is chosen."""
-    return [_snapshot({"key": run.key, "seed": run.settings["seed"], "evals": state["evals"]},
-                      arm_of(run.settings, args)) | {"done": step}
+    return [_snapshot(run.key, run.settings["seed"], state["evals"], arm_of(run.settings, args))
+            | {"done": step}
             for run, step, state in checkpoint_snapshots(runs, args.checkpoint_dir, finished,
                                                          _loop_state)]
 
 
-def _snapshot(run: dict[str, Any], arm: str) -> dict[str, Any]:
-    """A run (``key``, ``seed``, ``evals``: finished, or a checkpoint's loop state) as
-    :func:`study_tools.running_section` reads it: its arm, its seed's pair, its valid perplexity
-    curve."""
-    return {"key": run["key"], "seed": run["seed"], "method": arm, "pair": f"seed {run['seed']}",
-            "curve": [[step, ppl] for step, ppl in _valid_curve(run["evals"]).items()]}
+def _snapshot(key: str, seed: int, evals: list[dict[str, Any]], arm: str) -> dict[str, Any]:
+    """A run (finished, or a checkpoint's loop state) as :func:`study_tools.running_section`
+    reads it: its arm, its seed's pair, its valid perplexity curve."""
+    return {"key": key, "seed": seed, "method": arm, "pair": f"seed {seed}",
+            "curve": [[step, ppl] for step, ppl in _valid_curve(evals).items()]}
 
 
 def _valid_curve(evals: list[dict[str, Any]]) -> dict[int, float]:
@@ -249,7 +248,8 @@ def write_report(results: list[dict[str, Any]], args: StudyArguments, planned: i
     if running:
         lines += running_section(
             running, bases=[a for a in arms(args) if a != other], other=other,
-            finished=[_snapshot(r, arm_of(r["study_settings"], args)) for r in results],
+            finished=[_snapshot(r["key"], r["seed"], r["evals"], arm_of(r["study_settings"], args))
+                      for r in results],
             progress="steps done", value="valid perplexity by evaluation", unit="PPL",
             point=lambda step: f"step {step}",
             intro=f"Valid perplexity at each evaluation (every {args.eval_steps} steps) so far of "
