@@ -209,6 +209,13 @@ def test_idx_reader_and_local_fashion_mnist(tmp_path: Path) -> None:
     assert first.shape == (28, 28) and first[0:8, 0:8].min() == 250
     assert dataset["train"].features["label"].names[9] == "Ankle boot"
     assert (tmp_path / "fashion_mnist" / "arrow" / "dataset_dict.json").exists()  # cached
+    # made whole and renamed into place: no staging folder left, and a second conversion that
+    # finds the cache already there (a concurrent run) keeps it and cleans up after itself
+    assert sorted(p.name for p in (tmp_path / "fashion_mnist").iterdir()) == ["arrow", "usr"]
+    (tmp_path / "fashion_mnist" / "arrow" / "dataset_dict.json").rename(tmp_path / "moved.json")
+    again = load_fashion_mnist(tmp_path, download=False)  # converts again: the cache looks unfinished
+    assert len(again["train"]) == 24
+    assert sorted(p.name for p in (tmp_path / "fashion_mnist").iterdir()) == ["arrow", "usr"]
     bad = tmp_path / "bad.gz"
     with gzip.open(bad, "wb") as fh:
         fh.write(b"\x01\x02\x03\x04")

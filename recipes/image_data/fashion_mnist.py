@@ -122,7 +122,15 @@ def load_fashion_mnist(data_dir: str | Path, download: bool = True):
         splits[split] = datasets.Dataset.from_dict({"image": list(x), "label": y.astype(np.int64)},
                                                    features=features)
     dataset = datasets.DatasetDict(splits)
-    dataset.save_to_disk(str(cache))
+    # Written beside the cache and renamed into place, so that a run starting meanwhile (a study's
+    # second worker) finds the whole cache or none, never a half-written one.
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="arrow.", dir=cache.parent))
+    dataset.save_to_disk(str(staging))
+    try:
+        staging.rename(cache)
+    except OSError:  # another run put its (identical) cache there first
+        shutil.rmtree(staging, ignore_errors=True)
     return dataset
 
 

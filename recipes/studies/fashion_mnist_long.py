@@ -295,7 +295,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return write_report(results, args, len(runs),
                             in_progress(runs, args, {r["key"] for r in results}))
 
-    return run_study(args, build_runs=build_runs, collect=collect, report=report)
+    return run_study(args, build_runs=build_runs, collect=collect, report=report,
+                     prepare=lambda: prepare_data(args.data_dir))
+
+
+def prepare_data(data_dir: str) -> None:
+    """Obtain Fashion-MNIST and its Arrow cache once, before the workers start (each would
+    otherwise convert the 70,000 images itself)."""
+    from image_data.fashion_mnist import load_fashion_mnist
+
+    print(f"preparing Fashion-MNIST in {data_dir} ...", flush=True)
+    load_fashion_mnist(data_dir)
 
 
 if __name__ == "__main__":
