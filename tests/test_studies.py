@@ -585,6 +585,36 @@ def _corpus(root: Path) -> None:
         (root / f"ptb.{split}.txt").write_text("".join(f" {line} \n" for line in lines))
 
 
+def test_lm_study_refuses_a_corpus_other_than_its_committed_runs(tmp_path: Path) -> None:
+    """A run trained now is paired with the committed ones: on other text it would compare
+    nothing. The corpus's counts are checked against each committed run's record."""
+    import ptb_lm_long as study
+
+    _corpus(tmp_path / "corpus")
+    train = (tmp_path / "corpus" / "ptb.train.txt").read_text().split("\n")
+    tokens = sum(len(line.split()) + 1 for line in train if line.split())  # words + <eos>
+    vocab = len({w for line in train for w in line.split()}) + 1
+    args = study.StudyArguments(seeds=[43], control_lrs=[], control_flat=[],
+                                data_dir=str(tmp_path / "corpus"),
+                                results_dir=str(tmp_path / "results"))
+    run = study.build_runs(args)[0]
+
+    def commit(train_tokens: int, vocab_size: int) -> None:
+        st._store(run, {"train_tokens": train_tokens, "vocab_size": vocab_size},
+                  tmp_path / "results")
+
+    study.prepare_corpus(args)  # nothing committed: nothing to compare
+    commit(tokens, vocab)
+    study.prepare_corpus(args)
+    commit(tokens + 1, vocab)
+    with pytest.raises(st.UsageError, match=rf"not the one {run.key} was trained on "
+                                            rf"\(train_tokens {tokens + 1} there, {tokens} here\)"):
+        study.prepare_corpus(args)
+    commit(tokens, vocab - 1)
+    with pytest.raises(st.UsageError, match=rf"vocab_size {vocab - 1} there, {vocab} here"):
+        study.prepare_corpus(args)
+
+
 @pytest.mark.slow
 def test_lm_study_smoke(tmp_path: Path) -> None:
     _corpus(tmp_path / "corpus")
