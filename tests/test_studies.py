@@ -717,6 +717,36 @@ def test_lm_study_smoke(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ LoRA study
+def test_lora_study_keeps_its_results_when_the_base_made_again_differs(tmp_path: Path) -> None:
+    """A base pre-trained again (the cache gone) that scores other perplexities is not the one the
+    committed runs started from: refused before pretrain.json is rewritten."""
+    import lora_finetune as study
+
+    args = study.StudyArguments(seeds=[43], lrs=[0.01], checkpoint_dir=str(tmp_path / "ckpt"),
+                                results_dir=str(tmp_path / "results"))
+    base = study.base_dir(args)
+    base.mkdir(parents=True)
+    (base / "model.safetensors").write_bytes(b"")  # present: ensure_base does not pre-train
+
+    def made(valid: float, test: float) -> None:
+        (base / "results.json").write_text(json.dumps(
+            {"tokens": {"train": 56606}, "finetune_valid_ppl": valid, "finetune_test_ppl": test}))
+
+    made(107.5, 105.5)
+    study.ensure_base(args)  # nothing committed yet: the base is recorded
+    pretrain = tmp_path / "results" / "pretrain.json"
+    assert json.loads(pretrain.read_text())["finetune_valid_ppl"] == 107.5
+    run = study.build_runs(args)[0]
+    st._store(run, {"base": {"valid_ppl": 107.5, "test_ppl": 105.5}}, tmp_path / "results")
+    study.ensure_base(args)  # the same base: accepted
+    saved = pretrain.read_text()
+    made(107.5, 106.0)
+    with pytest.raises(st.UsageError, match=rf"not the one {run.key} was trained on "
+                                            r"\(test_ppl 105.5 there, 106.0 here\)"):
+        study.ensure_base(args)
+    assert pretrain.read_text() == saved
+
+
 @pytest.mark.slow
 def test_lora_study_smoke(tmp_path: Path) -> None:
     pytest.importorskip("peft")

