@@ -134,8 +134,9 @@ class MethodArguments(TempBalanceSettings):
     lookahead_k: int = field(default=5, metadata={"help": "Lookahead: fast steps per sync"})
     lookahead_alpha: float = field(default=0.5, metadata={"help": "Lookahead: slow step size"})
     rerun: bool = field(default=False, metadata={
-        "help": "in a grid, rerun runs whose results.json already exists (default: reuse those made "
-                "with the same settings; a run whose settings changed is trained again)"})
+        "help": "train again runs whose results.json already exists, replacing it (default: a grid "
+                "reuses those made with the same settings, and a folder holding a run of other "
+                "settings is refused)"})
 
 
 #: The paper's training setting (Appendix D) as parser defaults; any flag overrides them.
@@ -348,7 +349,9 @@ def train_one(method: str, model_args: ModelArguments, data_args: DataArguments,
         results["tempbalance"] = {
             "config": tb_config.to_dict(), "layers": engine.plan.names,
             "skipped": engine.plan.skipped, "updates": engine.num_updates,
-            "history": read_history(history_path) if os.path.exists(history_path) else engine.history,
+            # the file once this run wrote it (its first update replaces an earlier run's file)
+            "history": (read_history(history_path) if engine.num_updates and os.path.exists(history_path)
+                        else engine.history),
         }
     if trainer.is_world_process_zero():
         os.makedirs(args.output_dir, exist_ok=True)
@@ -384,6 +387,27 @@ def grid(method_args: MethodArguments, args: TrainingArguments, dataset: str,
             for method, values in lrs.items() if i < len(values)]
 
 
+def finished_run(out: str, settings: dict[str, Any], *, rerun: bool) -> dict[str, Any] | None:
+    """The finished run in ``out`` when its recorded settings are ``settings`` (a grid reuses it),
+    else None (train). A run of other settings is not replaced unless ``rerun``: its results.json
+    may be the only copy of a long run."""
+    done = os.path.join(out, RESULTS_FILE)
+    if rerun or not os.path.exists(done):
+        return None
+    try:
+        with open(done, encoding="utf-8") as fh:
+            previous = json.load(fh)
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"{done} is not a run's results ({err}); pass --rerun to train it again "
+                         f"(replacing it) or another --output-dir") from None
+    differ = [f"{key} {previous.get(key)!r} there, {value!r} here"
+              for key, value in settings.items() if previous.get(key) != value]
+    if differ:
+        raise UsageError(f"{done} holds a run made with other settings ({'; '.join(differ)}); "
+                         f"pass --rerun to train it again (replacing it) or another --output-dir")
+    return previous
+
+
 def run(model_args: ModelArguments, data_args: DataArguments, method_args: MethodArguments,
         args: TrainingArguments) -> list[dict[str, Any]]:
     """Run the grid (one run: straight into ``args.output_dir``); return every run's results."""
@@ -402,22 +426,22 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
     if args.resume_from_checkpoint and not single:
         raise UsageError("--resume_from_checkpoint continues one run; a grid reuses its finished runs "
                          "instead (recipes/studies/ resume every run of a grid)")
-    results = []
-    for method, lr, seed in tqdm(runs, desc="runs", disable=single or not args.should_log):
+    plans = []  # (method, run args, reuse) per run, every folder checked before any training
+    for method, lr, seed in runs:
         out = args.output_dir if single else os.path.join(args.output_dir, method, f"lr{lr:g}",
                                                           f"seed{seed}")
-        done = os.path.join(out, RESULTS_FILE)
         run_args = dataclasses.replace(args, learning_rate=lr, seed=seed, output_dir=out)
-        if not single and not method_args.rerun and os.path.exists(done):
-            with open(done, encoding="utf-8") as fh:
-                previous = json.load(fh)
-            settings = run_settings(method, model_args, method_args, run_args, len(data[1]),
-                                    len(data[2]), spec.name)
-            if all(previous.get(key) == value for key, value in settings.items()):
-                results.append(previous)
-                logger.info("reusing %s (--rerun to train it again)", done)
-                continue
-            logger.info("%s was made with other settings: training it again", done)
+        settings = run_settings(method, model_args, method_args, run_args, len(data[1]),
+                                len(data[2]), spec.name)
+        previous = finished_run(out, settings, rerun=method_args.rerun or bool(args.resume_from_checkpoint))
+        plans.append((method, run_args, previous if not single else None))
+    results = []
+    for method, run_args, previous in tqdm(plans, desc="runs", disable=single or not args.should_log):
+        if previous is not None:
+            results.append(previous)
+            logger.info("reusing %s (--rerun to train it again)",
+                        os.path.join(run_args.output_dir, RESULTS_FILE))
+            continue
         results.append(train_one(method, model_args, data_args, method_args, run_args, data))
     if args.should_save and not single:
         title = (f"{spec.name} / {model_args.model} (width {model_args.width:g}), "

@@ -553,16 +553,28 @@ def test_sweep_end_to_end_and_demo(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(ic, "train_one", record_training)
     again = ic.main(argv)
     assert trained == [] and again == json.loads(json.dumps(results))
-    # ... but a run whose settings changed is trained again: here every run (other steps),
-    # then only TB's runs (another TempBalance interval; CAL has no TempBalance settings).
-    ic.main([*argv, "--max_steps", "3"])
+    # ... and a folder holding a run of other settings is refused before anything trains, naming
+    # the folder and the setting (results.json may be the only copy of a long run) ...
+    with pytest.raises(ic.UsageError, match=r"cal/lr0.05/seed1/results.json holds a run made with "
+                                            r"other settings \(max_steps 2 there, 3 here\)"):
+        ic.main([*argv, "--max_steps", "3"])
+    interval = [*argv[:argv.index("--tb-interval")], "--tb-interval", "2",
+                *argv[argv.index("--tb-interval") + 2:]]
+    with pytest.raises(ic.UsageError, match=r"tb/lr0.05/seed1/results.json holds a run made with "
+                                            r"other settings \(tempbalance_config "):
+        ic.main(interval)  # CAL has no TempBalance settings: its folders are not in the way
+    assert trained == []
+    # ... unless --rerun, which trains every run again
+    ic.main([*argv, "--max_steps", "3", "--rerun", "true"])
     assert trained == [(m, seed, 8, 3) for seed in (1, 2) for m in ("cal", "tb")]
-    trained.clear()
-    ic.main([*argv[:argv.index("--tb-interval")], "--tb-interval", "2", *argv[argv.index("--tb-interval") + 2:]])
-    assert trained == [("tb", 1, 8, 2), ("tb", 2, 8, 2)]
-    trained.clear()
-    ic.main([*argv, "--lr_scheduler_type", "linear"])  # the recipe's default is cosine
-    assert len(trained) == 4
+    # a single run into a grid's run folder is held to the same rule
+    single = ["--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "data"), "--model",
+              "resnet18", "--width", "0.125", "--method", "cal", "--seeds", "1", "--lr", "0.05",
+              "--max_steps", "3", "--per_device_train_batch_size", "8",
+              "--output-dir", str(out / "cal" / "lr0.05" / "seed1"), "--disable_tqdm", "true",
+              "--use_cpu", "true"]
+    with pytest.raises(ic.UsageError, match=r"max_steps 2 there, 3 here"):
+        ic.main(single)
     monkeypatch.undo()
 
     import demo
@@ -581,6 +593,22 @@ def test_sweep_end_to_end_and_demo(tmp_path: Path, monkeypatch) -> None:
     text = demo.report(demo_results)
     diff = 100 * (demo_results[1]["test_accuracy"] - demo_results[0]["test_accuracy"])
     assert f"TB - CAL = {diff:+.2f} points" in text
+
+
+def test_a_run_without_updates_does_not_take_an_earlier_runs_history(tmp_path: Path) -> None:
+    """The history file in the folder is this run's only once it wrote a row: a replacing run that
+    records none (--tb_balance_lr false) must not report the earlier run's updates as its own."""
+    _fake_fashion_mnist(tmp_path / "data", n_train=16, n_test=10)
+    argv = ["--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "data"), "--model",
+            "resnet18", "--width", "0.125", "--method", "tb", "--lr", "0.05", "--max_steps", "2",
+            "--per_device_train_batch_size", "8", "--tb-interval", "1", "--output-dir",
+            str(tmp_path / "run"), "--disable_tqdm", "true", "--use_cpu", "true"]
+    (first,) = ic.main(argv)
+    assert first["tempbalance"]["updates"] == 2 and len(first["tempbalance"]["history"]) > 0
+    (second,) = ic.main([*argv, "--tb_balance_lr", "false", "--rerun", "true"])
+    assert second["tempbalance"]["updates"] == 0 and second["tempbalance"]["history"] == []
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["tempbalance"]["history"] == []
 
 
 def test_epoch_history_keeps_a_fractional_last_epoch():
