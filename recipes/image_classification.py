@@ -287,6 +287,10 @@ def run_settings(method: str, model_args: ModelArguments, method_args: MethodArg
         "lr": args.learning_rate, "epochs": args.num_train_epochs, "max_steps": args.max_steps,
         "batch_size": args.per_device_train_batch_size, "weight_decay": args.weight_decay,
         "optim": str(getattr(args.optim, "value", args.optim)), "optim_args": args.optim_args,
+        "adam_beta1": args.adam_beta1, "adam_beta2": args.adam_beta2,
+        "adam_epsilon": args.adam_epsilon,
+        # each loader worker draws its own augmentation: another count, other draws
+        "dataloader_num_workers": args.dataloader_num_workers,
         "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
         "lr_scheduler_kwargs": args.lr_scheduler_kwargs, "warmup_steps": args.warmup_steps,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,

@@ -563,6 +563,11 @@ def test_sweep_end_to_end_and_demo(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(ic.UsageError, match=r"tb/lr0.05/seed1/results.json holds a run made with "
                                             r"other settings \(tempbalance_config "):
         ic.main(interval)  # CAL has no TempBalance settings: its folders are not in the way
+    for flag, value, recorded in (("--adam_beta2", "0.95", "adam_beta2 0.999 there, 0.95 here"),
+                                  ("--dataloader_num_workers", "1",
+                                   "dataloader_num_workers 0 there, 1 here")):
+        with pytest.raises(ic.UsageError, match=recorded):  # the optimizer's; the augmentation draws
+            ic.main([*argv, flag, value])
     assert trained == []
     # ... unless --rerun, which trains every run again
     ic.main([*argv, "--max_steps", "3", "--rerun", "true"])
