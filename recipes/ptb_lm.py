@@ -28,7 +28,9 @@ checkpoint with the best valid PPL (evaluated every ``--eval_steps``) is scored 
 Outputs in ``--output_dir``: the best model (``save_pretrained``; loads with
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``), ``results.json``,
 ``tempbalance_history.jsonl`` (``--method tb``), ``vocab.txt`` and ``checkpoint-N/`` (resume with
-``--resume_from_checkpoint``); ``best/`` holds the best model while training runs.
+``--resume_from_checkpoint``); ``best/`` holds the best model while training runs. A new run
+refuses an ``--output_dir`` that holds another run's checkpoints, ``best/`` or ``results.json``
+(``--overwrite_output_dir true`` deletes them first).
 """
 
 from __future__ import annotations
@@ -147,6 +149,9 @@ class PTBTrainingArguments(TrainingArguments):
     eval_steps: float | None = field(default=200)
     logging_steps: float = field(default=200)
     save_steps: float = field(default=1000)
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "start a new run in an --output_dir that holds another run's checkpoints, best "
+                "model or results.json, deleting them first (default: refused)"})
 
 
 # ------------------------------------------------------------------------------------ data
@@ -375,10 +380,54 @@ def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int) -> Path:
     return final
 
 
+def numbered_checkpoints(out_dir: Path) -> dict[int, Path]:
+    """``{step: out_dir/checkpoint-<step>}`` (a ``.partial`` left by a killed save is not one)."""
+    return {int(m.group(1)): p for p in out_dir.glob("checkpoint-*")
+            if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))}
+
+
+def claim_output_dir(out_dir: Path, resume_from: str | None, overwrite: bool,
+                     accelerator: Accelerator) -> None:
+    """Refuse an ``--output_dir`` where this run would destroy another's work.
+
+    Checkpoint rotation keeps the highest steps: a new run in a folder holding an older run's
+    ``checkpoint-25000`` would delete each of its own checkpoints as it saves them (and resume
+    from the old one), and an old ``best/`` would be scored as this run's model if no evaluation
+    of this one beat infinity. So a new run refuses a folder with checkpoints, ``best/`` or
+    ``results.json`` unless ``overwrite`` (they are deleted first), and a resumed run refuses
+    checkpoints in the folder later than the one it resumes from.
+    """
+    checkpoints = numbered_checkpoints(out_dir)
+    if resume_from:
+        match = re.fullmatch(r"checkpoint-(\d+)", Path(resume_from).name)
+        later = [p.name for step, p in sorted(checkpoints.items())
+                 if match and step > int(match.group(1))]
+        if later:
+            raise UsageError(f"--output_dir {out_dir} holds {', '.join(later)}, later than "
+                             f"--resume_from_checkpoint {resume_from}: the run would delete its "
+                             f"own new checkpoints to keep them; resume from the latest, or move "
+                             f"them away to go back to this one")
+        return
+    held = [checkpoints[step] for step in sorted(checkpoints)]
+    held += [p for p in (out_dir / "best", out_dir / "results.json") if p.exists()]
+    if not held:
+        return
+    if not overwrite:
+        resume = (f"continue it with --resume_from_checkpoint {held[len(checkpoints) - 1]}, "
+                  if checkpoints else "")
+        raise UsageError(f"--output_dir {out_dir} holds another run "
+                         f"({', '.join(p.name for p in held)}); {resume}replace it with "
+                         f"--overwrite_output_dir true, or pass another --output_dir")
+    accelerator.wait_for_everyone()  # every rank has looked before the main one deletes
+    if accelerator.is_main_process:
+        for path in held:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    accelerator.wait_for_everyone()
+
+
 def rotate_checkpoints(out_dir: Path, limit: int) -> None:
     """Keep the ``limit`` newest ``checkpoint-N`` folders (``--save_total_limit``)."""
-    steps = {int(m.group(1)): p for p in out_dir.glob("checkpoint-*")
-             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))}
+    steps = numbered_checkpoints(out_dir)
     checkpoints = [steps[k] for k in sorted(steps)]
     for old in checkpoints[:-limit]:
         shutil.rmtree(old)
@@ -438,6 +487,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         if accelerator.is_main_process else logging.WARNING)
     set_seed(args.seed)
     out_dir = Path(args.output_dir)
+    claim_output_dir(out_dir, args.resume_from_checkpoint, args.overwrite_output_dir, accelerator)
 
     # ---- data
     splits, data_source = load_corpus(data_args, out_dir, accelerator)

@@ -267,6 +267,26 @@ def test_a_study_prepares_only_when_a_run_is_left_to_train(tmp_path: Path) -> No
     assert made == ["corpus"] and not (tmp_path / "results" / "runs" / "r2.json").exists()
 
 
+def test_a_run_starts_fresh_with_its_fresh_flags_and_resumes_without_them(tmp_path: Path) -> None:
+    """run_grid: a run with a checkpoint resumes from it; one without gets ``fresh_flags`` (what a
+    run killed before its first checkpoint left in its own folder is to be replaced)."""
+    write = ("import json, pathlib, sys; out = pathlib.Path(sys.argv[sys.argv.index('--output_dir') "
+             "+ 1]); (out / 'results.json').write_text(json.dumps({'argv': sys.argv[1:]}))")
+    runs = [st.Run(key=f"r{i}", settings={"i": i}, command=[sys.executable, "-c", write],
+                   total_steps=10, fresh_flags=("--overwrite_output_dir", "true")) for i in (1, 2)]
+    checkpoint = runs[0].checkpoint_dir(tmp_path / "ckpt") / "checkpoint-5"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "random_states_0.pkl").write_text("")
+    results = st.run_grid(runs, results_dir=tmp_path / "results", checkpoint_root=tmp_path / "ckpt",
+                          collect=lambda run, folder: json.loads((folder / "results.json").read_text()),
+                          on_update=lambda done: None, workers=1, threads=1, nice=0, eta_every=60.0)
+    argv = {r["key"]: r["argv"] for r in results}
+    assert argv["r1"] == ["--output_dir", str(runs[0].checkpoint_dir(tmp_path / "ckpt")),
+                          "--resume_from_checkpoint", str(checkpoint)]
+    assert argv["r2"] == ["--output_dir", str(runs[1].checkpoint_dir(tmp_path / "ckpt")),
+                          "--overwrite_output_dir", "true"]
+
+
 @pytest.mark.parametrize("study, flags", [
     ("fashion_mnist_long", ["--epochs", "5"]),
     ("fashion_mnist_long", ["--epochs", "5", "--report_only", "true"]),

@@ -139,7 +139,8 @@ def _run(args: StudyArguments, seed: int, method: str, lr: float, flat: float | 
     if args.max_eval_windows is not None:
         command += ["--max_eval_windows", str(args.max_eval_windows)]
     return Run(key=f"{_arm(method, lr, flat, args)[1]}_seed{seed}", settings=settings,
-               command=command, total_steps=args.max_steps)
+               command=command, total_steps=args.max_steps,
+               fresh_flags=("--overwrite_output_dir", "true"))
 
 
 def _arm_specs(args: StudyArguments) -> list[tuple[str, float, float | None]]:

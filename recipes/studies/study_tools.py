@@ -105,6 +105,9 @@ class Run:
         command: the command line without output folder and resume flags.
         total_steps: optimizer steps of the whole run (for the progress and the estimate).
         output_flag, resume_flag: the command's flags for its output folder and checkpoint.
+        fresh_flags: added when the run starts without a checkpoint: its folder is its own (by
+            the settings' hash), and what a run killed before its first checkpoint left there is
+            to be replaced (``recipes/ptb_lm.py`` refuses such a folder otherwise).
     """
 
     key: str
@@ -113,6 +116,7 @@ class Run:
     total_steps: int
     output_flag: str = "--output_dir"
     resume_flag: str = "--resume_from_checkpoint"
+    fresh_flags: tuple[str, ...] = ()
 
     def checkpoint_dir(self, root: str | os.PathLike) -> Path:
         return Path(root) / f"{self.key}-{settings_hash(self.settings)}"
@@ -337,8 +341,8 @@ def run_grid(runs: Sequence[Run], *, results_dir: str | os.PathLike,
                     json.dumps(run.settings, indent=1, sort_keys=True, default=str) + "\n")
                 checkpoint, step = last_checkpoint(folder)
                 command = prefix + run.command + [run.output_flag, str(folder)]
-                if checkpoint is not None:
-                    command += [run.resume_flag, str(checkpoint)]
+                command += ([run.resume_flag, str(checkpoint)] if checkpoint is not None
+                            else list(run.fresh_flags))
                 log = open(folder / "worker.log", "a", encoding="utf-8")  # noqa: SIM115
                 log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
                 log.flush()
