@@ -36,6 +36,7 @@ refuses an ``--output_dir`` that holds another run's checkpoints, ``best/`` or `
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import io
 import json
@@ -356,8 +357,40 @@ def every(value: float | None, max_steps: int) -> int:
     return max(1, math.ceil(max_steps * value)) if value < 1 else int(value)
 
 
-def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int) -> Path:
-    """``out_dir/checkpoint-<step>``: the training state and the best model so far (``best/``).
+CORPUS_FILE = "corpus.json"
+
+
+def corpus_record(splits: dict[str, list[str]], vocab: dict[str, int], source: str) -> dict[str, Any]:
+    """What the run trains and scores on: a digest of the three token streams, the training-token
+    count, the vocabulary size and the source. Saved with every checkpoint (:data:`CORPUS_FILE`)
+    and in results.json."""
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        digest.update(f"{split}\0{' '.join(splits[split])}\0".encode())
+    return {"sha256": digest.hexdigest(), "train_tokens": len(splits["train"]),
+            "vocab_size": len(vocab), "source": source}
+
+
+def check_resumed_corpus(checkpoint: str, corpus: dict[str, Any]) -> None:
+    """Refuse to continue a checkpoint on other text: PTB and the offline corpus both have 10,000
+    word types, so the weights would load and training would go on, on another corpus. (A
+    checkpoint without :data:`CORPUS_FILE` was saved before it was recorded: not checked.)"""
+    path = Path(checkpoint) / CORPUS_FILE
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if saved.get("sha256") != corpus["sha256"]:
+        raise UsageError(
+            f"--resume_from_checkpoint {checkpoint} was trained on another corpus ({saved.get('source')}: "
+            f"{saved.get('train_tokens')} training tokens, {saved.get('vocab_size')} words; here "
+            f"{corpus['source']}: {corpus['train_tokens']} training tokens, {corpus['vocab_size']} "
+            f"words); pass the --data_dir or --dataset_name it was trained on")
+
+
+def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int,
+                    corpus: dict[str, Any]) -> Path:
+    """``out_dir/checkpoint-<step>``: the training state, the best model so far (``best/``) and
+    the corpus record (:func:`corpus_record`).
 
     Written as ``checkpoint-<step>.partial`` and renamed once complete, so a run killed while
     saving never leaves a ``checkpoint-<step>`` that looks whole and is not (Accelerate writes the
@@ -373,6 +406,7 @@ def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int) -> Path:
     if accelerator.is_main_process:
         if (out_dir / "best").is_dir():
             shutil.copytree(out_dir / "best", partial / "best", dirs_exist_ok=True)
+        (partial / CORPUS_FILE).write_text(json.dumps(corpus, indent=1) + "\n", encoding="utf-8")
         if final.exists():
             shutil.rmtree(final)
         partial.rename(final)
@@ -492,6 +526,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # ---- data
     splits, data_source = load_corpus(data_args, out_dir, accelerator)
     vocab = build_vocab(splits["train"])
+    corpus = corpus_record(splits, vocab, data_source)
+    if args.resume_from_checkpoint:
+        check_resumed_corpus(args.resume_from_checkpoint, corpus)
     ids = {s: encode(tokens, vocab, s) for s, tokens in splits.items()}
     rank, size = accelerator.process_index, accelerator.num_processes
     per_rank = args.per_device_train_batch_size
@@ -608,7 +645,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if tempbalance is not None and tempbalance.summary_line():
                 accelerator.print(f"  {tempbalance.summary_line()}")  # the console's share
         if save_every and state.step % save_every == 0 and state.step < args.max_steps:
-            save_checkpoint(accelerator, out_dir, state.step)
+            save_checkpoint(accelerator, out_dir, state.step, corpus)
             if accelerator.is_main_process and args.save_total_limit:
                 rotate_checkpoints(out_dir, args.save_total_limit)
     bar.close()
@@ -623,6 +660,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     unwrapped = accelerator.unwrap_model(model)
     results = {
         "method": tb_args.method, "seed": args.seed, "steps": state.step, "data": data_source,
+        "corpus": corpus,
         "best_step": state.best_step, "valid_nll": valid_nll, "valid_ppl": math.exp(valid_nll),
         "test_nll": test_nll, "test_ppl": math.exp(test_nll), "valid_tokens": valid_tokens,
         "test_tokens": test_tokens, "train_tokens": int(ids["train"].numel()),

@@ -489,6 +489,31 @@ def test_a_new_run_refuses_a_folder_holding_another_runs_work(tmp_path, fresh_ac
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # its own, kept
 
 
+def test_a_checkpoint_is_not_continued_on_another_corpus(tmp_path, fresh_accelerate):
+    """PTB and the offline corpus both have 10,000 word types: a checkpoint would load on either.
+    Each checkpoint records the token streams' digest; resuming on other text is refused."""
+    import hashlib
+
+    data, other = make_corpus(tmp_path / "data"), make_corpus(tmp_path / "other", seed=1)
+    results = ptb_lm.main(recipe_args(data, tmp_path / "run", "--max_steps", "4",
+                                      "--save_steps", "2"))
+    streams = []
+    for split in ("train", "valid", "test"):
+        lines = (data / f"ptb.{split}.txt").read_text().splitlines()
+        streams.append(" ".join(" ".join([*line.split(), "<eos>"]) for line in lines if line.split()))
+    digest = hashlib.sha256("".join(f"{split}\0{text}\0" for split, text in
+                                    zip(("train", "valid", "test"), streams)).encode()).hexdigest()
+    saved = json.loads((tmp_path / "run" / "checkpoint-2" / "corpus.json").read_text())
+    assert saved["sha256"] == results["corpus"]["sha256"] == digest
+    assert saved["train_tokens"] == results["train_tokens"]
+    checkpoint = str(tmp_path / "run" / "checkpoint-2")
+    with pytest.raises(ptb_lm.UsageError, match=rf"--resume_from_checkpoint {re.escape(checkpoint)} "
+                                                r"was trained on another corpus"):
+        ptb_lm.main(recipe_args(other, tmp_path / "resumed", "--max_steps", "4",
+                                "--resume_from_checkpoint", checkpoint))
+    assert not (tmp_path / "resumed" / "results.json").exists()
+
+
 @pytest.mark.slow
 def test_recipe_end_to_end_and_resume_reproduces_the_run(tmp_path, fresh_accelerate):
     data = make_corpus(tmp_path / "data")
