@@ -267,6 +267,28 @@ def test_a_study_prepares_only_when_a_run_is_left_to_train(tmp_path: Path) -> No
     assert made == ["corpus"] and not (tmp_path / "results" / "runs" / "r2.json").exists()
 
 
+def test_a_report_killed_while_written_leaves_the_previous_one(tmp_path: Path, monkeypatch) -> None:
+    """A torn summary.json would switch off the guard against a study of other arguments."""
+    args = st.GridArguments(results_dir=str(tmp_path))
+    st.save_report(args, ["# before"], {"study": {"seeds": [43, 37, 13]}})
+    before = {name: (tmp_path / name).read_text() for name in ("report.md", "summary.json")}
+    real = Path.write_text
+
+    for name in ("report.md", "summary.json"):  # killed while writing one, then the other
+        def torn(self: Path, text: str, *a, name=name, **kw) -> int:
+            if not self.name.startswith(name):
+                return real(self, text, *a, **kw)
+            real(self, text[: len(text) // 2], *a, **kw)
+            raise KeyboardInterrupt("killed while writing")
+
+        monkeypatch.setattr(Path, "write_text", torn)
+        with pytest.raises(KeyboardInterrupt):
+            st.save_report(args, ["# after"], {"study": {"seeds": [43]}})
+        monkeypatch.undo()
+        assert (tmp_path / name).read_text() == before[name]
+    assert json.loads((tmp_path / "summary.json").read_text())["study"]["seeds"] == [43, 37, 13]
+
+
 def test_a_run_starts_fresh_with_its_fresh_flags_and_resumes_without_them(tmp_path: Path) -> None:
     """run_grid: a run with a checkpoint resumes from it; one without gets ``fresh_flags`` (what a
     run killed before its first checkpoint left in its own folder is to be replaced)."""

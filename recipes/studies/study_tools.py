@@ -463,10 +463,17 @@ def save_report(args: GridArguments, lines: list[str], summary: dict[str, Any]) 
     """Write ``report.md`` and ``summary.json`` into ``args.results_dir``; return ``summary``."""
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)  # also for a report not begun by start_report
-    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n",
-                                      encoding="utf-8")
+    _write_whole(out / "report.md", "\n".join(lines) + "\n")
+    # whole or not at all: a torn summary would switch off check_results_dir's guard
+    _write_whole(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
     return summary
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """``path`` with ``text``, replaced in one step (a kill mid-write leaves the old file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _ordered(runs: Sequence[Run], finished: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -477,9 +484,7 @@ def _store(run: Run, result: dict[str, Any], results_dir: Path) -> dict[str, Any
     result = {"key": run.key, "study_settings": _as_recorded(run.settings), **result}
     path = run.result_path(results_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=_plain) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    _write_whole(path, json.dumps(result, indent=1, default=_plain) + "\n")
     return result
 
 
