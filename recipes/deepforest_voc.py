@@ -151,4 +151,9 @@ def build_voc(wheel: str | os.PathLike, out_dir: str | os.PathLike, tile: int = 
                     sets[image_set].append(tile_id)
     for image_set, ids in sets.items():
         (out_dir / "ImageSets" / "Main" / f"{image_set}.txt").write_text("\n".join(ids) + "\n")
+    tiles = {tile_id for ids in sets.values() for tile_id in ids}
+    for sub in ("Annotations", "JPEGImages"):  # tiles of an earlier --tile: not this data set
+        for stale in (out_dir / sub).iterdir():
+            if stale.stem not in tiles and stale.is_file():
+                stale.unlink()
     return out_dir

@@ -165,11 +165,18 @@ def convert_split(voc_dir: str | os.PathLike, image_set: str, out_dir: str | os.
     voc_dir, out_dir = Path(voc_dir), Path(out_dir)
     index = {name: i for i, name in enumerate(classes)}
     dirs = {kind: out_dir / kind / image_set for kind in ("images", "labels", "difficult")}
+    image_ids = read_image_set(voc_dir, image_set)
+    wanted = set(image_ids)
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
+        # an earlier conversion's images (other tiles, another --voc-root) would be trained and
+        # scored with these: Ultralytics reads every image in the folder
+        for stale in d.iterdir():
+            if stale.stem not in wanted and (stale.is_file() or stale.is_symlink()):
+                stale.unlink()
     (out_dir / "labels" / f"{image_set}.cache").unlink(missing_ok=True)  # Ultralytics' label cache
     stats = SplitStats(image_set)
-    for image_id in read_image_set(voc_dir, image_set):
+    for image_id in image_ids:
         xml = voc_dir / "Annotations" / f"{image_id}.xml"
         ann = parse_annotation(xml)
         rows: dict[bool, list] = {False: [], True: []}

@@ -148,6 +148,22 @@ def test_converter_matches_hand_computed_labels(tmp_path):
     assert voc_to_yolo.difficult_path(out / "images/test/b.jpg") == out / "difficult/test/b.txt"
 
 
+def test_a_second_conversion_leaves_none_of_the_firsts_images(tmp_path):
+    """Ultralytics trains and scores every image in the split folders: a conversion of another
+    image set (other tiles, another --voc-root) into the same folder must not keep the old ones."""
+    box = [{"name": "cat", "box": (1, 1, 10, 10), "difficult": 0}]
+    images = {name: (20, 20, box) for name in ("a", "b", "c", "d")}
+    write_voc(tmp_path / "VOC2007", images, {"trainval": ["a", "b"], "test": ["c"]})
+    voc_to_yolo.convert_voc(tmp_path, tmp_path / "out", classes=CLASSES)
+    write_voc(tmp_path / "VOC2007", {}, {"trainval": ["b", "d"], "test": ["c"]})
+    voc_to_yolo.convert_voc(tmp_path, tmp_path / "out", classes=CLASSES)
+    out = tmp_path / "out"
+    for kind, suffix in (("images", ".jpg"), ("labels", ".txt"), ("difficult", ".txt")):
+        assert sorted(p.name for p in (out / kind / "trainval").iterdir()) == [f"b{suffix}", f"d{suffix}"]
+        assert sorted(p.name for p in (out / kind / "test").iterdir()) == [f"c{suffix}"]
+    assert (tmp_path / "VOC2007" / "JPEGImages" / "a.jpg").is_file()  # the source is not touched
+
+
 def test_converter_errors_name_the_problem(tmp_path):
     write_voc(tmp_path / "VOC2007", {"a": (10, 10, [{"name": "horse", "box": (1, 1, 5, 5)}])},
               {"trainval": ["a"]})
@@ -242,6 +258,13 @@ def test_tree_data_builder_tiles_and_marks_cut_boxes(tmp_path):
     assert Image.open(voc / f"JPEGImages/{stem}_0000_0000.jpg").size == (12, 12)
     trainval = (voc / "ImageSets/Main/trainval.txt").read_text().split()
     assert not set(trainval) & set(ids) and len(trainval) == len(ids) == 12
+    # built again with other tiles: only those tiles are in the folder
+    deepforest_voc.build_voc(wheel, tmp_path / "voc", tile=20)
+    listed = {i for name in ("trainval", "test")
+              for i in (voc / f"ImageSets/Main/{name}.txt").read_text().split()}
+    assert len(listed) == 2 * len(deepforest_voc.SOURCES)  # x at 0, 10; y at 0
+    for sub, suffix in (("JPEGImages", ".jpg"), ("Annotations", ".xml")):
+        assert sorted(p.name for p in (voc / sub).iterdir()) == sorted(f"{i}{suffix}" for i in listed)
 
 
 # ---------------------------------------------------------------------- the hook in training
