@@ -30,7 +30,7 @@ Outputs in ``--output_dir``: the best model (``save_pretrained``; loads with
 ``tempbalance_history.jsonl`` (``--method tb``), ``vocab.txt`` and ``checkpoint-N/`` (resume with
 ``--resume_from_checkpoint``); ``best/`` holds the best model while training runs. A new run
 refuses an ``--output_dir`` that holds another run's checkpoints, ``best/`` or ``results.json``
-(``--overwrite_output_dir true`` deletes them first).
+(``--rerun true`` deletes them first).
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ class PTBTrainingArguments(TrainingArguments):
     eval_steps: float | None = field(default=200)
     logging_steps: float = field(default=200)
     save_steps: float = field(default=1000)
-    overwrite_output_dir: bool = field(default=False, metadata={
+    rerun: bool = field(default=False, metadata={
         "help": "start a new run in an --output_dir that holds another run's checkpoints, best "
                 "model or results.json, deleting them first (default: refused)"})
 
@@ -420,7 +420,7 @@ def numbered_checkpoints(out_dir: Path) -> dict[int, Path]:
             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))}
 
 
-def claim_output_dir(out_dir: Path, resume_from: str | None, overwrite: bool,
+def claim_output_dir(out_dir: Path, resume_from: str | None, rerun: bool,
                      accelerator: Accelerator) -> None:
     """Refuse an ``--output_dir`` where this run would destroy another's work.
 
@@ -428,7 +428,7 @@ def claim_output_dir(out_dir: Path, resume_from: str | None, overwrite: bool,
     ``checkpoint-25000`` would delete each of its own checkpoints as it saves them (and resume
     from the old one), and an old ``best/`` would be scored as this run's model if no evaluation
     of this one beat infinity. So a new run refuses a folder with checkpoints, ``best/`` or
-    ``results.json`` unless ``overwrite`` (they are deleted first), and a resumed run refuses
+    ``results.json`` unless ``rerun`` (they are deleted first), and a resumed run refuses
     checkpoints in the folder later than the one it resumes from.
     """
     checkpoints = numbered_checkpoints(out_dir)
@@ -446,12 +446,12 @@ def claim_output_dir(out_dir: Path, resume_from: str | None, overwrite: bool,
     held += [p for p in (out_dir / "best", out_dir / "results.json") if p.exists()]
     if not held:
         return
-    if not overwrite:
+    if not rerun:
         resume = (f"continue it with --resume_from_checkpoint {held[len(checkpoints) - 1]}, "
                   if checkpoints else "")
         raise UsageError(f"--output_dir {out_dir} holds another run "
                          f"({', '.join(p.name for p in held)}); {resume}replace it with "
-                         f"--overwrite_output_dir true, or pass another --output_dir")
+                         f"--rerun true, or pass another --output_dir")
     accelerator.wait_for_everyone()  # every rank has looked before the main one deletes
     if accelerator.is_main_process:
         for path in held:
@@ -521,7 +521,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         if accelerator.is_main_process else logging.WARNING)
     set_seed(args.seed)
     out_dir = Path(args.output_dir)
-    claim_output_dir(out_dir, args.resume_from_checkpoint, args.overwrite_output_dir, accelerator)
+    claim_output_dir(out_dir, args.resume_from_checkpoint, args.rerun, accelerator)
 
     # ---- data
     splits, data_source = load_corpus(data_args, out_dir, accelerator)

@@ -108,6 +108,9 @@ class TrainArguments:
     plots: bool = True
     fraction: float = field(default=1.0, metadata={"help": "Fraction of the training images used."})
     output_dir: str = "runs/yolo_voc"
+    rerun: bool = field(default=False, metadata={
+        "help": "train over OUTPUT_DIR/METHOD_seedSEED when it holds a run made with other "
+                "settings (default: refused; a run of the same settings is trained again)"})
     ultralytics_args: list[str] = field(default_factory=list, metadata={
         "help": "Further Ultralytics train arguments as key=value, e.g. mosaic=0.5 close_mosaic=5."})
 
@@ -237,6 +240,29 @@ def parse_kv(items: list[str]) -> dict:
     return out
 
 
+#: Arguments that do not change what a run trains: they may differ from the run in the folder.
+NOT_SETTINGS = ("output_dir", "rerun", "plots")
+
+
+def check_run_dir(run_dir: Path, args: dict) -> None:
+    """Refuse to train over a finished run of other settings in ``run_dir`` (Ultralytics replaces
+    its weights and results.csv): ``--rerun`` or another ``--output_dir``."""
+    done = run_dir / "results.json"
+    if not done.is_file():
+        return
+    try:
+        recorded = json.loads(done.read_text(encoding="utf-8")).get("args") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        recorded = {}
+    recorded = json.loads(json.dumps(recorded))  # both sides as JSON has them (tuples, lists)
+    differ = [f"{key} {recorded.get(key)!r} there, {value!r} here"
+              for key, value in json.loads(json.dumps(args)).items()
+              if key not in NOT_SETTINGS and recorded.get(key) != value]
+    if differ:
+        raise UsageError(f"{done} holds a run made with other settings ({'; '.join(differ)}); "
+                         f"pass --rerun true to train over it, or another --output_dir")
+
+
 def train_and_evaluate(margs: ModelArguments, dargs: DataArguments, targs: TrainArguments,
                        tbargs: VOCTempBalanceArguments) -> dict:
     """One run; returns what results.json holds."""
@@ -244,6 +270,11 @@ def train_and_evaluate(margs: ModelArguments, dargs: DataArguments, targs: Train
         tb_config = tbargs.config() if targs.method == "tb" else None
     except ValueError as err:
         raise UsageError(str(err)) from None
+    run_name = f"{targs.method}_seed{targs.seed}"
+    project = Path(targs.output_dir).resolve()
+    args = {**asdict(margs), **asdict(dargs), **asdict(targs), **asdict(tbargs)}
+    if not targs.rerun:
+        check_run_dir(project / run_name, args)
     if OFFLINE:
         ensure_offline_font()
     data_yaml, data_note = prepare_data(dargs)
@@ -251,8 +282,6 @@ def train_and_evaluate(margs: ModelArguments, dargs: DataArguments, targs: Train
     cuda = torch.cuda.is_available() and targs.device != "cpu"
     amp = targs.amp if targs.amp is not None else (
         cuda and (not OFFLINE or (Path(WEIGHTS_DIR) / "yolo26n.pt").exists()))
-    run_name = f"{targs.method}_seed{targs.seed}"
-    project = Path(targs.output_dir).resolve()
     trainer = VOCTempBalanceTrainer.with_config(tb_config) if tb_config else VOCDetectionTrainer
 
     overrides = dict(
@@ -289,7 +318,7 @@ def train_and_evaluate(margs: ModelArguments, dargs: DataArguments, targs: Train
         "amp": bool(amp), "tempbalance": tb_config.to_dict() if tb_config else None,
         "history": str(run_dir / HISTORY_FILE) if tb_config else None,
         "train_seconds": round(train_seconds, 1), "run_dir": str(run_dir),
-        "args": {**asdict(margs), **asdict(dargs), **asdict(targs), **asdict(tbargs)},
+        "args": args,
     }
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     print(f"\n| method | seed | epochs | mAP50-95 | mAP50 |\n|---|---|---|---|---|\n"

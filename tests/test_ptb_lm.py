@@ -465,7 +465,7 @@ def test_a_save_killed_half_way_leaves_no_checkpoint_that_looks_whole(tmp_path, 
 def test_a_new_run_refuses_a_folder_holding_another_runs_work(tmp_path, fresh_accelerate):
     """Rotation keeps the highest steps: a new run beside an old run's checkpoint-25 would delete
     each of its own checkpoints as it saved them, and an old best/ could be scored as its model.
-    Refused, naming what is there and the way out; --overwrite_output_dir deletes it first."""
+    Refused, naming what is there and the way out; --rerun deletes it first."""
     data = make_corpus(tmp_path / "data")
     out = tmp_path / "run"
     for name in ("checkpoint-25", "checkpoint-10", "best"):
@@ -478,12 +478,12 @@ def test_a_new_run_refuses_a_folder_holding_another_runs_work(tmp_path, fresh_ac
     assert str(err.value) == (
         f"--output_dir {out} holds another run (checkpoint-10, checkpoint-25, best, results.json); "
         f"continue it with --resume_from_checkpoint {out / 'checkpoint-25'}, replace it with "
-        "--overwrite_output_dir true, or pass another --output_dir")
+        "--rerun true, or pass another --output_dir")
     with pytest.raises(ptb_lm.UsageError, match="holds checkpoint-25, later than"):
         ptb_lm.main([*argv, "--resume_from_checkpoint", str(out / "checkpoint-10")])
     assert sorted(p.name for p in out.iterdir()) == ["best", "checkpoint-10", "checkpoint-25",
                                                      "results.json"]  # nothing touched
-    results = ptb_lm.main([*argv, "--overwrite_output_dir", "true"])
+    results = ptb_lm.main([*argv, "--rerun", "true"])
     assert results["steps"] == 4 and results["best_step"] in (2, 4)
     assert json.loads((out / "results.json").read_text())["steps"] == 4
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # its own, kept

@@ -295,7 +295,7 @@ def test_a_run_starts_fresh_with_its_fresh_flags_and_resumes_without_them(tmp_pa
     write = ("import json, pathlib, sys; out = pathlib.Path(sys.argv[sys.argv.index('--output_dir') "
              "+ 1]); (out / 'results.json').write_text(json.dumps({'argv': sys.argv[1:]}))")
     runs = [st.Run(key=f"r{i}", settings={"i": i}, command=[sys.executable, "-c", write],
-                   total_steps=10, fresh_flags=("--overwrite_output_dir", "true")) for i in (1, 2)]
+                   total_steps=10, fresh_flags=("--rerun", "true")) for i in (1, 2)]
     checkpoint = runs[0].checkpoint_dir(tmp_path / "ckpt") / "checkpoint-5"
     checkpoint.mkdir(parents=True)
     (checkpoint / "random_states_0.pkl").write_text("")
@@ -306,7 +306,7 @@ def test_a_run_starts_fresh_with_its_fresh_flags_and_resumes_without_them(tmp_pa
     assert argv["r1"] == ["--output_dir", str(runs[0].checkpoint_dir(tmp_path / "ckpt")),
                           "--resume_from_checkpoint", str(checkpoint)]
     assert argv["r2"] == ["--output_dir", str(runs[1].checkpoint_dir(tmp_path / "ckpt")),
-                          "--overwrite_output_dir", "true"]
+                          "--rerun", "true"]
 
 
 @pytest.mark.parametrize("study, flags", [

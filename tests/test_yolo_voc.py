@@ -569,3 +569,40 @@ def test_bad_tempbalance_flags_are_refused_before_the_data(tmp_path, monkeypatch
                        "--output_dir", str(tmp_path / "runs")])
     assert str(err.value).startswith("--tb_s2=1.4: must be a finite number >= s1=2.0")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_folder_of_other_settings_is_refused_before_the_data(tmp_path, monkeypatch):
+    """Ultralytics trains over METHOD_seedSEED (its weights, results.csv): a finished run of other
+    settings there is refused, naming them, unless --rerun; the same settings train again."""
+    from dataclasses import asdict
+
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((yolo_voc.ModelArguments, yolo_voc.DataArguments,
+                               yolo_voc.TrainArguments, yolo_voc.VOCTempBalanceArguments))
+    argv = ["--method", "tb", "--seed", "5", "--epochs", "2", "--voc-root", str(tmp_path / "none"),
+            "--output_dir", str(tmp_path / "runs")]
+    recorded = {k: v for part in parser.parse_args_into_dataclasses(args=argv)
+                for k, v in asdict(part).items()}
+    run = tmp_path / "runs" / "tb_seed5"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"mAP50": 0.5, "args": recorded}))
+
+    class DataPrepared(Exception):
+        pass
+
+    def prepared(dargs):
+        raise DataPrepared
+
+    monkeypatch.setattr(yolo_voc, "prepare_data", prepared)
+    with pytest.raises(yolo_voc.UsageError) as err:
+        yolo_voc.main([*argv, "--epochs", "3", "--plots", "false"])  # plots: not a setting
+    assert str(err.value) == (f"{run / 'results.json'} holds a run made with other settings "
+                              "(epochs 2 there, 3 here); pass --rerun true to train over it, or "
+                              "another --output_dir")
+    with pytest.raises(DataPrepared):
+        yolo_voc.main([*argv, "--epochs", "3", "--rerun", "true"])
+    with pytest.raises(DataPrepared):
+        yolo_voc.main(argv)  # the same settings
+    assert json.loads((run / "results.json").read_text())["mAP50"] == 0.5
+

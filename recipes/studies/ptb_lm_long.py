@@ -140,7 +140,7 @@ def _run(args: StudyArguments, seed: int, method: str, lr: float, flat: float | 
         command += ["--max_eval_windows", str(args.max_eval_windows)]
     return Run(key=f"{_arm(method, lr, flat, args)[1]}_seed{seed}", settings=settings,
                command=command, total_steps=args.max_steps,
-               fresh_flags=("--overwrite_output_dir", "true"))
+               fresh_flags=("--rerun", "true"))
 
 
 def _arm_specs(args: StudyArguments) -> list[tuple[str, float, float | None]]:
