@@ -108,7 +108,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     runs = Path(args.runs)
-    shutil.rmtree(runs, ignore_errors=True)
+    marker = runs / ".made_by_make_figures"
+    if runs.exists() and any(runs.iterdir()) and not marker.exists():
+        print(f"--runs {runs} holds files this script did not make; pass an empty or new folder",
+              file=sys.stderr)
+        sys.exit(2)
+    shutil.rmtree(runs, ignore_errors=True)  # only this script's own earlier runs
+    runs.mkdir(parents=True)
+    marker.touch()
     data = load(Path(args.data_dir), args.train_samples)
     for name, use_tb in (("tb", True), ("cal", False)):
         (runs / name).mkdir(parents=True)

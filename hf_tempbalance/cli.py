@@ -22,7 +22,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -430,12 +430,17 @@ def write_esd_plots(report: ModelAnalysis, out_dir: str | os.PathLike, *,
 def _labels(runs: Sequence[str]) -> list[str]:
     labels: list[str] = []
     for run in runs:
-        base = Path(run).resolve().name or "run"
-        label, k = base, 2
-        while label in labels:
-            label, k = f"{base}-{k}", k + 1
-        labels.append(label)
+        labels.append(_unique(Path(run).resolve().name or "run", labels))
     return labels
+
+
+def _unique(base: str, taken: Iterable[str]) -> str:
+    """``base``, or ``base-2``, ``base-3``, ... : the first label not in ``taken``."""
+    taken = set(taken)
+    label, k = base, 2
+    while label in taken:
+        label, k = f"{base}-{k}", k + 1
+    return label
 
 
 def _alphas_from_rows(rows: Sequence[dict], names: Sequence[str] | None) -> list[float]:
@@ -503,9 +508,8 @@ def run_plot(args: argparse.Namespace) -> dict[str, object]:
                 rows = read_analysis_csv(csv_path)
             except (OSError, ValueError) as err:
                 raise CliError(f"cannot read --baseline-alphas {csv_path}: {err}") from err
-            label = Path(csv_path).stem
-            distributions[label if label not in distributions else f"{label}-csv"] = \
-                _alphas_from_rows(rows, names)
+            # two CSVs of one name (or a run's) must not replace each other's distribution
+            distributions[_unique(Path(csv_path).stem, distributions)] = _alphas_from_rows(rows, names)
         try:
             plots["alpha_distributions.png"] = plot_alpha_distributions(
                 distributions, title="final per-layer alpha")

@@ -423,6 +423,16 @@ def test_plot_alpha_distributions_tb_vs_baseline(tb_run, tmp_path):
     last = [r["value"] for r in read_history(tb_dir) if r["update"] == 3]
     np.testing.assert_allclose(plot.data["tb"]["alphas"], last)
     np.testing.assert_allclose(plot.data["base"]["alphas"], expect["baseline"], rtol=1e-4)
+    # CSVs of one name each keep their distribution (the third once replaced the second)
+    copies = [tmp_path / d / "base.csv" for d in ("a", "b")]
+    for copy in copies:
+        copy.parent.mkdir()
+        copy.write_text(base_csv.read_text())
+    flags = [arg for csv in (base_csv, *copies) for arg in ("--baseline-alphas", str(csv))]
+    args = build_parser().parse_args(["plot", str(tb_dir), *flags, "--out", str(out),
+                                      "--device", "cpu"])
+    plot = run_plot(args)["alpha_distributions.png"]
+    assert [k for k in plot.data if k != "edges"] == ["tb", "base", "base-2", "base-3"]
 
 @pytest.mark.slow
 def test_trainer_runs_end_to_end(gpt2_dir, tmp_path):
