@@ -109,8 +109,9 @@ def main() -> None:
     torch.set_num_threads(2)
     runs = Path(args.runs)
     marker = runs / ".made_by_make_figures"
-    if runs.exists() and any(runs.iterdir()) and not marker.exists():
-        print(f"--runs {runs} holds files this script did not make; pass an empty or new folder",
+    if runs.exists() and not marker.exists() and (not runs.is_dir() or any(runs.iterdir())):
+        print(f"--runs {runs} is not an empty folder, nor one this script marked as its own "
+              f"({marker.name}), and it deletes what it finds there; pass an empty or new folder",
               file=sys.stderr)
         sys.exit(2)
     shutil.rmtree(runs, ignore_errors=True)  # only this script's own earlier runs

@@ -59,6 +59,7 @@ from image_methods import (
 from image_sweep import aggregate, format_table, write_sweep_outputs
 from metrics import load_metric
 from models.cifar_timm import PAPER_MODELS
+from run_records import setting_differences, write_whole
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
@@ -359,8 +360,8 @@ def train_one(method: str, model_args: ModelArguments, data_args: DataArguments,
         }
     if trainer.is_world_process_zero():
         os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, RESULTS_FILE), "w", encoding="utf-8") as fh:
-            json.dump(results, fh, indent=1, default=_json_default)
+        write_whole(os.path.join(args.output_dir, RESULTS_FILE),
+                    json.dumps(results, indent=1, default=_json_default))
     return results
 
 
@@ -404,12 +405,18 @@ def finished_run(out: str, settings: dict[str, Any], *, rerun: bool) -> dict[str
     except (OSError, json.JSONDecodeError) as err:
         raise UsageError(f"{done} is not a run's results ({err}); pass --rerun to train it again "
                          f"(replacing it) or another --output-dir") from None
-    differ = [f"{key} {previous.get(key)!r} there, {value!r} here"
-              for key, value in settings.items() if previous.get(key) != value]
+    differ = setting_differences(previous, settings, implicit=ADDED_SETTINGS)
     if differ:
         raise UsageError(f"{done} holds a run made with other settings ({'; '.join(differ)}); "
-                         f"pass --rerun to train it again (replacing it) or another --output-dir")
+                         f"pass --rerun to train it again (replacing it), remove that file, or "
+                         f"pass another --output-dir")
     return previous
+
+
+#: Settings that a results.json of an earlier version of this recipe lacks: its run had the
+#: Trainer's defaults (no flag of the recipe changed them then), and is held to them.
+ADDED_SETTINGS = {f.name: f.default for f in dataclasses.fields(TrainingArguments)
+                  if f.name in ("adam_beta1", "adam_beta2", "adam_epsilon", "dataloader_num_workers")}
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, method_args: MethodArguments,

@@ -65,6 +65,7 @@ from models.tensorized_transformer import (  # noqa: E402
     TensorizedTransformerConfig,
     TensorizedTransformerForCausalLM,
 )
+from run_records import write_whole  # noqa: E402
 from usage import UsageError, run_main  # noqa: E402
 
 from hf_tempbalance import TempBalance  # noqa: E402
@@ -428,11 +429,12 @@ def claim_output_dir(out_dir: Path, resume_from: str | None, rerun: bool,
     ``checkpoint-25000`` would delete each of its own checkpoints as it saves them (and resume
     from the old one), and an old ``best/`` would be scored as this run's model if no evaluation
     of this one beat infinity. So a new run refuses a folder with checkpoints, ``best/`` or
-    ``results.json`` unless ``rerun`` (they are deleted first), and a resumed run refuses
-    checkpoints in the folder later than the one it resumes from.
+    ``results.json`` unless ``rerun`` (they are deleted first), as does a run continued from a
+    checkpoint in another folder; a run resumed from a checkpoint in this folder refuses later
+    checkpoints in it.
     """
     checkpoints = numbered_checkpoints(out_dir)
-    if resume_from:
+    if resume_from and Path(resume_from).resolve().parent == out_dir.resolve():
         match = re.fullmatch(r"checkpoint-(\d+)", Path(resume_from).name)
         later = [p.name for step, p in sorted(checkpoints.items())
                  if match and step > int(match.group(1))]
@@ -442,17 +444,19 @@ def claim_output_dir(out_dir: Path, resume_from: str | None, rerun: bool,
                              f"own new checkpoints to keep them; resume from the latest, or move "
                              f"them away to go back to this one")
         return
+    # a new run, or one continued from a checkpoint kept elsewhere: the folder must be free
     held = [checkpoints[step] for step in sorted(checkpoints)]
     held += [p for p in (out_dir / "best", out_dir / "results.json") if p.exists()]
-    if not held:
-        return
-    if not rerun:
+    if held and not rerun:
         resume = (f"continue it with --resume_from_checkpoint {held[len(checkpoints) - 1]}, "
                   if checkpoints else "")
         raise UsageError(f"--output_dir {out_dir} holds another run "
                          f"({', '.join(p.name for p in held)}); {resume}replace it with "
                          f"--rerun true, or pass another --output_dir")
-    accelerator.wait_for_everyone()  # every rank has looked before the main one deletes
+    if not rerun:
+        return
+    # every rank passes both barriers, whatever it saw: each has looked before the main one deletes
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for path in held:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -521,7 +525,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         if accelerator.is_main_process else logging.WARNING)
     set_seed(args.seed)
     out_dir = Path(args.output_dir)
-    claim_output_dir(out_dir, args.resume_from_checkpoint, args.rerun, accelerator)
 
     # ---- data
     splits, data_source = load_corpus(data_args, out_dir, accelerator)
@@ -529,6 +532,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     corpus = corpus_record(splits, vocab, data_source)
     if args.resume_from_checkpoint:
         check_resumed_corpus(args.resume_from_checkpoint, corpus)
+    # after the data is known to be there and right: --rerun deletes the folder's earlier run
+    claim_output_dir(out_dir, args.resume_from_checkpoint, args.rerun, accelerator)
     ids = {s: encode(tokens, vocab, s) for s, tokens in splits.items()}
     rank, size = accelerator.process_index, accelerator.num_processes
     per_rank = args.per_device_train_batch_size
@@ -686,7 +691,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         # The best model becomes the run's model (as the Trainer's load_best_model_at_end + save_model).
         unwrapped.save_pretrained(out_dir)
         shutil.rmtree(out_dir / "best", ignore_errors=True)
-        (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        write_whole(out_dir / "results.json", json.dumps(results, indent=2, default=str) + "\n")
         accelerator.print(f"{tb_args.method}: best valid ppl {results['valid_ppl']:.2f} at step "
                           f"{state.best_step}, test ppl {results['test_ppl']:.2f} -> {out_dir / 'results.json'}")
     accelerator.wait_for_everyone()

@@ -45,6 +45,7 @@ from ultralytics.utils import ASSETS_URL, USER_CONFIG_DIR, WEIGHTS_DIR, ops  # n
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from deepforest_voc import build_voc, find_wheel  # noqa: E402
+from run_records import setting_differences, write_whole  # noqa: E402
 from usage import UsageError, run_main  # noqa: E402
 from voc_to_yolo import (  # noqa: E402
     VOC_CLASSES,
@@ -240,8 +241,9 @@ def parse_kv(items: list[str]) -> dict:
     return out
 
 
-#: Arguments that do not change what a run trains: they may differ from the run in the folder.
-NOT_SETTINGS = ("output_dir", "rerun", "plots")
+#: Arguments that do not change what a run trains: they may differ from the run in the folder
+#: (where the data is cached, per-epoch validation and plots; the run is scored on last.pt).
+NOT_SETTINGS = ("output_dir", "rerun", "plots", "val", "data_dir", "deepforest_wheel")
 
 
 def check_run_dir(run_dir: Path, args: dict) -> None:
@@ -254,13 +256,12 @@ def check_run_dir(run_dir: Path, args: dict) -> None:
         recorded = json.loads(done.read_text(encoding="utf-8")).get("args") or {}
     except (OSError, json.JSONDecodeError, AttributeError):
         recorded = {}
-    recorded = json.loads(json.dumps(recorded))  # both sides as JSON has them (tuples, lists)
-    differ = [f"{key} {recorded.get(key)!r} there, {value!r} here"
-              for key, value in json.loads(json.dumps(args)).items()
-              if key not in NOT_SETTINGS and recorded.get(key) != value]
+    wanted = json.loads(json.dumps(args))  # as JSON has them, as the record (tuples: lists)
+    differ = setting_differences(recorded, wanted, keys=[k for k in wanted if k not in NOT_SETTINGS])
     if differ:
         raise UsageError(f"{done} holds a run made with other settings ({'; '.join(differ)}); "
-                         f"pass --rerun true to train over it, or another --output_dir")
+                         f"pass --rerun true to train over it, remove that file, or pass another "
+                         f"--output_dir")
 
 
 def train_and_evaluate(margs: ModelArguments, dargs: DataArguments, targs: TrainArguments,
@@ -320,7 +321,7 @@ def train_and_evaluate(margs: ModelArguments, dargs: DataArguments, targs: Train
         "train_seconds": round(train_seconds, 1), "run_dir": str(run_dir),
         "args": args,
     }
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    write_whole(run_dir / "results.json", json.dumps(results, indent=2))
     print(f"\n| method | seed | epochs | mAP50-95 | mAP50 |\n|---|---|---|---|---|\n"
           f"| {targs.method} | {targs.seed} | {targs.epochs} | {100 * results['mAP50-95']:.2f} | "
           f"{100 * results['mAP50']:.2f} |\nresults: {run_dir / 'results.json'}")

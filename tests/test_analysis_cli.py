@@ -423,7 +423,7 @@ def test_plot_alpha_distributions_tb_vs_baseline(tb_run, tmp_path):
     last = [r["value"] for r in read_history(tb_dir) if r["update"] == 3]
     np.testing.assert_allclose(plot.data["tb"]["alphas"], last)
     np.testing.assert_allclose(plot.data["base"]["alphas"], expect["baseline"], rtol=1e-4)
-    # CSVs of one name each keep their distribution (the third once replaced the second)
+    # CSVs of one file name each keep their own distribution, labelled base, base-2, base-3
     copies = [tmp_path / d / "base.csv" for d in ("a", "b")]
     for copy in copies:
         copy.parent.mkdir()

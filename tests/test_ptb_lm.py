@@ -487,6 +487,14 @@ def test_a_new_run_refuses_a_folder_holding_another_runs_work(tmp_path, fresh_ac
     assert results["steps"] == 4 and results["best_step"] in (2, 4)
     assert json.loads((out / "results.json").read_text())["steps"] == 4
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # its own, kept
+    # continued from a checkpoint kept elsewhere, a run is held to the same rule
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "results.json").write_text('{"steps": 9}')
+    with pytest.raises(ptb_lm.UsageError, match=r"holds another run \(results.json\); replace it"):
+        ptb_lm.main(recipe_args(data, other, "--max_steps", "4", "--resume_from_checkpoint",
+                                str(out / "checkpoint-2")))
+    assert (other / "results.json").read_text() == '{"steps": 9}'
 
 
 def test_a_checkpoint_is_not_continued_on_another_corpus(tmp_path, fresh_accelerate):

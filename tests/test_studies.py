@@ -655,6 +655,11 @@ def test_lm_study_refuses_a_corpus_other_than_its_committed_runs(tmp_path: Path)
     commit(tokens, vocab - 1)
     with pytest.raises(st.UsageError, match=rf"vocab_size {vocab - 1} there, {vocab} here"):
         study.prepare_corpus(args)
+    # a run that recorded the digest of its token streams is held to it too (same counts)
+    st._store(run, {"train_tokens": tokens, "vocab_size": vocab,
+                    "corpus": {"sha256": "0" * 64, "train_tokens": tokens}}, tmp_path / "results")
+    with pytest.raises(st.UsageError, match=r"sha256 '0000.*' there, '[0-9a-f]{64}' here"):
+        study.prepare_corpus(args)
 
 
 @pytest.mark.slow

@@ -598,8 +598,8 @@ def test_a_run_folder_of_other_settings_is_refused_before_the_data(tmp_path, mon
     with pytest.raises(yolo_voc.UsageError) as err:
         yolo_voc.main([*argv, "--epochs", "3", "--plots", "false"])  # plots: not a setting
     assert str(err.value) == (f"{run / 'results.json'} holds a run made with other settings "
-                              "(epochs 2 there, 3 here); pass --rerun true to train over it, or "
-                              "another --output_dir")
+                              "(epochs 2 there, 3 here); pass --rerun true to train over it, "
+                              "remove that file, or pass another --output_dir")
     with pytest.raises(DataPrepared):
         yolo_voc.main([*argv, "--epochs", "3", "--rerun", "true"])
     with pytest.raises(DataPrepared):

@@ -38,7 +38,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from usage import UsageError  # recipes/ is on sys.path, as for every study
+# recipes/ is on sys.path, as for every study
+from run_records import setting_differences, write_whole
+from usage import UsageError
 
 __all__ = ["CACHE", "GridArguments", "Run", "recorded_settings", "settings_hash", "last_checkpoint",
            "checkpoint_snapshots", "load_finished", "check_results_dir", "check_same_inputs",
@@ -188,12 +190,11 @@ def load_finished(run: Run, results_dir: str | os.PathLike) -> dict[str, Any] | 
         raise UsageError(f"{path} is not a run's result (unreadable JSON); remove it to train "
                          f"{run.key} again") from None
     wanted = _as_recorded(run.settings)
-    if recorded != wanted:
-        recorded = recorded if isinstance(recorded, dict) else {}
-        differ = [f"{k} {recorded.get(k, '(none)')!r} there, {wanted.get(k, '(none)')!r} here"
-                  for k in sorted(set(recorded) | set(wanted)) if recorded.get(k) != wanted.get(k)]
+    recorded = recorded if isinstance(recorded, dict) else {}
+    differ = setting_differences(recorded, wanted, keys=sorted(set(recorded) | set(wanted)))
+    if differ:
         raise UsageError(f"{path} holds {run.key} made with other settings "
-                         f"({', '.join(differ)}); pass --results_dir for a study with these "
+                         f"({'; '.join(differ)}); pass --results_dir for a study with these "
                          f"settings, or remove the file to replace that run")
     return saved
 
@@ -252,25 +253,19 @@ def check_same_inputs(runs: Iterable[Run], results_dir: str | os.PathLike, found
     """Refuse to train beside committed runs that were made from other inputs: a corpus or a
     base model made again (on a machine without the cache) is not always the one they used, and a
     new run would be paired with them all the same. ``found`` holds what the inputs give now
-    (counts, a base model's perplexity); each committed result's ``recorded(result)`` must hold
-    the same values (floats to 1e-9 relative), else :class:`UsageError` names the run, the
-    numbers, and ``fix``."""
+    (counts, a digest, a base model's perplexity); each committed result's ``recorded(result)``
+    must hold the same values (floats to 1e-9 relative) for the keys it has (a record made before
+    a key was recorded is held to the others), else :class:`UsageError` names the run, the
+    values, and ``fix``."""
     for run in runs:
         result = load_finished(run, results_dir)
         if result is None:
             continue
         had = recorded(result)
-        differ = [f"{key} {had.get(key)} there, {value} here" for key, value in found.items()
-                  if not _same(had.get(key), value)]
+        differ = setting_differences(had, found, keys=[key for key in found if key in had])
         if differ:
             raise UsageError(f"{what} is not the one {run.key} was trained on "
-                             f"({', '.join(differ)}); {fix}")
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return math.isclose(a, b, rel_tol=1e-9)
-    return a == b
+                             f"({'; '.join(differ)}); {fix}")
 
 
 def format_duration(seconds: float) -> str:
@@ -463,17 +458,10 @@ def save_report(args: GridArguments, lines: list[str], summary: dict[str, Any]) 
     """Write ``report.md`` and ``summary.json`` into ``args.results_dir``; return ``summary``."""
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)  # also for a report not begun by start_report
-    _write_whole(out / "report.md", "\n".join(lines) + "\n")
+    write_whole(out / "report.md", "\n".join(lines) + "\n")
     # whole or not at all: a torn summary would switch off check_results_dir's guard
-    _write_whole(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
+    write_whole(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
     return summary
-
-
-def _write_whole(path: Path, text: str) -> None:
-    """``path`` with ``text``, replaced in one step (a kill mid-write leaves the old file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _ordered(runs: Sequence[Run], finished: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -484,7 +472,7 @@ def _store(run: Run, result: dict[str, Any], results_dir: Path) -> dict[str, Any
     result = {"key": run.key, "study_settings": _as_recorded(run.settings), **result}
     path = run.result_path(results_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_whole(path, json.dumps(result, indent=1, default=_plain) + "\n")
+    write_whole(path, json.dumps(result, indent=1, default=_plain) + "\n")
     return result
 
 
