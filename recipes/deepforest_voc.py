@@ -28,7 +28,7 @@ import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
 
-from voc_to_yolo import parse_annotation
+from voc_to_yolo import parse_annotation, remove_others
 
 __all__ = ["DEEPFOREST_VERSION", "SOURCES", "find_wheel", "tile_origins", "build_voc"]
 
@@ -153,7 +153,5 @@ def build_voc(wheel: str | os.PathLike, out_dir: str | os.PathLike, tile: int = 
         (out_dir / "ImageSets" / "Main" / f"{image_set}.txt").write_text("\n".join(ids) + "\n")
     tiles = {tile_id for ids in sets.values() for tile_id in ids}
     for sub in ("Annotations", "JPEGImages"):  # tiles of an earlier --tile: not this data set
-        for stale in (out_dir / sub).iterdir():
-            if stale.stem not in tiles and stale.is_file():
-                stale.unlink()
+        remove_others(out_dir / sub, tiles)
     return out_dir

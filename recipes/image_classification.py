@@ -59,7 +59,7 @@ from image_methods import (
 from image_sweep import aggregate, format_table, write_sweep_outputs
 from metrics import load_metric
 from models.cifar_timm import PAPER_MODELS
-from run_records import setting_differences, write_whole
+from run_records import read_record, setting_differences, write_whole
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
@@ -399,17 +399,11 @@ def finished_run(out: str, settings: dict[str, Any], *, rerun: bool) -> dict[str
     done = os.path.join(out, RESULTS_FILE)
     if rerun or not os.path.exists(done):
         return None
-    try:
-        with open(done, encoding="utf-8") as fh:
-            previous = json.load(fh)
-    except (OSError, json.JSONDecodeError) as err:
-        raise UsageError(f"{done} is not a run's results ({err}); pass --rerun to train it again "
-                         f"(replacing it) or another --output-dir") from None
+    fix = "pass --rerun to train it again (replacing it), remove that file, or another --output-dir"
+    previous = read_record(done, fix=fix)
     differ = setting_differences(previous, settings, implicit=ADDED_SETTINGS)
     if differ:
-        raise UsageError(f"{done} holds a run made with other settings ({'; '.join(differ)}); "
-                         f"pass --rerun to train it again (replacing it), remove that file, or "
-                         f"pass another --output-dir")
+        raise UsageError(f"{done} holds a run made with other settings ({'; '.join(differ)}); {fix}")
     return previous
 
 

@@ -363,8 +363,8 @@ CORPUS_FILE = "corpus.json"
 
 def corpus_record(splits: dict[str, list[str]], vocab: dict[str, int], source: str) -> dict[str, Any]:
     """What the run trains and scores on: a digest of the three token streams, the training-token
-    count, the vocabulary size and the source. Saved with every checkpoint (:data:`CORPUS_FILE`)
-    and in results.json."""
+    count, the vocabulary size and the source. Saved with every checkpoint (:data:`CORPUS_FILE`);
+    results.json holds the digest beside its own counts."""
     digest = hashlib.sha256()
     for split in SPLITS:
         digest.update(f"{split}\0{' '.join(splits[split])}\0".encode())
@@ -415,10 +415,14 @@ def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int,
     return final
 
 
+#: A checkpoint's folder name (a ``.partial`` left by a killed save does not match).
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+
+
 def numbered_checkpoints(out_dir: Path) -> dict[int, Path]:
-    """``{step: out_dir/checkpoint-<step>}`` (a ``.partial`` left by a killed save is not one)."""
+    """``{step: out_dir/checkpoint-<step>}``."""
     return {int(m.group(1)): p for p in out_dir.glob("checkpoint-*")
-            if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))}
+            if (m := CHECKPOINT_NAME.fullmatch(p.name))}
 
 
 def claim_output_dir(out_dir: Path, resume_from: str | None, rerun: bool,
@@ -435,7 +439,7 @@ def claim_output_dir(out_dir: Path, resume_from: str | None, rerun: bool,
     """
     checkpoints = numbered_checkpoints(out_dir)
     if resume_from and Path(resume_from).resolve().parent == out_dir.resolve():
-        match = re.fullmatch(r"checkpoint-(\d+)", Path(resume_from).name)
+        match = CHECKPOINT_NAME.fullmatch(Path(resume_from).name)
         later = [p.name for step, p in sorted(checkpoints.items())
                  if match and step > int(match.group(1))]
         if later:
@@ -447,13 +451,13 @@ def claim_output_dir(out_dir: Path, resume_from: str | None, rerun: bool,
     # a new run, or one continued from a checkpoint kept elsewhere: the folder must be free
     held = [checkpoints[step] for step in sorted(checkpoints)]
     held += [p for p in (out_dir / "best", out_dir / "results.json") if p.exists()]
-    if held and not rerun:
-        resume = (f"continue it with --resume_from_checkpoint {held[len(checkpoints) - 1]}, "
-                  if checkpoints else "")
-        raise UsageError(f"--output_dir {out_dir} holds another run "
-                         f"({', '.join(p.name for p in held)}); {resume}replace it with "
-                         f"--rerun true, or pass another --output_dir")
     if not rerun:
+        if held:
+            resume = (f"continue it with --resume_from_checkpoint {checkpoints[max(checkpoints)]}, "
+                      if checkpoints else "")
+            raise UsageError(f"--output_dir {out_dir} holds another run "
+                             f"({', '.join(p.name for p in held)}); {resume}replace it with "
+                             f"--rerun true, or pass another --output_dir")
         return
     # every rank passes both barriers, whatever it saw: each has looked before the main one deletes
     accelerator.wait_for_everyone()
@@ -665,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     unwrapped = accelerator.unwrap_model(model)
     results = {
         "method": tb_args.method, "seed": args.seed, "steps": state.step, "data": data_source,
-        "corpus": corpus,
+        "corpus_sha256": corpus["sha256"],
         "best_step": state.best_step, "valid_nll": valid_nll, "valid_ppl": math.exp(valid_nll),
         "test_nll": test_nll, "test_ppl": math.exp(test_nll), "valid_tokens": valid_tokens,
         "test_tokens": test_tokens, "train_tokens": int(ids["train"].numel()),

@@ -8,13 +8,16 @@ refusal can name every setting that differs.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-MISSING = "(none)"
+from usage import UsageError
+
+_MISSING = object()
 
 
 def setting_differences(recorded: Mapping[str, Any], wanted: Mapping[str, Any], *,
@@ -27,15 +30,15 @@ def setting_differences(recorded: Mapping[str, Any], wanted: Mapping[str, Any], 
     implicit = implicit or {}
     out = []
     for key in wanted if keys is None else keys:
-        had = recorded.get(key, implicit.get(key, MISSING))
-        want = wanted.get(key, MISSING)
+        had = recorded.get(key, implicit.get(key, _MISSING))
+        want = wanted.get(key, _MISSING)
         if not _same(had, want):
             out.append(f"{key} {_show(had)} there, {_show(want)} here")
     return out
 
 
 def _show(value: Any) -> str:
-    return value if value is MISSING else repr(value)
+    return "(none)" if value is _MISSING else repr(value)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -44,6 +47,18 @@ def _same(a: Any, b: Any) -> bool:
             and not isinstance(b, bool):
         return math.isclose(a, b, rel_tol=1e-9)
     return a == b
+
+
+def read_record(path: str | os.PathLike, *, fix: str) -> dict[str, Any]:
+    """The JSON object a run wrote to ``path``; :class:`UsageError` naming the file and ``fix``
+    when it is not one (a later command must not take it for a run, nor silently replace it)."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise UsageError(f"{path} is not a run's record (unreadable JSON); {fix}") from None
+    if not isinstance(record, dict):
+        raise UsageError(f"{path} is not a run's record (not a JSON object); {fix}")
+    return record
 
 
 def write_whole(path: str | os.PathLike, text: str) -> None:

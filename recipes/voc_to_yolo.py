@@ -159,6 +159,14 @@ class SplitStats:
     difficult: int = 0
 
 
+def remove_others(folder: Path, stems: set[str]) -> None:
+    """Delete the files (and links) in ``folder`` whose stem is not in ``stems``: what an earlier
+    conversion into the same place left."""
+    for path in folder.iterdir():
+        if path.stem not in stems and (path.is_file() or path.is_symlink()):
+            path.unlink()
+
+
 def convert_split(voc_dir: str | os.PathLike, image_set: str, out_dir: str | os.PathLike,
                   classes: Sequence[str] = VOC_CLASSES) -> SplitStats:
     """Convert one image set to ``out_dir/{images,labels,difficult}/<image_set>/``."""
@@ -166,14 +174,11 @@ def convert_split(voc_dir: str | os.PathLike, image_set: str, out_dir: str | os.
     index = {name: i for i, name in enumerate(classes)}
     dirs = {kind: out_dir / kind / image_set for kind in ("images", "labels", "difficult")}
     image_ids = read_image_set(voc_dir, image_set)
-    wanted = set(image_ids)
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
         # an earlier conversion's images (other tiles, another --voc-root) would be trained and
         # scored with these: Ultralytics reads every image in the folder
-        for stale in d.iterdir():
-            if stale.stem not in wanted and (stale.is_file() or stale.is_symlink()):
-                stale.unlink()
+        remove_others(d, set(image_ids))
     (out_dir / "labels" / f"{image_set}.cache").unlink(missing_ok=True)  # Ultralytics' label cache
     stats = SplitStats(image_set)
     for image_id in image_ids:

@@ -45,7 +45,7 @@ from ultralytics.utils import ASSETS_URL, USER_CONFIG_DIR, WEIGHTS_DIR, ops  # n
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from deepforest_voc import build_voc, find_wheel  # noqa: E402
-from run_records import setting_differences, write_whole  # noqa: E402
+from run_records import read_record, setting_differences, write_whole  # noqa: E402
 from usage import UsageError, run_main  # noqa: E402
 from voc_to_yolo import (  # noqa: E402
     VOC_CLASSES,
@@ -252,16 +252,12 @@ def check_run_dir(run_dir: Path, args: dict) -> None:
     done = run_dir / "results.json"
     if not done.is_file():
         return
-    try:
-        recorded = json.loads(done.read_text(encoding="utf-8")).get("args") or {}
-    except (OSError, json.JSONDecodeError, AttributeError):
-        recorded = {}
+    fix = "pass --rerun true to train over it, remove that file, or pass another --output_dir"
+    recorded = read_record(done, fix=fix).get("args") or {}
     wanted = json.loads(json.dumps(args))  # as JSON has them, as the record (tuples: lists)
     differ = setting_differences(recorded, wanted, keys=[k for k in wanted if k not in NOT_SETTINGS])
     if differ:
-        raise UsageError(f"{done} holds a run made with other settings ({'; '.join(differ)}); "
-                         f"pass --rerun true to train over it, remove that file, or pass another "
-                         f"--output_dir")
+        raise UsageError(f"{done} holds a run made with other settings ({'; '.join(differ)}); {fix}")
 
 
 def train_and_evaluate(margs: ModelArguments, dargs: DataArguments, targs: TrainArguments,

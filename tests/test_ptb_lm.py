@@ -512,7 +512,7 @@ def test_a_checkpoint_is_not_continued_on_another_corpus(tmp_path, fresh_acceler
     digest = hashlib.sha256("".join(f"{split}\0{text}\0" for split, text in
                                     zip(("train", "valid", "test"), streams)).encode()).hexdigest()
     saved = json.loads((tmp_path / "run" / "checkpoint-2" / "corpus.json").read_text())
-    assert saved["sha256"] == results["corpus"]["sha256"] == digest
+    assert saved["sha256"] == results["corpus_sha256"] == digest
     assert saved["train_tokens"] == results["train_tokens"]
     checkpoint = str(tmp_path / "run" / "checkpoint-2")
     with pytest.raises(ptb_lm.UsageError, match=rf"--resume_from_checkpoint {re.escape(checkpoint)} "

@@ -244,7 +244,7 @@ def test_a_study_prepares_only_when_a_run_is_left_to_train(tmp_path: Path) -> No
         return st.save_report(args, ["# study"], {"study": args.study_record()})
 
     def study(**kw) -> None:
-        st.run_study(args, build_runs=build, report=report, prepare=lambda: made.append("corpus"),
+        st.run_study(args, build_runs=build, report=report, prepare=lambda committed: made.append("corpus"),
                      collect=lambda run, folder: json.loads((folder / "results.json").read_text()),
                      **kw)
 
@@ -641,25 +641,20 @@ def test_lm_study_refuses_a_corpus_other_than_its_committed_runs(tmp_path: Path)
                                 results_dir=str(tmp_path / "results"))
     run = study.build_runs(args)[0]
 
-    def commit(train_tokens: int, vocab_size: int) -> None:
-        st._store(run, {"train_tokens": train_tokens, "vocab_size": vocab_size},
-                  tmp_path / "results")
+    def commit(train_tokens: int, vocab_size: int, **more) -> list[dict]:
+        return [st._store(run, {"train_tokens": train_tokens, "vocab_size": vocab_size, **more},
+                          tmp_path / "results")]
 
-    study.prepare_corpus(args)  # nothing committed: nothing to compare
-    commit(tokens, vocab)
-    study.prepare_corpus(args)
-    commit(tokens + 1, vocab)
+    study.prepare_corpus(args, [])  # nothing committed: nothing to compare
+    study.prepare_corpus(args, commit(tokens, vocab))
     with pytest.raises(st.UsageError, match=rf"not the one {run.key} was trained on "
                                             rf"\(train_tokens {tokens + 1} there, {tokens} here\)"):
-        study.prepare_corpus(args)
-    commit(tokens, vocab - 1)
+        study.prepare_corpus(args, commit(tokens + 1, vocab))
     with pytest.raises(st.UsageError, match=rf"vocab_size {vocab - 1} there, {vocab} here"):
-        study.prepare_corpus(args)
+        study.prepare_corpus(args, commit(tokens, vocab - 1))
     # a run that recorded the digest of its token streams is held to it too (same counts)
-    st._store(run, {"train_tokens": tokens, "vocab_size": vocab,
-                    "corpus": {"sha256": "0" * 64, "train_tokens": tokens}}, tmp_path / "results")
     with pytest.raises(st.UsageError, match=r"sha256 '0000.*' there, '[0-9a-f]{64}' here"):
-        study.prepare_corpus(args)
+        study.prepare_corpus(args, commit(tokens, vocab, corpus_sha256="0" * 64))
 
 
 @pytest.mark.slow
@@ -780,17 +775,18 @@ def test_lora_study_keeps_its_results_when_the_base_made_again_differs(tmp_path:
             {"tokens": {"train": 56606}, "finetune_valid_ppl": valid, "finetune_test_ppl": test}))
 
     made(107.5, 105.5)
-    study.ensure_base(args)  # nothing committed yet: the base is recorded
+    study.ensure_base(args, [])  # nothing committed yet: the base is recorded
     pretrain = tmp_path / "results" / "pretrain.json"
     assert json.loads(pretrain.read_text())["finetune_valid_ppl"] == 107.5
     run = study.build_runs(args)[0]
-    st._store(run, {"base": {"valid_ppl": 107.5, "test_ppl": 105.5}}, tmp_path / "results")
-    study.ensure_base(args)  # the same base: accepted
+    committed = [st._store(run, {"base": {"valid_ppl": 107.5, "test_ppl": 105.5}},
+                           tmp_path / "results")]
+    study.ensure_base(args, committed)  # the same base: accepted
     saved = pretrain.read_text()
     made(107.5, 106.0)
     with pytest.raises(st.UsageError, match=rf"not the one {run.key} was trained on "
                                             r"\(test_ppl 105.5 there, 106.0 here\)"):
-        study.ensure_base(args)
+        study.ensure_base(args, committed)
     assert pretrain.read_text() == saved
 
 

@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             in_progress(runs, args, {r["key"] for r in results}))
 
     return run_study(args, build_runs=build_runs, collect=collect, report=report,
-                     prepare=lambda: prepare_data(args.data_dir))
+                     prepare=lambda committed: prepare_data(args.data_dir))
 
 
 def prepare_data(data_dir: str) -> None:

@@ -112,9 +112,10 @@ def base_dir(args: StudyArguments) -> Path:
     return Path(args.checkpoint_dir) / f"base-{settings_hash(base_settings(args))}"
 
 
-def ensure_base(args: StudyArguments) -> None:
+def ensure_base(args: StudyArguments, committed: list[dict[str, Any]]) -> None:
     """The pre-trained base model in the cache (pre-trained first if it is not there) and its
-    results in ``--results_dir``/``pretrain.json`` (:func:`saved_base`)."""
+    results in ``--results_dir``/``pretrain.json`` (:func:`saved_base`), once it is known to be
+    the base the ``committed`` runs started from."""
     folder = base_dir(args)
     results = folder / "results.json"
     if not (results.is_file() and (folder / "model.safetensors").is_file()):
@@ -137,7 +138,7 @@ def ensure_base(args: StudyArguments) -> None:
     out = json.loads(results.read_text(encoding="utf-8")) | {"settings": base_settings(args)}
     # a base pre-trained again (the cache gone, another torch) may differ from the committed
     # runs' one; their pretrain.json is kept and nothing is trained beside them
-    check_same_inputs(build_runs(args), args.results_dir,
+    check_same_inputs(committed,
                       {"valid_ppl": out["finetune_valid_ppl"], "test_ppl": out["finetune_test_ppl"]},
                       what=f"the base model in {folder}", recorded=lambda result: result["base"],
                       fix="new runs would not start where the committed ones did; pass a new "
@@ -370,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # pre-training writes pretrain.json into the results folder: after run_study's check of it
     return run_study(args, build_runs=build_runs, collect=collect, report=report,
-                     prepare=lambda: ensure_base(args))
+                     prepare=lambda committed: ensure_base(args, committed))
 
 
 if __name__ == "__main__":

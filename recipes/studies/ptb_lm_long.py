@@ -189,8 +189,8 @@ def collect(run: Run, folder: Path) -> dict[str, Any]:
     full = json.loads((folder / "results.json").read_text(encoding="utf-8"))
     out = {k: full.get(k) for k in ("method", "seed", "steps", "best_step", "valid_ppl", "test_ppl",
                                     "valid_nll", "test_nll", "valid_tokens", "test_tokens",
-                                    "train_tokens", "vocab_size", "corpus", "num_parameters",
-                                    "runtime_s")}
+                                    "train_tokens", "vocab_size", "corpus_sha256",
+                                    "num_parameters", "runtime_s")}
     out["evals"] = [{k: e[k] for k in ("step", "train_loss", "valid_ppl", "lr") if k in e}
                     for e in full["evals"]]
     out["config"] = full["config"]
@@ -409,21 +409,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # each worker's progress bar goes to its worker.log: the step rate of a run, while it runs
     return run_study(args, build_runs=build_runs, collect=collect, report=report,
-                     prepare=lambda: prepare_corpus(args))
+                     prepare=lambda committed: prepare_corpus(args, committed))
 
 
-def prepare_corpus(args: StudyArguments) -> None:
+def prepare_corpus(args: StudyArguments, committed: list[dict[str, Any]]) -> None:
     """The corpus in ``--data_dir`` (made when missing), refused when it is not the one the
-    committed runs were trained on (:func:`check_same_inputs`): their recorded training-token
+    ``committed`` runs were trained on (:func:`check_same_inputs`): their recorded training-token
     count and vocabulary size, and the digest of the token streams where a run recorded it."""
     ensure_corpus(args.data_dir)
     from ptb_lm import DataArguments, build_vocab, corpus_record, read_splits  # torch: if work
 
     splits = read_splits(DataArguments(data_dir=args.data_dir))
     here = corpus_record(splits, build_vocab(splits["train"]), source=args.data_dir)
-    check_same_inputs(build_runs(args), args.results_dir,
-                      {key: here[key] for key in ("train_tokens", "vocab_size", "sha256")},
-                      recorded=lambda result: {**result, **(result.get("corpus") or {})},
+    check_same_inputs(committed, {"train_tokens": here["train_tokens"],
+                                  "vocab_size": here["vocab_size"], "corpus_sha256": here["sha256"]},
                       what=f"the corpus in {args.data_dir}",
                       fix="make it again from the source those runs used "
                           "(recipes/data/make_shakespeare_ptb.py --source) or pass a new "

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 # recipes/ is on sys.path, as for every study
-from run_records import setting_differences, write_whole
+from run_records import read_record, setting_differences, write_whole
 from usage import UsageError
 
 __all__ = ["CACHE", "GridArguments", "Run", "recorded_settings", "settings_hash", "last_checkpoint",
@@ -183,12 +183,8 @@ def load_finished(run: Run, results_dir: str | os.PathLike) -> dict[str, Any] | 
     path = run.result_path(results_dir)
     if not path.is_file():
         return None
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        recorded = saved.get("study_settings")
-    except (json.JSONDecodeError, AttributeError):
-        raise UsageError(f"{path} is not a run's result (unreadable JSON); remove it to train "
-                         f"{run.key} again") from None
+    saved = read_record(path, fix=f"remove it to train {run.key} again")
+    recorded = saved.get("study_settings")
     wanted = _as_recorded(run.settings)
     recorded = recorded if isinstance(recorded, dict) else {}
     differ = setting_differences(recorded, wanted, keys=sorted(set(recorded) | set(wanted)))
@@ -247,24 +243,21 @@ def _as_recorded(settings: dict[str, Any]) -> Any:
     return json.loads(json.dumps(settings, default=str))
 
 
-def check_same_inputs(runs: Iterable[Run], results_dir: str | os.PathLike, found: dict[str, Any],
-                      *, what: str, fix: str,
+def check_same_inputs(committed: Iterable[dict[str, Any]], found: dict[str, Any], *, what: str,
+                      fix: str,
                       recorded: Callable[[dict[str, Any]], dict[str, Any]] = lambda r: r) -> None:
     """Refuse to train beside committed runs that were made from other inputs: a corpus or a
     base model made again (on a machine without the cache) is not always the one they used, and a
     new run would be paired with them all the same. ``found`` holds what the inputs give now
-    (counts, a digest, a base model's perplexity); each committed result's ``recorded(result)``
+    (counts, a digest, a base model's perplexity); each ``committed`` result's ``recorded(result)``
     must hold the same values (floats to 1e-9 relative) for the keys it has (a record made before
     a key was recorded is held to the others), else :class:`UsageError` names the run, the
     values, and ``fix``."""
-    for run in runs:
-        result = load_finished(run, results_dir)
-        if result is None:
-            continue
+    for result in committed:
         had = recorded(result)
         differ = setting_differences(had, found, keys=[key for key in found if key in had])
         if differ:
-            raise UsageError(f"{what} is not the one {run.key} was trained on "
+            raise UsageError(f"{what} is not the one {result['key']} was trained on "
                              f"({'; '.join(differ)}); {fix}")
 
 
@@ -399,13 +392,14 @@ def _exit_on_sigterm() -> Any:
 def run_study(args: GridArguments, *, build_runs: Callable[[Any], list[Run]],
               collect: Callable[[Run, Path], dict[str, Any]],
               report: Callable[[list[dict[str, Any]], list[Run]], dict[str, Any]],
-              prepare: Callable[[], None] | None = None) -> dict[str, Any]:
+              prepare: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
     """A study's command, as ``args`` says; returns what the last ``report`` returned.
 
     1. ``runs = build_runs(args)``; a results folder of another study is refused before anything
        is made or written (:func:`check_results_dir`).
     2. With ``args.report_only``, only the committed runs are read. Otherwise, when a run is left
-       to train, ``prepare()`` makes what the runs need (a corpus, a base model) and the runs are
+       to train, ``prepare(committed)`` makes what the runs need (a corpus, a base model), given
+       the committed results to check it against (:func:`check_same_inputs`), and the runs are
        built again, since what it made may shape them (the LoRA study's step counts come from its
        base model); then the grid trains (:func:`run_grid`).
     3. ``report(results, runs)`` writes ``report.md`` and the rest: at the start, after each
@@ -417,7 +411,7 @@ def run_study(args: GridArguments, *, build_runs: Callable[[Any], list[Run]],
         results = [finished[run.key] for run in runs if run.key in finished]
     else:
         if prepare is not None and any(run.key not in finished for run in runs):
-            prepare()
+            prepare(list(finished.values()))
             runs = build_runs(args)
         results = run_grid(runs, results_dir=args.results_dir, checkpoint_root=args.checkpoint_dir,
                            collect=collect, on_update=lambda done: report(done, runs),
