@@ -265,6 +265,13 @@ def method_tempbalance_config(method: str, dataset: str, model_args: ModelArgume
     def given(value, paper):
         return paper if value is None else value
 
+    # one end given, the other the paper's: an inverted range is the flag given, not the default
+    if method_args.tb_s2 is None and given(method_args.tb_s1, s1) > s2:
+        raise ValueError(f"--tb_s1={method_args.tb_s1!r} is above s2={s2}, the paper's largest "
+                         f"multiplier for {method} here: give --tb_s2 as well (s2 >= s1)")
+    if method_args.tb_s1 is None and given(method_args.tb_s2, s2) < s1:
+        raise ValueError(f"--tb_s2={method_args.tb_s2!r} is below s1={s1}, the paper's smallest "
+                         f"multiplier for {method} here: give --tb_s1 as well (s1 <= s2)")
     filled = dataclasses.replace(
         method_args, tb_s1=given(method_args.tb_s1, s1), tb_s2=given(method_args.tb_s2, s2),
         tb_norm_follow=given(method_args.tb_norm_follow, paper_norm_follow(model_args.model)),
@@ -277,11 +284,11 @@ def method_tempbalance_config(method: str, dataset: str, model_args: ModelArgume
 
 
 def run_settings(method: str, model_args: ModelArguments, method_args: MethodArguments,
-                 args: TrainingArguments, train_samples: int, test_samples: int,
-                 dataset: str) -> dict[str, Any]:
+                 args: TrainingArguments, train_samples: int, test_samples: int, dataset: str,
+                 tb_config: TempBalanceConfig | None) -> dict[str, Any]:
     """What decides a run's result besides chance, as recorded at the top of its results.json: a
-    finished run is reused only if they all match."""
-    tb_config = method_tempbalance_config(method, dataset, model_args, method_args)
+    finished run is reused only if they all match. ``tb_config``: the run's
+    :func:`method_tempbalance_config`."""
     return json.loads(json.dumps({
         "dataset": dataset, "model": model_args.model, "width": model_args.width,
         "drop_rate": model_args.drop_rate, "method": method, "seed": args.seed,
@@ -341,7 +348,8 @@ def train_one(method: str, model_args: ModelArguments, data_args: DataArguments,
     accuracies = [row["test_accuracy"] for row in history if "test_accuracy" in row]
     results: dict[str, Any] = {
         # dataset, model, method, seed, lr, epochs, batch size, ... (what a rerun must match)
-        **run_settings(method, model_args, method_args, args, len(train), len(test), spec.name),
+        **run_settings(method, model_args, method_args, args, len(train), len(test), spec.name,
+                       tb_config),
         "timm_model": net.pretrained_cfg.get("architecture", model_args.model),
         "steps": trainer.state.global_step,
         "test_accuracy": accuracies[-1], "best_test_accuracy": max(accuracies),
@@ -418,11 +426,12 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
     """Run the grid (one run: straight into ``args.output_dir``); return every run's results."""
     spec = get_spec(data_args.dataset)
     runs = grid(method_args, args, spec.name, model_args.model)
-    for method, lr, _ in runs:  # every run's settings, checked before the data loads
+    tb_configs = {}  # per method; every run's settings are checked before the data loads
+    for method, lr, _ in runs:
         if not lr > 0:
             raise UsageError(f"learning rate {lr:g} (--lr / --lrs): must be > 0")
         try:
-            method_tempbalance_config(method, spec.name, model_args, method_args)
+            tb_configs[method] = method_tempbalance_config(method, spec.name, model_args, method_args)
         except ValueError as err:
             raise UsageError(f"--method {method}: {err}") from None
     with args.main_process_first(desc="loading the data set"):  # one process downloads
@@ -437,7 +446,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
                                                           f"seed{seed}")
         run_args = dataclasses.replace(args, learning_rate=lr, seed=seed, output_dir=out)
         settings = run_settings(method, model_args, method_args, run_args, len(data[1]),
-                                len(data[2]), spec.name)
+                                len(data[2]), spec.name, tb_configs[method])
         previous = finished_run(out, settings, rerun=method_args.rerun or bool(args.resume_from_checkpoint))
         plans.append((method, run_args, previous if not single else None))
     results = []

@@ -237,6 +237,9 @@ def test_missing_data_fails_at_once_with_how_to(tmp_path: Path, monkeypatch) -> 
 
 @pytest.mark.parametrize("flags, said", [
     (["--tb_s1", "2", "--tb_s2", "1"], "--method tb: --tb_s2=1.0: must be a finite number >= s1=2.0"),
+    # one end given: the message names the flag given, not the paper's other end
+    (["--tb_s1", "2"], "--method tb: --tb_s1=2.0 is above s2=1.5, the paper's largest multiplier"),
+    (["--tb_s2", "0.4"], "--method tb: --tb_s2=0.4 is below s1=0.5, the paper's smallest"),
     (["--tb_interval", "weekly"], "--method tb: --tb_interval='weekly': give a number of optimizer"),
     (["--tb_interval", "0"], "--method tb: --tb_interval=0: must be a positive number"),
     (["--lr", "-1"], "learning rate -1 (--lr / --lrs): must be > 0"),
@@ -429,8 +432,9 @@ def test_the_long_study_command_keeps_its_settings() -> None:
         script = run.command.index(str(RECIPES / "image_classification.py"))
         argv = run.command[script + 1:] + ["--output_dir", "out"]
         model_args, data_args, method_args, targs = ic.parse_args(argv)
+        tb_config = ic.method_tempbalance_config(method, data_args.dataset, model_args, method_args)
         settings = ic.run_settings(method, model_args, method_args, targs, 60000, 10000,
-                                   data_args.dataset)
+                                   data_args.dataset, tb_config)
         assert settings["method_args"] == {"sgdr_t0": 10, "sgdr_t_mult": 2, "lookahead_k": 5,
                                            "lookahead_alpha": 0.5}
         expected = (TempBalanceConfig(s1=0.5, s2=1.5, interval="epoch", log_layers=False).to_dict()
