@@ -49,7 +49,8 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from ptb_lm import UNK, DataArguments, read_splits  # noqa: E402
+from ptb_lm import UNK, DataArguments, corpus_record, read_splits  # noqa: E402
+from run_records import write_whole  # noqa: E402
 
 from hf_tempbalance import TempBalanceCallback  # noqa: E402
 from hf_tempbalance.history import HISTORY_FILE  # noqa: E402
@@ -88,14 +89,33 @@ def windows(ids: torch.Tensor, seq_len: int) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": r, "labels": r} for r in rows]
 
 
-def corpus(data_dir: str, vocab_size: int, block: int) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
-    """``(vocab, ids)`` with ids ``pretrain`` (training plays) and fine-tuning ``train`` /
-    ``valid`` / ``test`` (the validation-split plays, see :func:`split_blocks`)."""
+def corpus(data_dir: str, vocab_size: int,
+           block: int) -> tuple[dict[str, int], dict[str, torch.Tensor], str]:
+    """``(vocab, ids, sha256)``: ids ``pretrain`` (training plays) and fine-tuning ``train`` /
+    ``valid`` / ``test`` (the validation-split plays, see :func:`split_blocks`); the digest of
+    the text (:func:`ptb_lm.corpus_record`), which a base model records."""
     splits = read_splits(DataArguments(data_dir=data_dir))
     vocab = build_vocab(splits["train"], vocab_size)
     ids = {"pretrain": encode(splits["train"], vocab)}
     ids.update(split_blocks(encode(splits["valid"], vocab), block))
-    return vocab, ids
+    return vocab, ids, corpus_record(splits, vocab, data_dir)["sha256"]
+
+
+def token_counts(ids: dict[str, torch.Tensor]) -> dict[str, int]:
+    return {name: int(stream.numel()) for name, stream in ids.items()}
+
+
+def check_base_corpus(base: Path, vocab: dict[str, int], tokens: dict[str, int], sha256: str) -> None:
+    """Refuse to fine-tune a base pre-trained on other text: the fine-tuning split comes from the
+    same corpus, so the adapters would learn (and be scored on) text the base's numbers were not
+    measured on. A base saved before the digest was recorded is held to its token counts."""
+    fix = "pass the --data_dir and --vocab_size it was pre-trained with, or pre-train again"
+    if json.loads((base / VOCAB_FILE).read_text(encoding="utf-8")) != vocab:
+        raise SystemExit(f"{base} was pre-trained with another vocabulary; {fix}")
+    saved = json.loads((base / "results.json").read_text(encoding="utf-8"))
+    if saved.get("corpus_sha256", sha256) != sha256 or saved.get("tokens", tokens) != tokens:
+        raise SystemExit(f"{base} was pre-trained on another corpus ({saved.get('tokens')} tokens; "
+                         f"here {tokens}); {fix}")
 
 
 # ------------------------------------------------------------------------------------ runs
@@ -119,7 +139,7 @@ def pretrain(a: argparse.Namespace) -> dict[str, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, set_seed
 
     out = Path(a.output_dir)
-    vocab, ids = corpus(a.data_dir, a.vocab_size, a.block)
+    vocab, ids, sha256 = corpus(a.data_dir, a.vocab_size, a.block)
     set_seed(a.seed)
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=a.width,
                          intermediate_size=(8 * a.width // 3 + 7) // 8 * 8,
@@ -136,10 +156,10 @@ def pretrain(a: argparse.Namespace) -> dict[str, Any]:
     (out / VOCAB_FILE).write_text(json.dumps(vocab) + "\n", encoding="utf-8")
     results = {"stage": "pretrain", "parameters": sum(p.numel() for p in model.parameters()),
                "steps": trainer.state.global_step, "train_runtime_s": time.time() - started,
-               "tokens": {k: int(v.numel()) for k, v in ids.items()},
+               "tokens": token_counts(ids), "corpus_sha256": sha256,
                "finetune_valid_ppl": perplexity(trainer, windows(ids["valid"], a.seq_len)),
                "finetune_test_ppl": perplexity(trainer, windows(ids["test"], a.seq_len))}
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    write_whole(out / "results.json", json.dumps(results, indent=1) + "\n")
     return results
 
 
@@ -149,11 +169,8 @@ def finetune(a: argparse.Namespace) -> dict[str, Any]:
 
     out = Path(a.output_dir)
     base = Path(a.base)
-    vocab, ids = corpus(a.data_dir, a.vocab_size, a.block)
-    saved = json.loads((base / VOCAB_FILE).read_text(encoding="utf-8"))
-    if saved != vocab:
-        raise SystemExit(f"{base} was pre-trained with another vocabulary (--vocab_size, "
-                         "--data_dir); pre-train again or pass the same settings")
+    vocab, ids, sha256 = corpus(a.data_dir, a.vocab_size, a.block)
+    check_base_corpus(base, vocab, token_counts(ids), sha256)
     model = LlamaForCausalLM.from_pretrained(str(base))
     set_seed(a.seed)  # the adapters' initialisation (A random, B zero)
     model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0,
@@ -189,7 +206,7 @@ def finetune(a: argparse.Namespace) -> dict[str, Any]:
             "history": [json.loads(line) for line in history.read_text().splitlines() if line],
         }
     model.save_pretrained(str(out / "adapter"))
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    write_whole(out / "results.json", json.dumps(results, indent=1) + "\n")
     return results
 
 

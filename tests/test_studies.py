@@ -764,8 +764,9 @@ def test_lora_study_keeps_its_results_when_the_base_made_again_differs(tmp_path:
     committed runs started from: refused before pretrain.json is rewritten."""
     import lora_finetune as study
 
+    _corpus(tmp_path / "corpus")  # present: ensure_base does not make one
     args = study.StudyArguments(seeds=[43], lrs=[0.01], checkpoint_dir=str(tmp_path / "ckpt"),
-                                results_dir=str(tmp_path / "results"))
+                                results_dir=str(tmp_path / "results"), data_dir=str(tmp_path / "corpus"))
     base = study.base_dir(args)
     base.mkdir(parents=True)
     (base / "model.safetensors").write_bytes(b"")  # present: ensure_base does not pre-train
@@ -788,6 +789,42 @@ def test_lora_study_keeps_its_results_when_the_base_made_again_differs(tmp_path:
                                             r"\(test_ppl 105.5 there, 106.0 here\)"):
         study.ensure_base(args, committed)
     assert pretrain.read_text() == saved
+
+
+def test_a_lora_base_is_fine_tuned_only_on_the_corpus_it_was_pre_trained_on(tmp_path: Path) -> None:
+    """The fine-tuning split is cut from the base's corpus: a base pre-trained on other text (the
+    data folder made again or pointed elsewhere) is refused before any fine-tuning."""
+    import lora_shakespeare as ls
+
+    _corpus(tmp_path / "corpus")
+    vocab, ids, sha256 = ls.corpus(str(tmp_path / "corpus"), 50, 10)
+    counts = ls.token_counts(ids)
+    lines = (tmp_path / "corpus" / "ptb.train.txt").read_text().splitlines()
+    # every word of the training plays and one end-of-sentence token per line
+    assert counts["pretrain"] == sum(len(line.split()) + 1 for line in lines) and set(ids) == {"pretrain", "train", "valid", "test"}
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / ls.VOCAB_FILE).write_text(json.dumps(vocab))
+    (base / "results.json").write_text(json.dumps({"tokens": counts, "corpus_sha256": sha256}))
+    ls.check_base_corpus(base, vocab, counts, sha256)  # its own corpus: accepted
+
+    other = tmp_path / "other"  # one training word changed: same counts, same vocabulary
+    other.mkdir()
+    for split in ("train", "valid", "test"):
+        text = (tmp_path / "corpus" / f"ptb.{split}.txt").read_text()
+        (other / f"ptb.{split}.txt").write_text(text.replace("loves", "fears", 1) if split == "train"
+                                                else text)
+    vocab2, ids2, sha2 = ls.corpus(str(other), 50, 10)
+    assert vocab2 == vocab and ls.token_counts(ids2) == counts and sha2 != sha256
+    with pytest.raises(SystemExit, match="was pre-trained on another corpus"):
+        ls.check_base_corpus(base, vocab2, ls.token_counts(ids2), sha2)
+    with pytest.raises(SystemExit, match="another vocabulary"):
+        ls.check_base_corpus(base, {**vocab, "extra": len(vocab)}, counts, sha256)
+    # a base saved before the digest was recorded is held to its token counts
+    (base / "results.json").write_text(json.dumps({"tokens": counts}))
+    ls.check_base_corpus(base, vocab, counts, sha2)
+    with pytest.raises(SystemExit, match="another corpus"):
+        ls.check_base_corpus(base, vocab, {**counts, "train": counts["train"] - 10}, sha256)
 
 
 @pytest.mark.slow

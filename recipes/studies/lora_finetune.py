@@ -118,8 +118,8 @@ def ensure_base(args: StudyArguments, committed: list[dict[str, Any]]) -> None:
     the base the ``committed`` runs started from."""
     folder = base_dir(args)
     results = folder / "results.json"
+    ensure_corpus(args.data_dir)  # the runs read it too (each checks it is the base's corpus)
     if not (results.is_file() and (folder / "model.safetensors").is_file()):
-        ensure_corpus(args.data_dir)
         # One thread, as the runs: on shared cores the threads of one process wait for each
         # other at every operation (measured here: 2 threads took longer than 1).
         threads = str(args.threads)
