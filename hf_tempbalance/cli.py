@@ -351,7 +351,10 @@ def run_analyze(args: argparse.Namespace) -> ModelAnalysis:
         if delta is not None:
             written += write_esd_plots(delta, args.plots, progress=not args.no_progress,
                                        suffix=".delta")
-        print(f"{written} ESD plot(s) written to {args.plots}", file=human)
+        removed = replace_earlier_plots(args.plots, "analyze", written)
+        print(f"{len(written)} ESD plot(s) written to {args.plots}"
+              + (f" ({len(removed)} of an earlier analyze there removed)" if removed else ""),
+              file=human)
     return report
 
 
@@ -406,13 +409,14 @@ def esd_plot_name(layer_name: str, suffix: str = "") -> str:
 
 
 def write_esd_plots(report: ModelAnalysis, out_dir: str | os.PathLike, *,
-                    progress: bool = True, suffix: str = "") -> int:
-    """One Figure-1 ESD plot per layer with at least two non-zero eigenvalues; returns the count."""
+                    progress: bool = True, suffix: str = "") -> list[str]:
+    """One Figure-1 ESD plot per layer with at least two non-zero eigenvalues; returns the file
+    names written."""
     from .plotting import plot_esd
 
     os.makedirs(out_dir, exist_ok=True)
     cfg = report.config
-    written = 0
+    written = []
     for layer in tqdm(report.layers, desc="ESD plots", unit="plot",
                       disable=not progress or len(report.layers) < 24):
         try:
@@ -421,9 +425,36 @@ def write_esd_plots(report: ModelAnalysis, out_dir: str | os.PathLike, *,
         except ValueError as err:  # fewer than 2 non-zero eigenvalues: nothing to draw
             print(f"skipped {layer.name}: {err}", file=sys.stderr)
             continue
-        plot.save(os.path.join(out_dir, esd_plot_name(layer.name, suffix)))
-        written += 1
+        written.append(esd_plot_name(layer.name, suffix))
+        plot.save(os.path.join(out_dir, written[-1]))
     return written
+
+
+#: In a plots folder: the PNGs each command last drew there (see :func:`replace_earlier_plots`).
+PLOTS_RECORD = ".hf_tempbalance_plots.json"
+
+
+def replace_earlier_plots(out_dir: str | os.PathLike, command: str, written: Sequence[str]) -> list[str]:
+    """Record ``written`` as what ``command`` drew in ``out_dir`` and remove the PNGs its earlier
+    run there drew and this one did not: the ESD plots of another model's layers (or the curves
+    of other runs) would sit beside the new ones, indistinguishable from them. Files this command
+    did not write are never touched. Returns the names removed."""
+    record_path = Path(out_dir) / PLOTS_RECORD
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        earlier = record.get(command, []) if isinstance(record, dict) else []
+    except (OSError, ValueError):  # none yet, or unreadable: nothing is known to be ours
+        record, earlier = {}, []
+    removed = []
+    for name in sorted(set(earlier) - set(written)):
+        path = Path(out_dir) / str(name)
+        # only a PNG directly in the folder, whatever a hand-edited record says
+        if path.suffix == ".png" and path.parent == Path(out_dir) and path.is_file():
+            path.unlink()
+            removed.append(path.name)
+    record = {**(record if isinstance(record, dict) else {}), command: list(written)}
+    record_path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    return removed
 
 
 # ---------------------------------------------------------------------------- plot
@@ -523,6 +554,8 @@ def run_plot(args: argparse.Namespace) -> dict[str, object]:
             raise CliError(f"cannot write the plots into {'--out ' if args.out else ''}{out}: "
                            f"{err.strerror or err}") from err
         print(f"wrote {plot.path}")
+    for name in replace_earlier_plots(out, "plot", list(plots)):
+        print(f"removed {os.path.join(out, name)} (an earlier plot of other runs)")
     return plots
 
 

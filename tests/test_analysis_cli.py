@@ -147,8 +147,8 @@ def test_analyze_safetensors_with_timm_arch_and_esd_plots(tmp_path):
     report = run_analyze(args)
     picked = [n for n, _ in layers if n.startswith("layer4.") or n == "fc"]
     assert [layer.name for layer in report.layers] == picked
-    assert sorted(p.name for p in plots.iterdir()) == sorted(esd_plot_name(n) for n in picked)
-    assert all(is_png(p) for p in plots.iterdir())
+    assert sorted(p.name for p in plots.glob("*.png")) == sorted(esd_plot_name(n) for n in picked)
+    assert all(is_png(p) for p in plots.glob("*.png"))
     # Each draws the layer's ESD, its xmin and the fitted power law.
     name, module = layers[12]
     ref = reference_metrics(module.weight)
@@ -168,6 +168,15 @@ def test_analyze_safetensors_with_timm_arch_and_esd_plots(tmp_path):
     a, n, total = ref["alpha"], ref["n_tail"], ref["num_eigs"]
     np.testing.assert_allclose(y, n / total * (a - 1) / ref["xmin"] * (x / ref["xmin"]) ** -a, rtol=1e-3)
     assert x[0] == pytest.approx(ref["xmin"], rel=1e-4) and x[-1] == pytest.approx(ref_eigs[-1], rel=1e-4)
+
+    # The same folder for other layers: the earlier analyze's plots go (they would pass for this
+    # model's), a PNG it did not write stays.
+    (plots / "mine.png").write_bytes(b"not ours")
+    assert main(["analyze", str(weights), "--arch", "timm:test_resnet", "--include", r"^layer1\.0\.",
+                 "--plots", str(plots), "--device", "cpu", "--no-progress"]) == 0
+    layer1 = [n for n, _ in layers if n.startswith("layer1.0.")]
+    assert layer1 and sorted(p.name for p in plots.glob("*.png")) == sorted(
+        [esd_plot_name(n) for n in layer1] + ["mine.png"])
 
 
 def test_pt_checkpoint_and_bare_tensors(tmp_path):
@@ -273,6 +282,23 @@ def test_plots_into_a_path_under_a_file_is_a_clear_error(tb_run, tmp_path, capsy
     err = capsys.readouterr().err
     assert f"cannot write the plots into --out {tmp_path / 'file' / 'plots'}: " in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_plot_into_a_folder_replaces_its_own_earlier_plots(tb_run, tmp_path, capsys):
+    """Plots of other runs drawn earlier into --out are removed (their names carry the other run's
+    label); files plot did not write are kept."""
+    other = tmp_path / "other"
+    shutil.copytree(tb_run[0], other)
+    out = tmp_path / "figs"
+    assert main(["plot", str(tb_run[0]), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["tb_heatmaps.png", "tb_layer_curves.png"]
+    (out / "notes.png").write_bytes(b"mine")
+    capsys.readouterr()
+    assert main(["plot", str(other), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "notes.png", "other_heatmaps.png", "other_layer_curves.png"]
+    said = capsys.readouterr().out
+    assert f"removed {out / 'tb_heatmaps.png'} (an earlier plot of other runs)" in said
 
 
 def test_missing_matplotlib_is_a_clear_error(tb_run, tmp_path, monkeypatch, capsys):
@@ -458,9 +484,9 @@ def test_trainer_runs_end_to_end(gpt2_dir, tmp_path):
     train(base_out, [])
     plots = run_plot(build_parser().parse_args(
         ["plot", str(tb_out), str(base_out), "--out", str(figs), "--device", "cpu"]))
-    assert sorted(p.name for p in figs.iterdir()) == [
+    assert sorted(p.name for p in figs.glob("*.png")) == [
         "alpha_distributions.png", "tb_heatmaps.png", "tb_layer_curves.png"]
-    assert all(is_png(p) for p in figs.iterdir())
+    assert all(is_png(p) for p in figs.glob("*.png"))
     rows = read_history(tb_out)
     layers, lr = expected_grid(rows, "lr")
     _, alpha = expected_grid(rows, "value")

@@ -263,5 +263,5 @@ def test_adapter_plots_hold_both_views_of_each_module(saved, tmp_path, capsys):
     assert main(["analyze", str(tmp / "adapter"), "--layers", r"layers\.1\.mlp\.up_proj",
                  "--plots", str(out), "--no-progress"]) == 0
     name = "base_model.model.model.layers.1.mlp.up_proj"
-    assert sorted(p.name for p in out.iterdir()) == [f"{name}.delta.png", f"{name}.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{name}.delta.png", f"{name}.png"]
     assert "2 ESD plot(s) written" in capsys.readouterr().out
