@@ -108,14 +108,16 @@ def token_counts(ids: dict[str, torch.Tensor]) -> dict[str, int]:
 def check_base_corpus(base: Path, vocab: dict[str, int], tokens: dict[str, int], sha256: str) -> None:
     """Refuse to fine-tune a base pre-trained on other text: the fine-tuning split comes from the
     same corpus, so the adapters would learn (and be scored on) text the base's numbers were not
-    measured on. A base saved before the digest was recorded is held to its token counts."""
-    fix = "pass the --data_dir and --vocab_size it was pre-trained with, or pre-train again"
+    measured on. The token counts also hold the fine-tuning split (``--block``) to the one the
+    base's perplexities were measured on; a base saved before the digest was recorded is held to
+    its counts alone."""
+    fix = "pass the --data_dir, --vocab_size and --block it was pre-trained with, or pre-train again"
     if json.loads((base / VOCAB_FILE).read_text(encoding="utf-8")) != vocab:
         raise SystemExit(f"{base} was pre-trained with another vocabulary; {fix}")
     saved = json.loads((base / "results.json").read_text(encoding="utf-8"))
     if saved.get("corpus_sha256", sha256) != sha256 or saved.get("tokens", tokens) != tokens:
-        raise SystemExit(f"{base} was pre-trained on another corpus ({saved.get('tokens')} tokens; "
-                         f"here {tokens}); {fix}")
+        raise SystemExit(f"{base} was pre-trained on another corpus or --block split "
+                         f"({saved.get('tokens')} tokens; here {tokens}); {fix}")
 
 
 # ------------------------------------------------------------------------------------ runs
