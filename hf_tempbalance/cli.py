@@ -442,18 +442,18 @@ def replace_earlier_plots(out_dir: str | os.PathLike, command: str, written: Seq
     record_path = Path(out_dir) / PLOTS_RECORD
     try:
         record = json.loads(record_path.read_text(encoding="utf-8"))
-        earlier = record.get(command, []) if isinstance(record, dict) else []
     except (OSError, ValueError):  # none yet, or unreadable: nothing is known to be ours
-        record, earlier = {}, []
+        record = {}
+    if not isinstance(record, dict):
+        record = {}
     removed = []
-    for name in sorted(set(earlier) - set(written)):
-        path = Path(out_dir) / str(name)
+    for name in sorted(set(map(str, record.get(command, []))) - set(written)):
+        path = Path(out_dir) / name
         # only a PNG directly in the folder, whatever a hand-edited record says
         if path.suffix == ".png" and path.parent == Path(out_dir) and path.is_file():
             path.unlink()
-            removed.append(path.name)
-    record = {**(record if isinstance(record, dict) else {}), command: list(written)}
-    record_path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+            removed.append(name)
+    _write_json({**record, command: list(written)}, str(record_path))
     return removed
 
 

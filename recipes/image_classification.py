@@ -426,10 +426,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
     """Run the grid (one run: straight into ``args.output_dir``); return every run's results."""
     spec = get_spec(data_args.dataset)
     runs = grid(method_args, args, spec.name, model_args.model)
-    tb_configs = {}  # per method; every run's settings are checked before the data loads
-    for method, lr, _ in runs:
+    for _, lr, _ in runs:  # every run's settings are checked before the data loads
         if not lr > 0:
             raise UsageError(f"learning rate {lr:g} (--lr / --lrs): must be > 0")
+    tb_configs = {}  # one per method: the same for each of its LRs and seeds
+    for method in dict.fromkeys(method for method, _, _ in runs):
         try:
             tb_configs[method] = method_tempbalance_config(method, spec.name, model_args, method_args)
         except ValueError as err:
